@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Sets up (CPU torch first, then the package with its dev extras) and runs the test suite offline.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install -q torch==2.13.0
+python -m pip install -q -e ".[dev]"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TRITON_INTERPRET=1 TOKENIZERS_PARALLELISM=false
+python -m pytest -q "$@"
