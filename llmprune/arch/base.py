@@ -1,0 +1,181 @@
+"""What an architecture adapter tells the rest of llmprune.
+
+An adapter describes, for one model family, *where* each prunable unit lives inside a decoder layer:
+which rows or columns of which projection weights form an attention head, a key/value head and an FFN
+neuron. Everything else (scoring, selection, surgery, masking) is generic code working on these
+descriptions, so adding a family is one adapter file.
+
+A unit's weights are described by :class:`Slot` objects. A slot says "unit ``u`` of this kind owns the
+indices ``offset + u*stride + [0, width)`` along the input or output dimension of ``module``". Fused
+projections (Phi-3 ``qkv_proj``, GPT-NeoX interleaved ``query_key_value``) are just several slots on the
+same module with different offsets and strides.
+
+Example::
+
+    adapter = get_adapter(model)
+    layer = adapter.decoder_layers(model)[0]
+    attn = adapter.attention(layer)      # AttentionSpec(num_heads=8, num_kv_heads=4, head_dim=32, ...)
+    ffn = adapter.ffn(layer)             # FFNSpec(num_neurons=768, slots=...)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Sequence
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Slot",
+    "AttentionSpec",
+    "FFNSpec",
+    "ArchAdapter",
+    "weight_matrix",
+    "set_weight_matrix",
+]
+
+
+@dataclass(frozen=True)
+class Slot:
+    """The indices of one unit inside one weight.
+
+    ``dim="out"`` means output features (rows of ``nn.Linear.weight``), ``dim="in"`` input features.
+    Unit ``u`` owns ``offset + u * stride + arange(width)``; ``stride`` defaults to ``width``.
+    """
+
+    module: nn.Module
+    dim: Literal["out", "in"]
+    width: int = 1
+    offset: int = 0
+    stride: int | None = None
+
+    def indices(self, units: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """Flat indices along ``dim`` owned by ``units`` (in unit order)."""
+        # Index math always on CPU: models are built under a meta-device context during from_pretrained.
+        units = torch.as_tensor(units, dtype=torch.long, device="cpu").reshape(-1, 1)
+        step = self.stride if self.stride is not None else self.width
+        return (self.offset + units * step + torch.arange(self.width, device="cpu").reshape(1, -1)).reshape(-1)
+
+
+@dataclass
+class AttentionSpec:
+    """Attention geometry of one layer and the slots of its query heads and key/value heads.
+
+    Query head ``h`` reads key/value head ``h // (num_heads // num_kv_heads)`` (standard GQA/MQA order).
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    q_slots: list[Slot]  # per query head: q rows, o columns (and fused equivalents)
+    kv_slots: list[Slot]  # per key/value head: k rows, v rows
+    output: Slot  # the slot through which head outputs enter the residual (o_proj columns); used for masking
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+@dataclass
+class FFNSpec:
+    """Width of the layer's MLP and the slots of one neuron (gate/up rows, down column)."""
+
+    num_neurons: int
+    slots: list[Slot]
+    output: Slot  # the down projection's input column; used for masking
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The module's weight as an ``[out, in]`` matrix (transposing GPT-2 style ``Conv1D``)."""
+    w = module.weight
+    return w.t() if _is_conv1d(module) else w
+
+
+def set_weight_matrix(module: nn.Module, w_out_in: torch.Tensor) -> None:
+    """Store an ``[out, in]`` matrix back in the module's own layout."""
+    data = w_out_in.t() if _is_conv1d(module) else w_out_in
+    module.weight = nn.Parameter(data.contiguous(), requires_grad=module.weight.requires_grad)
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers' Conv1D stores weight as [in, out]; recognised by name to avoid importing GPT-2 code.
+    return type(module).__name__ == "Conv1D"
+
+
+class ArchAdapter:
+    """Base class of architecture adapters. Subclasses set ``model_types`` and implement the hooks.
+
+    Adapters are registered with :func:`llmprune.arch.register_adapter` and looked up by
+    ``config.model_type``.
+    """
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+    #: families in the support matrix, e.g. "Llama"; one adapter can serve several model types
+    family: ClassVar[str] = ""
+    #: prunable unit kinds this adapter supports, for the support matrix
+    units: ClassVar[tuple[str, ...]] = ("heads", "kv_groups", "neurons", "layers")
+    #: config attribute names holding the uniform widths
+    heads_attr: ClassVar[str] = "num_attention_heads"
+    kv_heads_attr: ClassVar[str | None] = "num_key_value_heads"
+    ffn_attr: ClassVar[str] = "intermediate_size"
+    layers_attr: ClassVar[str] = "num_hidden_layers"
+    #: per-layer config lists that must follow layer removal (e.g. Gemma's ``layer_types``)
+    per_layer_config_lists: ClassVar[tuple[str, ...]] = ("layer_types",)
+
+    # ---- structure -------------------------------------------------------------------------------
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        """The ``nn.ModuleList`` of decoder blocks."""
+        raise NotImplementedError
+
+    def attention(self, layer: nn.Module) -> AttentionSpec | None:
+        """Attention geometry and slots of ``layer`` (``None`` if the layer has no prunable attention)."""
+        raise NotImplementedError
+
+    def ffn(self, layer: nn.Module) -> FFNSpec | None:
+        """FFN width and neuron slots of ``layer``."""
+        raise NotImplementedError
+
+    # ---- hooks after surgery ---------------------------------------------------------------------
+    def set_attention_shape(self, layer: nn.Module, num_heads: int, num_kv_heads: int) -> None:
+        """Update module attributes after heads were sliced (e.g. ``num_key_value_groups``)."""
+
+    def set_ffn_shape(self, layer: nn.Module, num_neurons: int) -> None:
+        """Update module attributes after neurons were sliced."""
+
+    def set_layer_index(self, layer: nn.Module, index: int) -> None:
+        """Renumber a layer after layer removal (KV-cache slot, sliding-window type)."""
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = index
+
+    # ---- config ----------------------------------------------------------------------------------
+    def head_dim(self, config: Any) -> int:
+        hd = getattr(config, "head_dim", None)
+        return int(hd) if hd else config.hidden_size // getattr(config, self.heads_attr)
+
+    def set_uniform_config(self, config: Any, num_heads: int, num_kv_heads: int, num_neurons: int) -> None:
+        """Write uniform widths into ``config`` (head_dim is made explicit, so heads can change)."""
+        if hasattr(config, "head_dim") or self.kv_heads_attr is not None:
+            config.head_dim = self.head_dim(config)
+        setattr(config, self.heads_attr, num_heads)
+        if self.kv_heads_attr is not None:
+            setattr(config, self.kv_heads_attr, num_kv_heads)
+        setattr(config, self.ffn_attr, num_neurons)
+
+    def num_layers(self, config: Any) -> int:
+        return int(getattr(config, self.layers_attr))
+
+    def set_num_layers(self, config: Any, kept: list[int]) -> None:
+        """Shrink ``num_hidden_layers`` and per-layer config lists to the kept layers."""
+        for name in self.per_layer_config_lists:
+            values = getattr(config, name, None)
+            if isinstance(values, (list, tuple)) and len(values) == self.num_layers(config):
+                setattr(config, name, [values[i] for i in kept])
+        setattr(config, self.layers_attr, len(kept))
+
+    # ---- support matrix --------------------------------------------------------------------------
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        return {"family": cls.family or cls.__name__, "model_types": list(cls.model_types), "units": list(cls.units)}
+

@@ -1,0 +1,63 @@
+"""Adapter for Llama-style decoders: separate q/k/v/o projections and a SwiGLU gate/up/down MLP.
+
+Covers Llama, Mistral, Qwen2 (q/k/v biases), Qwen3 (per-head q_norm/k_norm, shared across heads so
+untouched by head pruning) and Gemma 2/3 text (extra norms, soft-capping, sliding/full ``layer_types``).
+Attention modules infer the head count from tensor shapes (``view(..., -1, head_dim)``); only
+``num_key_value_groups`` has to follow the pruned shapes.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import ArchAdapter, AttentionSpec, FFNSpec, Slot
+from .registry import register_adapter
+
+__all__ = ["LlamaAdapter"]
+
+
+@register_adapter
+class LlamaAdapter(ArchAdapter):
+    model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+    family = "Llama / Mistral / Qwen2 / Qwen3 / Gemma 1-3"
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        base = getattr(model, "model", model)
+        return base.layers
+
+    def attention(self, layer: nn.Module) -> AttentionSpec:
+        attn = layer.self_attn
+        hd = attn.head_dim
+        num_heads = attn.q_proj.out_features // hd
+        num_kv = attn.k_proj.out_features // hd
+        o_cols = Slot(attn.o_proj, "in", hd)
+        return AttentionSpec(
+            num_heads=num_heads,
+            num_kv_heads=num_kv,
+            head_dim=hd,
+            q_slots=[Slot(attn.q_proj, "out", hd), o_cols],
+            kv_slots=[Slot(attn.k_proj, "out", hd), Slot(attn.v_proj, "out", hd)],
+            output=o_cols,
+        )
+
+    def ffn(self, layer: nn.Module) -> FFNSpec:
+        mlp = layer.mlp
+        down = Slot(mlp.down_proj, "in")
+        return FFNSpec(
+            num_neurons=mlp.down_proj.in_features,
+            slots=[Slot(mlp.gate_proj, "out"), Slot(mlp.up_proj, "out"), down],
+            output=down,
+        )
+
+    def set_attention_shape(self, layer: nn.Module, num_heads: int, num_kv_heads: int) -> None:
+        attn = layer.self_attn
+        attn.num_key_value_groups = num_heads // num_kv_heads if num_kv_heads else 1
+        for name in ("num_heads", "num_attention_heads"):
+            if hasattr(attn, name):
+                setattr(attn, name, num_heads)
+        if hasattr(attn, "num_key_value_heads"):
+            attn.num_key_value_heads = num_kv_heads
+
+    def set_ffn_shape(self, layer: nn.Module, num_neurons: int) -> None:
+        if hasattr(layer.mlp, "intermediate_size"):
+            layer.mlp.intermediate_size = num_neurons

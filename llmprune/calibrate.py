@@ -1,0 +1,270 @@
+"""Calibration data and layer-by-layer statistics.
+
+The pipeline keeps peak memory near one decoder layer plus its activations:
+
+1. :func:`capture_layer_inputs` runs the model once with every decoder layer replaced by a pass-through
+   that records the arguments the model hands it (attention mask, rotary embeddings, per-layer
+   sliding-window masks, ...) and the layer-0 hidden states. No decoder layer is computed.
+2. :func:`layerwise_statistics` then runs one layer at a time (optionally moved to ``device``), with
+   forward pre-hooks on the layer's projections accumulating per-input-feature sums and squared sums,
+   and feeds each layer's output to the next.
+
+Example::
+
+    batches = calibration_batches(tokenizer, text, n_samples=32, seq_len=256, seed=0)
+    stats = layerwise_statistics(model, get_adapter(model), batches)
+    stats[0].inputs[layer.mlp.down_proj].sq_norm   # ||X_j||^2 of down_proj's inputs in layer 0
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from .arch import ArchAdapter
+from .progress import progress_bar
+
+__all__ = [
+    "CalibrationError",
+    "InputStats",
+    "LayerStats",
+    "read_calibration_text",
+    "calibration_batches",
+    "capture_layer_inputs",
+    "run_layer",
+    "layerwise_statistics",
+]
+
+
+class CalibrationError(ValueError):
+    """Calibration data is missing, empty or too short."""
+
+
+@dataclass
+class InputStats:
+    """Running sums over calibration tokens of one module's input features (float64)."""
+
+    count: int = 0
+    sum: torch.Tensor | None = None
+    sq_sum: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        s, q = x.sum(0).cpu(), (x * x).sum(0).cpu()
+        self.sum = s if self.sum is None else self.sum + s
+        self.sq_sum = q if self.sq_sum is None else self.sq_sum + q
+        self.count += x.shape[0]
+
+    @property
+    def norm(self) -> torch.Tensor:
+        """L2 norm of each input feature over all tokens (Wanda's ||X_j||)."""
+        return self.sq_sum.sqrt()
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(self.count, 1)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Per-feature variance over tokens (FLAP's fluctuation)."""
+        return (self.sq_sum / max(self.count, 1) - self.mean**2).clamp_min(0)
+
+
+@dataclass
+class LayerStats:
+    """Statistics of one decoder layer: input stats per module, and Block Influence (ShortGPT)."""
+
+    inputs: dict[nn.Module, InputStats] = field(default_factory=dict)
+    block_influence: float = 0.0
+
+
+def read_calibration_text(path: str | os.PathLike) -> str:
+    """Read a UTF-8 calibration text file, with clear errors for missing or empty files."""
+    p = Path(path)
+    if not p.is_file():
+        raise CalibrationError(f"calibration file {str(p)!r} does not exist (pass --calib with a text file)")
+    text = p.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise CalibrationError(f"calibration file {str(p)!r} is empty")
+    return text
+
+
+def calibration_batches(
+    tokenizer: Any,
+    text: str,
+    n_samples: int = 32,
+    seq_len: int = 256,
+    seed: int = 0,
+    batch_size: int = 8,
+) -> list[torch.Tensor]:
+    """Random ``seq_len``-token windows of ``text`` (as in SparseGPT/Wanda), grouped in batches.
+
+    The same ``text`` and ``seed`` always give the same windows.
+    """
+    if not text or not text.strip():
+        raise CalibrationError("calibration text is empty")
+    ids = tokenizer(text, return_attention_mask=False, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor(ids, dtype=torch.long)
+    if ids.numel() < seq_len:
+        raise CalibrationError(
+            f"calibration text has {ids.numel()} tokens, fewer than one window of seq_len={seq_len}; "
+            "give more text or a smaller seq_len"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len + 1, (n_samples,), generator=gen)
+    windows = torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+    return list(windows.split(batch_size))
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class CapturedInputs:
+    """Layer-0 hidden states per batch and, per layer and batch, the (args, kwargs) the model passed."""
+
+    hidden: list[torch.Tensor]
+    layer_args: list[list[tuple[tuple, dict]]]  # [layer][batch] -> (args, kwargs)
+    returns_tuple: bool
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, adapter: ArchAdapter, batches: list[torch.Tensor]) -> CapturedInputs:
+    """Record what the model feeds each decoder layer without computing any decoder layer."""
+    layers = adapter.decoder_layers(model)
+    device = next(model.parameters()).device
+    # Pass 1: learn whether a layer returns a tensor or a tuple (models index tuple outputs with [0]).
+    first = layers[0]
+    seen: dict[str, Any] = {}
+
+    def probe(*args: Any, **kwargs: Any) -> Any:
+        out = type(first).forward(first, *args, **kwargs)
+        seen["tuple"] = isinstance(out, tuple)
+        raise _StopForward
+
+    first.forward = probe
+    try:
+        model(batches[0][:1].to(device), use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        del first.forward
+    returns_tuple = bool(seen.get("tuple", False))
+
+    # Pass 2: every layer is a recording pass-through.
+    hidden: list[torch.Tensor] = []
+    layer_args: list[list[tuple[tuple, dict]]] = [[] for _ in layers]
+
+    def make_recorder(i: int) -> Callable[..., Any]:
+        def record(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if i == 0:
+                hidden.append(hidden_states)
+            layer_args[i].append((args, kwargs))
+            return (hidden_states,) if returns_tuple else hidden_states
+
+        return record
+
+    for i, layer in enumerate(layers):
+        layer.forward = make_recorder(i)
+    try:
+        for batch in batches:
+            model(batch.to(device), use_cache=False)
+    finally:
+        for layer in layers:
+            del layer.forward
+    return CapturedInputs(hidden, layer_args, returns_tuple)
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def run_layer(layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict, device: torch.device) -> torch.Tensor:
+    """Run one decoder layer on ``device`` with recorded arguments; returns the hidden states."""
+    out = layer(hidden.to(device), *_to(args, device), **_to(kwargs, device))
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def layerwise_statistics(
+    model: nn.Module,
+    adapter: ArchAdapter,
+    batches: list[torch.Tensor],
+    modules_of: Callable[[nn.Module], Iterable[nn.Module]] | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    on_layer: Callable[[int, nn.Module, LayerStats], None] | None = None,
+) -> list[LayerStats]:
+    """Input statistics of each layer's projections, gathered one decoder layer at a time.
+
+    Args:
+        modules_of: which modules of a layer to hook (default: every module named in the adapter's
+            attention and FFN slots).
+        device: where each layer runs (defaults to the model's device); the layer is moved back after.
+        on_layer: called after a layer's statistics are complete and before its output is computed,
+            so sequential methods can modify the layer (its pruned output then feeds the next layer).
+    """
+    if not batches:
+        raise CalibrationError("no calibration batches")
+    layers = adapter.decoder_layers(model)
+    home = next(model.parameters()).device
+    device = torch.device(device) if device is not None else home
+    captured = capture_layer_inputs(model, adapter, batches)
+    hidden = captured.hidden
+    modules_of = modules_of or (lambda layer: _slot_modules(adapter, layer))
+    results: list[LayerStats] = []
+    for i in progress_bar(range(len(layers)), desc="calibrating layers", disable=not progress):
+        layer = layers[i].to(device)
+        stats = LayerStats()
+        handles = []
+        for module in modules_of(layer):
+            s = stats.inputs.setdefault(module, InputStats())
+            handles.append(module.register_forward_pre_hook(lambda m, a, s=s: s.update(a[0])))
+        try:
+            outs = [run_layer(layer, h, *captured.layer_args[i][b], device) for b, h in enumerate(hidden)]
+        finally:
+            for h in handles:
+                h.remove()
+        stats.block_influence = _block_influence(hidden, outs)
+        if on_layer is not None:
+            on_layer(i, layer, stats)
+            outs = [run_layer(layer, h, *captured.layer_args[i][b], device) for b, h in enumerate(hidden)]
+        hidden = [o.to(home) if device != home else o for o in outs]
+        if device != home:
+            layers[i].to(home)
+        results.append(stats)
+    return results
+
+
+def _slot_modules(adapter: ArchAdapter, layer: nn.Module) -> list[nn.Module]:
+    modules: dict[int, nn.Module] = {}
+    attn, ffn = adapter.attention(layer), adapter.ffn(layer)
+    slots = (attn.q_slots + attn.kv_slots if attn else []) + (ffn.slots if ffn else [])
+    for slot in slots:
+        modules.setdefault(id(slot.module), slot.module)
+    return list(modules.values())
+
+
+def _block_influence(inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> float:
+    """ShortGPT Block Influence: mean over tokens of 1 - cos(h_in, h_out)."""
+    total, count = 0.0, 0
+    for x, y in zip(inputs, outputs):
+        cos = torch.nn.functional.cosine_similarity(x.float().reshape(-1, x.shape[-1]),
+                                                    y.float().reshape(-1, y.shape[-1]).to(x.device), dim=-1)
+        total += float((1 - cos).sum())
+        count += cos.numel()
+    return total / max(count, 1)

@@ -1,0 +1,74 @@
+"""Criterion registry and helpers shared by the pure scoring functions.
+
+A criterion maps the slots of one unit kind (all heads of a layer, all neurons of a layer, ...) to one
+importance score per unit. Higher means more important; the lowest-scoring units are removed.
+
+Example::
+
+    score = get_criterion("wanda")
+    s = score.fn(ffn.slots, ffn.num_neurons, stats.inputs)   # tensor [num_neurons]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+from ..arch.base import Slot, weight_matrix
+from ..calibrate import InputStats
+
+__all__ = ["Criterion", "register_criterion", "get_criterion", "available_criteria", "slot_weights", "slot_input_feature"]
+
+ScoreFn = Callable[[list[Slot], int, Mapping[nn.Module, InputStats] | None], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Criterion:
+    name: str
+    fn: ScoreFn
+    needs_calibration: bool
+    description: str
+
+
+_CRITERIA: dict[str, Criterion] = {}
+
+
+def register_criterion(name: str, needs_calibration: bool, description: str) -> Callable[[ScoreFn], ScoreFn]:
+    def wrap(fn: ScoreFn) -> ScoreFn:
+        if name in _CRITERIA:
+            raise ValueError(f"criterion {name!r} is already registered")
+        _CRITERIA[name] = Criterion(name, fn, needs_calibration, description)
+        return fn
+
+    return wrap
+
+
+def get_criterion(name: str) -> Criterion:
+    if name not in _CRITERIA:
+        raise ValueError(f"unknown pruning method {name!r}; available: {', '.join(available_criteria())}")
+    return _CRITERIA[name]
+
+
+def available_criteria() -> list[str]:
+    return sorted(_CRITERIA)
+
+
+def slot_weights(slot: Slot, n_units: int) -> torch.Tensor:
+    """The slot's weights per unit as ``[n_units, width, other_dim]`` (float32, detached)."""
+    w = weight_matrix(slot.module).detach().float()
+    idx = slot.indices(torch.arange(n_units)).to(w.device)
+    if slot.dim == "out":
+        return w.index_select(0, idx).reshape(n_units, slot.width, -1)
+    return w.index_select(1, idx).t().reshape(n_units, slot.width, -1)
+
+
+def slot_input_feature(slot: Slot, n_units: int, values: torch.Tensor) -> torch.Tensor:
+    """Broadcast a per-input-feature vector (e.g. ||X_j||) to ``slot_weights``' shape."""
+    values = values.float()
+    if slot.dim == "out":
+        return values.reshape(1, 1, -1)  # rows read every input feature
+    idx = slot.indices(torch.arange(n_units))
+    return values.index_select(0, idx.to(values.device)).reshape(n_units, slot.width, 1)
