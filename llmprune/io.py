@@ -1,0 +1,230 @@
+"""Loading checkpoints safely and saving pruned models atomically, with recipe, plan and model card.
+
+Saved folder layout::
+
+    out/
+      config.json, model.safetensors (+ index if sharded), generation_config.json, tokenizer files
+      llmprune_recipe.json   # versioned: PruneConfig, source model, parameter counts, llmprune version
+      llmprune_plan.json     # kept head / KV-head / neuron indices per original layer, removed layers
+      README.md              # model card (base_model, library_name, tags)
+
+Example::
+
+    model, tok = load_model("path/or/hub-id")
+    save_pruned(result, "out/", tokenizer=tok, source="path/or/hub-id")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import RECIPE_VERSION, PruneConfig, PrunePlan
+
+__all__ = [
+    "CheckpointError",
+    "OutputExistsError",
+    "check_safetensors",
+    "load_model",
+    "save_pruned",
+    "read_recipe",
+    "read_plan",
+    "atomic_directory",
+    "dir_size",
+]
+
+RECIPE_FILE = "llmprune_recipe.json"
+PLAN_FILE = "llmprune_plan.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, truncated, or not in safetensors format."""
+
+
+class OutputExistsError(FileExistsError):
+    """The output directory exists and overwriting was not asked for."""
+
+
+def check_safetensors(path: str | os.PathLike) -> None:
+    """Validate a ``.safetensors`` file's header and length without loading tensors."""
+    p = Path(path)
+    size = p.stat().st_size
+    with p.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{p}: truncated safetensors file ({size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100_000_000:
+            raise CheckpointError(f"{p}: corrupt safetensors header (declares {n} bytes, file has {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{p}: corrupt safetensors header ({exc})") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{p}: truncated safetensors file: tensors need {8 + n + end} bytes, file has {size}")
+
+
+def _check_local_checkpoint(path: Path) -> None:
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} has no config.json: not a Hugging Face model folder")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+        hint = f" (found {', '.join(pickles)}: pickled weights are not loaded; convert them to safetensors)" if pickles else ""
+        raise CheckpointError(f"{path} has no .safetensors weights{hint}")
+    for w in weights:
+        check_safetensors(w)
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    revision: str | None = None,
+    with_tokenizer: bool = True,
+) -> tuple[nn.Module, Any]:
+    """Load a causal LM (local folder or Hub id) from safetensors only, and its tokenizer.
+
+    Local folders are validated first, so a corrupt or truncated checkpoint gives a clear
+    :class:`CheckpointError` instead of a deep stack trace. ``trust_remote_code`` is never enabled.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(name_or_path)
+    is_local = path.exists()
+    if is_local:
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is a file; pass the model folder")
+        _check_local_checkpoint(path)
+    elif str(name_or_path).startswith((".", "/", "~")):
+        raise CheckpointError(f"model folder {str(name_or_path)!r} does not exist")
+    kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": False}
+    if dtype is not None:
+        kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
+    if revision is not None:
+        kwargs["revision"] = revision
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
+    except (OSError, ValueError, RuntimeError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"could not load model {str(name_or_path)!r}: {exc}") from exc
+    if device is not None:
+        model.to(device)
+    tokenizer = None
+    if with_tokenizer:
+        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), revision=revision, trust_remote_code=False)
+    return model, tokenizer
+
+
+class atomic_directory:
+    """Context manager yielding a temp dir next to ``out``; renamed to ``out`` only on success.
+
+    Refuses an existing ``out`` unless ``overwrite``; on failure nothing is left behind.
+    """
+
+    def __init__(self, out: str | os.PathLike, overwrite: bool = False) -> None:
+        self.out = Path(out).absolute()
+        self.overwrite = overwrite
+
+    def __enter__(self) -> Path:
+        if self.out.exists() and not self.overwrite:
+            raise OutputExistsError(f"output directory {self.out} already exists; pass --overwrite (overwrite=True) to replace it")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        backup = None
+        if self.out.exists():
+            backup = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
+            os.replace(self.out, backup)
+        os.replace(self.tmp, self.out)
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
+
+
+def dir_size(path: str | os.PathLike, pattern: str = "*.safetensors") -> int:
+    """Bytes of the files matching ``pattern`` in a folder (weights only by default)."""
+    return sum(p.stat().st_size for p in Path(path).glob(pattern) if p.is_file())
+
+
+def _model_card(source: str | None, cfg: PruneConfig | None, extra: dict[str, Any]) -> str:
+    tags = ["pruned", "llmprune"] + ([f"pruning-{cfg.method}"] if cfg else [])
+    lines = ["---", "library_name: transformers"]
+    if source:
+        lines.append(f"base_model: {source}")
+    lines.append("tags:")
+    lines += [f"- {t}" for t in tags]
+    lines += ["---", "", f"# Pruned {source or 'model'}", "",
+              "This model was structurally pruned with [llmprune](https://github.com/llmprune/llmprune).", ""]
+    if cfg is not None:
+        lines += ["| setting | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in sorted(cfg.to_dict().items())]
+        lines.append("")
+    for k, v in extra.items():
+        lines.append(f"- {k}: {v}")
+    if extra:
+        lines.append("")
+    lines += ["Load it with `transformers` (for per-layer widths, `import llmprune` first):", "",
+              "```python", "import llmprune  # registers llmprune's per-layer model classes",
+              "from transformers import AutoModelForCausalLM",
+              "model = AutoModelForCausalLM.from_pretrained(\"<this folder or repo>\")", "```", ""]
+    return "\n".join(lines)
+
+
+def save_pruned(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    tokenizer: Any = None,
+    config: PruneConfig | None = None,
+    plan: PrunePlan | None = None,
+    source: str | None = None,
+    overwrite: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Save model (safetensors), tokenizer, recipe, plan and model card atomically into ``out_dir``."""
+    from . import __version__
+
+    extra = dict(extra or {})
+    with atomic_directory(out_dir, overwrite) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        recipe = {
+            "llmprune_recipe_version": RECIPE_VERSION,
+            "llmprune_version": __version__,
+            "source_model": source,
+            "config": config.to_dict() if config else None,
+            **extra,
+        }
+        (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2, sort_keys=True))
+        if plan is not None:
+            (tmp / PLAN_FILE).write_text(plan.to_json())
+        (tmp / "README.md").write_text(_model_card(source, config, extra))
+    return Path(out_dir)
+
+
+def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    """The saved recipe; its ``config`` entry round-trips through :class:`PruneConfig`."""
+    data = json.loads((Path(path) / RECIPE_FILE).read_text())
+    version = data.get("llmprune_recipe_version")
+    if version is None or version > RECIPE_VERSION:
+        raise ValueError(f"recipe version {version!r} is not supported by this llmprune (max {RECIPE_VERSION})")
+    return data
+
+
+def read_plan(path: str | os.PathLike) -> PrunePlan:
+    return PrunePlan.from_json((Path(path) / PLAN_FILE).read_text())
