@@ -81,6 +81,8 @@ if HAS_TRITON:
         b_mask = offs_b < B
 
         acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+        # batch 1: element-wise [BLOCK_K, BLOCK_N] accumulator, reduced once after the loop
+        acc2 = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
         k_start = pid_k * K_PER_SPLIT
         k_end = tl.minimum(k_start + K_PER_SPLIT, K)
         for k0 in range(k_start, k_end, BLOCK_K):
@@ -98,7 +100,12 @@ if HAS_TRITON:
                     w_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :],
                     mask=live[:, None] & n_mask[None, :], other=0.0,
                 ).to(tl.float32)
-                acc += tl.sum(x[:, :, None] * w[None, :, :], axis=1)
+                if BLOCK_B == 1:
+                    acc2 += tl.sum(x, axis=0)[:, None] * w
+                else:
+                    acc += tl.sum(x[:, :, None] * w[None, :, :], axis=1)
+        if BLOCK_B == 1:
+            acc += tl.sum(acc2, axis=0)[None, :]
 
         out_mask = b_mask[:, None] & n_mask[None, :]
         if WRITE_PARTIAL:
@@ -111,9 +118,9 @@ if HAS_TRITON:
 
 def _default_blocks(bb: int, device: torch.device):
     if device.type == "cuda":
-        block_n = 128
-        block_k = max(16, 128 // bb)  # keep the [BB, BK, BN] product at <= 16K fp32 values
-        return block_n, block_k, (4 if bb <= 2 else 8)
+        block_n = 128  # 256 B contiguous per weight row (fp16)
+        block_k = max(8, 64 // bb)  # [BB, BK, BN] product <= 8K fp32 values (64 per thread)
+        return block_n, block_k, 4
     return 64, 32, 4  # interpreter: small tiles, small grids
 
 

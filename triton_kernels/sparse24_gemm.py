@@ -163,6 +163,7 @@ if HAS_TRITON:
         row_m = offs_n[:, None].to(tl.int64) * stride_mn
 
         acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_N, BLOCK_J], dtype=tl.float32)  # batch 1: reduce once at the end
         j_start = pid_k * J_PER_SPLIT
         j_end = tl.minimum(j_start + J_PER_SPLIT, KH)
         for j0 in range(j_start, j_end, BLOCK_J):
@@ -185,12 +186,22 @@ if HAS_TRITON:
                 x1 = tl.where(tl.abs(x1) > threshold, x1, 0.0)
                 x2 = tl.where(tl.abs(x2) > threshold, x2, 0.0)
                 x3 = tl.where(tl.abs(x3) > threshold, x3, 0.0)
-            p = pos[None, :, :]
-            xs = tl.where(
-                p == 0, x0[:, None, :],
-                tl.where(p == 1, x1[:, None, :], tl.where(p == 2, x2[:, None, :], x3[:, None, :])),
-            )  # [BLOCK_B, BLOCK_N, BLOCK_J]
-            acc += tl.sum(xs * vals[None, :, :], axis=2)
+            if BLOCK_B == 1:
+                y0 = tl.sum(x0, axis=0)[None, :]
+                y1 = tl.sum(x1, axis=0)[None, :]
+                y2 = tl.sum(x2, axis=0)[None, :]
+                y3 = tl.sum(x3, axis=0)[None, :]
+                xs2 = tl.where(pos == 0, y0, tl.where(pos == 1, y1, tl.where(pos == 2, y2, y3)))
+                acc2 += xs2 * vals
+            else:
+                p = pos[None, :, :]
+                xs = tl.where(
+                    p == 0, x0[:, None, :],
+                    tl.where(p == 1, x1[:, None, :], tl.where(p == 2, x2[:, None, :], x3[:, None, :])),
+                )  # [BLOCK_B, BLOCK_N, BLOCK_J]
+                acc += tl.sum(xs * vals[None, :, :], axis=2)
+        if BLOCK_B == 1:
+            acc += tl.sum(acc2, axis=1)[None, :]
 
         out_mask = b_mask[:, None] & n_mask[None, :]
         if WRITE_PARTIAL:
@@ -203,8 +214,8 @@ if HAS_TRITON:
 def _default_blocks(bb: int, device: torch.device):
     if device.type == "cuda":
         block_j = 64  # 128 B of fp16 values per row per step
-        block_n = max(16, 256 // bb)  # [BB, BN, BJ] product <= 16K fp32 values
-        return block_n, block_j, (4 if bb <= 2 else 8)
+        block_n = max(16, 128 // bb)  # [BB, BN, BJ] product <= 8K fp32 values
+        return block_n, block_j, 4
     return 32, 32, 4
 
 
