@@ -1,0 +1,151 @@
+"""Save / reload a sparsified Hugging Face model (safetensors only, never pickle).
+
+Directory layout written by ``save_sparse(model, out_dir)``::
+
+    out_dir/
+      config.json              the model's transformers config (``model.config``)
+      generation_config.json   if the model has one
+      model.safetensors        every tensor of ``model.state_dict()`` (tied duplicates dropped)
+      sparse_config.json       {"format": "llmprune-sparse", "version": 1,
+                                "sparsify_config": SparsifyConfig.to_dict() or null,
+                                "modules": {module name: {"type": ..., shape fields}},
+                                "tied": {dropped key: kept key}}
+
+Tensors of the kernel-backed modules in ``model.safetensors`` (``<m>`` = module name):
+
+* ``act_sparse_linear``: ``<m>.weight_t`` [in, out] (= Linear.weight.T, model dtype),
+  ``<m>.threshold`` fp32 scalar, ``<m>.bias`` [out] if any.
+* ``sparse24_linear``: ``<m>.values`` [out, in/2] (model dtype), ``<m>.meta`` uint8
+  [out, ceil(in/8)], ``<m>.threshold`` fp32 scalar (0 = off), ``<m>.bias`` if any.
+  Value j of row n is ``W[n, 4*(j//2) + ((meta[n, j//4] >> 2*(j%4)) & 3)]`` (see
+  ``triton_kernels.sparse24_gemm``).
+* ``gather_swiglu_mlp``: ``<m>.w_gate``, ``<m>.w_up`` [I, H], ``<m>.w_down_t`` [I, H]
+  (= down_proj.weight.T), ``<m>.idx`` int64 [kept].
+
+All other tensors keep their usual transformers names. The write is atomic: everything goes to a
+temporary directory next to ``out_dir`` which is renamed to ``out_dir`` at the end; an existing
+``out_dir`` is refused.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+from torch import nn
+
+from .modules import ActSparseLinear, GatherSwiGLUMLP, Sparse24Linear
+from .sparsify import SparsifyConfig
+
+__all__ = ["save_sparse", "load_sparse", "FORMAT", "VERSION"]
+
+FORMAT = "llmprune-sparse"
+VERSION = 1
+_TYPES = {ActSparseLinear: "act_sparse_linear", Sparse24Linear: "sparse24_linear", GatherSwiGLUMLP: "gather_swiglu_mlp"}
+
+
+def _describe(m: nn.Module) -> dict:
+    kind = _TYPES[type(m)]
+    if kind == "gather_swiglu_mlp":
+        return {"type": kind, "hidden_size": m.hidden_size, "intermediate_size": m.intermediate_size,
+                "n_keep": int(m.idx.numel())}
+    return {"type": kind, "in_features": m.in_features, "out_features": m.out_features,
+            "bias": m.bias is not None, "threshold": m.threshold_value}
+
+
+def _build(desc: dict, device, dtype) -> nn.Module:
+    kind = desc["type"]
+    if kind == "act_sparse_linear":
+        return ActSparseLinear(desc["in_features"], desc["out_features"], desc["bias"], desc["threshold"], device, dtype)
+    if kind == "sparse24_linear":
+        return Sparse24Linear(desc["in_features"], desc["out_features"], desc["bias"], desc["threshold"], device, dtype)
+    if kind == "gather_swiglu_mlp":
+        return GatherSwiGLUMLP(desc["hidden_size"], desc["intermediate_size"], desc["n_keep"], device, dtype)
+    raise ValueError(f"unknown sparse module type {kind!r}")
+
+
+def _dedupe(sd: dict) -> tuple[dict, dict]:
+    seen, out, tied = {}, {}, {}
+    for k, t in sd.items():
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride())) \
+            if t.numel() else None
+        if key is not None and key in seen:
+            tied[k] = seen[key]
+            continue
+        if key is not None:
+            seen[key] = k
+        out[k] = t.detach().to("cpu").contiguous()
+    return out, tied
+
+
+def save_sparse(model: nn.Module, out_dir: str | os.PathLike) -> str:
+    """Write ``model`` (after ``sparsify``) to a new directory ``out_dir``; returns its path."""
+    from safetensors.torch import save_file
+
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    if os.path.exists(out_dir):
+        raise FileExistsError(f"save_sparse: {out_dir} already exists; refusing to overwrite")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    modules = {n: _describe(m) for n, m in model.named_modules() if type(m) in _TYPES}
+    tensors, tied = _dedupe(model.state_dict())
+    cfg = getattr(model, "llmprune_sparsify_config", None)
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "sparsify_config": cfg.to_dict() if isinstance(cfg, SparsifyConfig) else None,
+        "modules": modules,
+        "tied": tied,
+    }
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        if getattr(model, "config", None) is not None:
+            model.config.save_pretrained(tmp)
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(tmp)
+        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt", "llmprune": FORMAT})
+        with open(os.path.join(tmp, "sparse_config.json"), "w") as f:
+            json.dump(meta, f, indent=2, sort_keys=True)
+        if os.path.exists(out_dir):  # created meanwhile
+            raise FileExistsError(f"save_sparse: {out_dir} already exists; refusing to overwrite")
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def load_sparse(path: str | os.PathLike, device=None) -> nn.Module:
+    """Rebuild a model saved by ``save_sparse``: the transformers architecture from config.json,
+    the kernel-backed modules from sparse_config.json, all tensors from model.safetensors."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = os.fspath(path)
+    with open(os.path.join(path, "sparse_config.json")) as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT or int(meta.get("version", 0)) > VERSION:
+        raise ValueError(f"load_sparse: {path} is not a {FORMAT} v<= {VERSION} checkpoint")
+    config = AutoConfig.from_pretrained(path)
+    sd = load_file(os.path.join(path, "model.safetensors"))
+    dtype = next((t.dtype for k, t in sd.items() if t.is_floating_point() and not k.endswith("threshold")), None)
+    model = AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
+    for name, desc in meta["modules"].items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, _build(desc, "cpu", dtype))
+    res = model.load_state_dict(sd, strict=False, assign=True)
+    missing = set(res.missing_keys) - set(meta["tied"])
+    if missing or res.unexpected_keys:
+        raise ValueError(f"load_sparse: missing {sorted(missing)[:5]}, unexpected {res.unexpected_keys[:5]}")
+    for dropped, kept in meta["tied"].items():  # re-tie (e.g. lm_head.weight -> embed_tokens.weight)
+        mod_name, _, attr = dropped.rpartition(".")
+        kmod, _, kattr = kept.rpartition(".")
+        setattr(model.get_submodule(mod_name), attr, getattr(model.get_submodule(kmod), kattr))
+    if meta.get("sparsify_config") is not None:
+        model.llmprune_sparsify_config = SparsifyConfig.from_dict(meta["sparsify_config"])
+    if device is not None:
+        model.to(device)
+    return model.eval()

@@ -1,0 +1,206 @@
+"""``sparsify(model, config)``: swap chosen nn.Linear layers (and optionally SwiGLU MLPs) for
+kernel-backed modules in place.
+
+Per target linear (module name matched by ``fnmatch`` against ``config.targets`` and not
+``config.exclude``):
+
+* ``weight_24=True``                  -> ``Sparse24Linear`` (magnitude 2:4 unless the weight is
+  already 2:4, e.g. from a 2:4 pruner; the layer's activation threshold, if any, is fused);
+* otherwise                           -> ``ActSparseLinear`` with the layer's threshold
+  (0.0 when none is given: exact, ready for thresholds later).
+
+Per-layer thresholds come from ``config.thresholds`` (exact module names or fnmatch patterns) or,
+for layers with a non-zero ``activation_sparsity`` target and no given threshold, from
+``calibrate_thresholds`` on ``calib_batches``. ``config.ffn_neurons`` maps MLP module names to
+kept neuron indices and turns those MLPs into ``GatherSwiGLUMLP``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .modules import ActSparseLinear, GatherSwiGLUMLP, Sparse24Linear
+
+__all__ = ["SparsifyConfig", "sparsify", "calibrate_thresholds", "DEFAULT_TARGETS", "find_targets"]
+
+DEFAULT_TARGETS = ["*.q_proj", "*.k_proj", "*.v_proj", "*.o_proj", "*.gate_proj", "*.up_proj", "*.down_proj"]
+
+
+@dataclass
+class SparsifyConfig:
+    """What to sparsify. JSON round trip via ``to_dict`` / ``from_dict`` (or ``to_json``/``from_json``).
+
+    targets: fnmatch patterns of nn.Linear module names to replace.
+    exclude: patterns never replaced (lm_head by default).
+    activation_sparsity: target fraction of zeroed inputs, one float for all targets or
+        ``{pattern: float}``; only used to calibrate layers without an explicit threshold.
+    thresholds: ``{module name or pattern: threshold}``; takes precedence over calibration.
+    weight_24: store target weights as 2:4 compressed (``Sparse24Linear``).
+    ffn_neurons: ``{mlp module name: [kept neuron indices]}`` -> ``GatherSwiGLUMLP``.
+    """
+
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    exclude: list[str] = field(default_factory=lambda: ["lm_head", "*.lm_head"])
+    activation_sparsity: float | dict[str, float] = 0.0
+    thresholds: dict[str, float] | None = None
+    weight_24: bool = False
+    ffn_neurons: dict[str, list[int]] | None = None
+
+    def __post_init__(self):
+        sp = self.activation_sparsity
+        vals = sp.values() if isinstance(sp, dict) else [sp]
+        for v in vals:
+            if not (0.0 <= float(v) < 1.0):
+                raise ValueError(f"activation_sparsity must be in [0, 1), got {v}")
+        for k, v in (self.thresholds or {}).items():
+            if not (float(v) >= 0.0):
+                raise ValueError(f"threshold for {k!r} must be >= 0, got {v}")
+        if isinstance(self.targets, str):
+            self.targets = [self.targets]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SparsifyConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown SparsifyConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, s: str) -> "SparsifyConfig":
+        return cls.from_dict(json.loads(s))
+
+    # -- resolution helpers -------------------------------------------------
+    def matches(self, name: str) -> bool:
+        if any(fnmatch.fnmatchcase(name, p) for p in self.exclude):
+            return False
+        return any(fnmatch.fnmatchcase(name, p) for p in self.targets)
+
+    def sparsity_for(self, name: str) -> float:
+        sp = self.activation_sparsity
+        if isinstance(sp, dict):
+            return float(_lookup(sp, name, 0.0))
+        return float(sp)
+
+    def threshold_for(self, name: str):
+        return None if not self.thresholds else _lookup(self.thresholds, name, None)
+
+
+def _lookup(d: dict, name: str, default):
+    if name in d:
+        return d[name]
+    for pat, v in d.items():
+        if fnmatch.fnmatchcase(name, pat):
+            return v
+    return default
+
+
+def find_targets(model: nn.Module, config: SparsifyConfig) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and config.matches(n)]
+
+
+def _run(model, batch):
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+@torch.no_grad()
+def calibrate_thresholds(model: nn.Module, batches, sparsity, targets=None, max_samples: int = 1 << 20) -> dict[str, float]:
+    """Minimal TEAL-style calibration: per target linear, the ``sparsity``-quantile of |input|
+    over ``batches`` (tensors of input ids, dicts of model kwargs or arg tuples). ``sparsity`` is a
+    float or ``{pattern: float}``. At most ``max_samples`` input values per layer are kept
+    (uniform subsample). Richer calibration lives in ``llmprune.sparsity``."""
+    cfg = SparsifyConfig(targets=list(targets or DEFAULT_TARGETS), activation_sparsity=sparsity)
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, (nn.Linear, ActSparseLinear, Sparse24Linear)) and cfg.matches(n)]
+    store: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    gen = torch.Generator().manual_seed(0)
+
+    def hook_for(name):
+        def hook(mod, args):
+            a = args[0].detach().reshape(-1).abs().float().cpu()
+            if a.numel() > max_samples:
+                a = a[torch.randperm(a.numel(), generator=gen)[:max_samples]]
+            store[name].append(a)
+        return hook
+
+    mods = dict(model.named_modules())
+    handles = [mods[n].register_forward_pre_hook(hook_for(n)) for n in names]
+    try:
+        for b in batches:
+            _run(model, b)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for n in names:
+        s = cfg.sparsity_for(n)
+        if not store[n]:
+            raise ValueError(f"calibrate_thresholds: layer {n} saw no input")
+        a = torch.cat(store[n])
+        if a.numel() > max_samples:
+            a = a[torch.randperm(a.numel(), generator=gen)[:max_samples]]
+        k = int(s * a.numel())
+        out[n] = 0.0 if k == 0 else float(a.kthvalue(k).values)
+    return out
+
+
+def _set(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+@torch.no_grad()
+def sparsify(model: nn.Module, config: SparsifyConfig | dict | None = None, calib_batches=None) -> nn.Module:
+    """Replace target layers of ``model`` in place with kernel-backed modules; returns ``model``.
+    The config is recorded as ``model.llmprune_sparsify_config`` (used by ``save_sparse``)."""
+    if config is None:
+        config = SparsifyConfig()
+    elif isinstance(config, dict):
+        config = SparsifyConfig.from_dict(config)
+
+    mods = dict(model.named_modules())
+    replaced_mlps = []
+    for mlp_name, idx in (config.ffn_neurons or {}).items():
+        if mlp_name not in mods:
+            raise KeyError(f"sparsify: ffn_neurons names unknown module {mlp_name!r}")
+        _set(model, mlp_name, GatherSwiGLUMLP.from_mlp(mods[mlp_name], idx))
+        replaced_mlps.append(mlp_name + ".")
+
+    targets = [n for n in find_targets(model, config) if not any(n.startswith(p) for p in replaced_mlps)]
+    if not targets and not replaced_mlps:
+        raise ValueError(f"sparsify: no nn.Linear matches targets={config.targets}")
+
+    thresholds = {n: config.threshold_for(n) for n in targets}
+    need = [n for n in targets if thresholds[n] is None and config.sparsity_for(n) > 0]
+    if need:
+        if calib_batches is None:
+            raise ValueError(
+                f"sparsify: {len(need)} layers (e.g. {need[0]}) have an activation_sparsity target but no "
+                "threshold; pass config.thresholds or calib_batches"
+            )
+        calib = calibrate_thresholds(model, calib_batches, config.activation_sparsity, targets=need)
+        thresholds.update({n: calib[n] for n in need})
+
+    mods = dict(model.named_modules())
+    for n in targets:
+        lin = mods[n]
+        t = float(thresholds[n] or 0.0)
+        new = Sparse24Linear.from_linear(lin, threshold=t) if config.weight_24 else ActSparseLinear.from_linear(lin, t)
+        _set(model, n, new)
+    model.llmprune_sparsify_config = config
+    return model
