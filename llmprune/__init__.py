@@ -8,13 +8,15 @@ Example::
     tok = AutoTokenizer.from_pretrained("path/to/model")
     result = llmprune.prune(model, llmprune.PruneConfig(heads=0.25, ffn=0.25, method="wanda"),
                             tokenizer=tok, calibration="calib.txt")
-    llmprune.save_pruned(result, "pruned/")
+    result.save("pruned/", tokenizer=tok)          # safetensors + recipe + kept indices, atomically
 """
 
+from .api import PruneResult, prune
 from .arch import UnsupportedArchitectureError, get_adapter, supported_model_types
 from .calibrate import CalibrationError
 from .config import LayerPlan, PruneConfig, PrunePlan
 from .criteria import available_criteria
+from .io import CheckpointError, OutputExistsError, load_model, save_pruned
 from .perlayer import register_per_layer_classes
 from .select import RatioError
 from .surgery import apply_plan
@@ -22,9 +24,19 @@ from .surgery import apply_plan
 __version__ = "0.1.0"
 
 __all__ = [
+    "prune", "PruneResult", "load_model", "save_pruned", "sparsify", "CheckpointError", "OutputExistsError",
     "PruneConfig", "PrunePlan", "LayerPlan", "apply_plan", "get_adapter", "supported_model_types",
     "available_criteria", "UnsupportedArchitectureError", "CalibrationError", "RatioError", "__version__",
 ]
 
 # Per-layer-width checkpoints reload through the Auto classes once llmprune is imported.
 register_per_layer_classes()
+
+
+def __getattr__(name: str):
+    # Kernel-backed sparsity imports Triton; load it only when asked for.
+    if name in ("sparsify", "SparsifyConfig", "save_sparse", "load_sparse"):
+        from . import sparse
+
+        return getattr(sparse, name)
+    raise AttributeError(f"module 'llmprune' has no attribute {name!r}")

@@ -56,6 +56,15 @@ class PruneResult:
     params_after: int
     scores: list[LayerScores] = field(default_factory=list, repr=False)
 
+    def save(self, out_dir: str | os.PathLike, tokenizer: Any = None, source: str | None = None,
+             overwrite: bool = False) -> Any:
+        """Save the pruned model with its recipe and plan (see :func:`llmprune.io.save_pruned`)."""
+        from .io import save_pruned
+
+        return save_pruned(self.model, out_dir, tokenizer=tokenizer, config=self.config, plan=self.plan,
+                           source=source, overwrite=overwrite,
+                           extra={"params_before": self.params_before, "params_after": self.params_after})
+
 
 def count_parameters(model: nn.Module) -> int:
     """Distinct parameters (tied embeddings counted once)."""
