@@ -104,20 +104,36 @@ def calibration_batches(
 ) -> list[torch.Tensor]:
     """Random ``seq_len``-token windows of ``text`` (as in SparseGPT/Wanda), grouped in batches.
 
-    The same ``text`` and ``seed`` always give the same windows.
+    Long texts are not tokenised whole: each window starts at a random character offset, a slice of
+    text around it is tokenised, and its first token (possibly a cut word) is dropped. The same
+    ``text`` and ``seed`` always give the same windows.
     """
     if not text or not text.strip():
         raise CalibrationError("calibration text is empty")
-    ids = tokenizer(text, return_attention_mask=False, add_special_tokens=False)["input_ids"]
-    ids = torch.tensor(ids, dtype=torch.long)
-    if ids.numel() < seq_len:
-        raise CalibrationError(
-            f"calibration text has {ids.numel()} tokens, fewer than one window of seq_len={seq_len}; "
-            "give more text or a smaller seq_len"
-        )
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seq_len + 1, (n_samples,), generator=gen)
-    windows = torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+
+    def encode(chunk: str) -> list[int]:
+        return tokenizer(chunk, return_attention_mask=False, add_special_tokens=False)["input_ids"]
+
+    chunk_chars = seq_len * 16  # generous: real text averages well under 16 characters per token
+    if len(text) <= 4 * chunk_chars:
+        ids = torch.tensor(encode(text), dtype=torch.long)
+        if ids.numel() < seq_len:
+            raise CalibrationError(
+                f"calibration text has {ids.numel()} tokens, fewer than one window of seq_len={seq_len}; "
+                "give more text or a smaller seq_len"
+            )
+        starts = torch.randint(0, ids.numel() - seq_len + 1, (n_samples,), generator=gen)
+        windows = torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+    else:
+        offsets = torch.randint(0, len(text) - chunk_chars, (n_samples,), generator=gen).tolist()
+        rows = []
+        for off in offsets:
+            ids = encode(text[off : off + chunk_chars])[1:]
+            if len(ids) < seq_len:
+                raise CalibrationError(f"could not find {seq_len} tokens in {chunk_chars} characters of calibration text")
+            rows.append(torch.tensor(ids[:seq_len], dtype=torch.long))
+        windows = torch.stack(rows)
     return list(windows.split(batch_size))
 
 
