@@ -65,11 +65,10 @@ def _assert_equivalent(original, pruned, plan):
             h.remove()
 
 
-@pytest.mark.parametrize("head", ["base", "mlm"])
-@pytest.mark.parametrize("cfg", [
-    PruneConfig(heads=0.5, ffn=0.25, method="magnitude"),
-    PruneConfig(heads=0.25, ffn=0.5, layers=1, method="wanda", allocation="global", min_keep=0.2),
-], ids=["uniform-magnitude", "global-wanda-layer"])
+@pytest.mark.parametrize("head,cfg", [
+    ("mlm", PruneConfig(heads=0.5, ffn=0.25, method="magnitude")),
+    ("base", PruneConfig(heads=0.25, ffn=0.5, layers=1, method="wanda", allocation="global", min_keep=0.2)),
+], ids=["mlm-uniform-magnitude", "base-global-wanda-layer"])
 def test_pruned_equals_masked(head, cfg):
     model = tiny_bert(head)
     original = copy.deepcopy(model)
@@ -133,7 +132,7 @@ def test_minilm_prune_save_reload(tmp_path, minilm_path, shared_dir):
     model = AutoModel.from_pretrained(minilm_path).eval()
     tok = AutoTokenizer.from_pretrained(minilm_path)
     original = copy.deepcopy(model)
-    cfg = PruneConfig(heads=0.25, ffn=0.25, method="wanda", n_samples=4, seq_len=64)
+    cfg = PruneConfig(heads=0.25, ffn=0.25, method="wanda", n_samples=2, seq_len=32)
     result = prune(model, cfg, tokenizer=tok, calibration=shared_dir / "data" / "reference-train.txt", progress=False)
     assert layer_widths(model)[0] == {"heads": 9, "kv_heads": 9, "neurons": 1152}
     enc = tok(["The history of the city", "A short one"], padding=True, return_tensors="pt")
