@@ -11,6 +11,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from .arch import ArchAdapter, get_adapter
+from .arch.base import ExpertsSpec
 from .calibrate import CalibrationError, LayerStats, calibration_batches, layerwise_statistics, read_calibration_text
 from .config import LayerPlan, PruneConfig, PrunePlan
 from .criteria import get_criterion
@@ -33,7 +35,8 @@ from .select import (
 )
 from .surgery import apply_plan
 
-__all__ = ["prune", "plan_pruning", "PruneResult", "LayerScores", "score_layers", "count_parameters"]
+__all__ = ["prune", "plan_pruning", "PruneResult", "LayerScores", "score_layers", "expert_scores",
+           "count_parameters"]
 
 
 @dataclass
@@ -43,6 +46,8 @@ class LayerScores:
     q_heads: torch.Tensor | None = None
     kv_heads: torch.Tensor | None = None
     neurons: torch.Tensor | None = None
+    expert_neurons: torch.Tensor | None = None  # [num_experts, neurons per expert]
+    experts: torch.Tensor | None = None  # [num_experts]
     group_size: int = 1
     block_influence: float | None = None
 
@@ -108,8 +113,31 @@ def score_layers(
             s.group_size = attn.group_size
         if ffn is not None and cfg.ffn > 0:
             s.neurons = criterion.fn(ffn.slots, ffn.num_neurons, layer_stats)
+        moe = adapter.experts(layer)
+        if moe is not None and cfg.ffn > 0:
+            s.expert_neurons = torch.stack([criterion.fn(moe.neuron_slots(e), moe.num_neurons, layer_stats)
+                                            for e in range(moe.num_experts)])
+        if moe is not None and cfg.experts > 0:
+            s.experts = expert_scores(moe, stats[i] if stats is not None else None)
         out.append(s)
     return out
+
+
+def expert_scores(moe: ExpertsSpec, stats: LayerStats | None) -> torch.Tensor:
+    """Importance of each expert (higher = more important).
+
+    With calibration statistics: the *routing mass*, i.e. the sum over calibration tokens of the routing
+    weight the router gave the expert when it was among the top-k, divided by the number of tokens
+    (= selection frequency x mean routing weight when selected). Without: the L2 norm of the expert's
+    weights (all of its batched parameters).
+    """
+    if stats is not None and "router_mass" in stats.extra:
+        return stats.extra["router_mass"].double() / max(int(stats.extra.get("router_tokens", 1)), 1)
+    total = torch.zeros(moe.num_experts, dtype=torch.float64)
+    for p in moe.params:
+        w = getattr(p.module, p.name).detach()
+        total += w.double().pow(2).sum(dim=(1, 2)).cpu()
+    return total.sqrt()
 
 
 def _check_ratios(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig) -> None:
@@ -125,10 +153,26 @@ def _check_ratios(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig) -> N
             unit = attn.group_size if cfg.attention_unit == "group" else attn.num_kv_heads
             if cfg.allocation == "uniform":
                 units_to_remove(cfg.heads, attn.num_heads, unit, cfg.rounding)
+        moe = adapter.experts(layer)
         if cfg.ffn > 0:
-            if ffn is None:
+            if ffn is None and moe is None:
                 raise RatioError("this model has no prunable FFN neurons")
-            neurons_to_remove(cfg.ffn, ffn.num_neurons, cfg.multiple_of)
+            if ffn is not None:
+                neurons_to_remove(cfg.ffn, ffn.num_neurons, cfg.multiple_of)
+            if moe is not None:
+                neurons_to_remove(cfg.ffn, moe.num_neurons, math.lcm(cfg.multiple_of, EXPERT_WIDTH_MULTIPLE))
+        if cfg.experts > 0 and moe is not None:
+            experts_to_remove(cfg.experts, moe.num_experts)
+    if cfg.experts > 0 and not any(adapter.experts(layer) is not None for layer in layers):
+        raise RatioError("--experts: this model has no mixture-of-experts layers")
+
+
+def experts_to_remove(ratio: float, num_experts: int) -> int:
+    """Experts removed from a layer of ``num_experts`` for ``ratio`` (nearest whole expert, >= 1 kept)."""
+    n = round(ratio * num_experts)
+    if n >= num_experts:
+        raise RatioError(f"--experts {ratio:g} would remove every expert ({n} of {num_experts})")
+    return n
 
 
 def plan_pruning(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig, scores: list[LayerScores]) -> PrunePlan:
@@ -160,8 +204,9 @@ def plan_pruning(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig, score
             plans[i].kept_heads, plans[i].kept_kv_heads = kept_heads_from_units(
                 units, kept_units, s.q_heads.numel(), s.kv_heads.numel())
 
-    if cfg.ffn > 0:
-        neuron_scores = [s.neurons for s in scores]
+    dense = [i for i, s in enumerate(scores) if s.neurons is not None]  # MoE layers have no dense MLP
+    if cfg.ffn > 0 and dense:
+        neuron_scores = [scores[i].neurons for i in dense]
         if cfg.allocation == "uniform":
             counts = [neurons_to_remove(cfg.ffn, n.numel(), cfg.multiple_of) for n in neuron_scores]
         else:
@@ -170,9 +215,42 @@ def plan_pruning(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig, score
             if cfg.multiple_of > 1:
                 counts = [n.numel() - max(cfg.multiple_of, round((n.numel() - c) / cfg.multiple_of) * cfg.multiple_of)
                           for n, c in zip(neuron_scores, counts)]
-        for i, (n, c) in enumerate(zip(neuron_scores, counts)):
+        for i, n, c in zip(dense, neuron_scores, counts):
             plans[i].kept_neurons = keep_after_removing(n, c)
+    _plan_experts(cfg, scores, plans)
     return PrunePlan(layers=plans, removed_layers=removed_layers)
+
+
+#: kept expert widths are multiples of this: transformers' default batched-experts kernel (grouped_mm)
+#: needs 16-byte aligned strides, i.e. widths that are multiples of 8 in bf16/fp16 (4 in fp32).
+EXPERT_WIDTH_MULTIPLE = 8
+
+
+def _plan_experts(cfg: PruneConfig, scores: list[LayerScores], plans: list[LayerPlan]) -> None:
+    """Kept experts (uniform ratio per layer) and each expert's kept neurons (same count per layer)."""
+    if cfg.experts > 0:
+        for s, p in zip(scores, plans):
+            if s.experts is not None:
+                p.kept_experts = keep_after_removing(s.experts, experts_to_remove(cfg.experts, s.experts.numel()))
+    moe = [(i, s.expert_neurons) for i, s in enumerate(scores) if s.expert_neurons is not None]
+    if cfg.ffn <= 0 or not moe:
+        return
+    multiple = math.lcm(cfg.multiple_of, EXPERT_WIDTH_MULTIPLE)
+    if cfg.allocation == "uniform":
+        per_expert = [neurons_to_remove(cfg.ffn, n.shape[1], multiple) for _, n in moe]
+    else:
+        # Global: rank all expert neurons of all MoE layers (per-layer normalised), then give every expert
+        # of a layer that layer's average count, since batched experts must share one width.
+        flat = [n.reshape(-1) for _, n in moe]
+        total = sum(round(cfg.ffn * f.numel()) for f in flat)
+        counts = allocate_global(flat, total, cfg.min_keep)
+        per_expert = []
+        for (_, n), c in zip(moe, counts):
+            num_e, width = n.shape
+            kept = max(multiple, round((width - c / num_e) / multiple) * multiple)
+            per_expert.append(width - min(kept, width))
+    for (i, n), c in zip(moe, per_expert):
+        plans[i].kept_expert_neurons = [keep_after_removing(row, c) for row in n]
 
 
 def prune(
@@ -204,7 +282,9 @@ def prune(
     params_before = count_parameters(model)
     was_training = model.training
     model.eval()
-    stats = layerwise_statistics(model, adapter, batches, device=device, progress=progress) if needs_data else None
+    # Expert removal uses routing statistics whenever calibration data is given (weight norms otherwise).
+    use_data = needs_data or (config.experts > 0 and batches is not None)
+    stats = layerwise_statistics(model, adapter, batches, device=device, progress=progress) if use_data else None
     scores = score_layers(model, adapter, config, stats)
     plan = plan_pruning(model, adapter, config, scores)
     apply_plan(model, plan, adapter)

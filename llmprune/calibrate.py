@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,8 @@ class LayerStats:
 
     inputs: dict[nn.Module, InputStats] = field(default_factory=dict)
     block_influence: float = 0.0
+    #: adapter-specific statistics from :meth:`ArchAdapter.calibration_hooks` (e.g. ``"router_mass"``)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def read_calibration_text(path: str | os.PathLike) -> str:
@@ -141,6 +144,15 @@ class _StopForward(Exception):
     pass
 
 
+def _forward_kwargs(model: nn.Module) -> dict[str, Any]:
+    """``use_cache=False`` for models whose forward accepts it (decoders); nothing for encoders."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - exotic wrappers
+        return {}
+    return {"use_cache": False} if "use_cache" in params else {}
+
+
 @dataclass
 class CapturedInputs:
     """Layer-0 hidden states per batch and, per layer and batch, the (args, kwargs) the model passed."""
@@ -164,9 +176,10 @@ def capture_layer_inputs(model: nn.Module, adapter: ArchAdapter, batches: list[t
         seen["tuple"] = isinstance(out, tuple)
         raise _StopForward
 
+    fwd_kwargs = _forward_kwargs(model)
     first.forward = probe
     try:
-        model(batches[0][:1].to(device), use_cache=False)
+        model(batches[0][:1].to(device), **fwd_kwargs)
     except _StopForward:
         pass
     finally:
@@ -190,7 +203,7 @@ def capture_layer_inputs(model: nn.Module, adapter: ArchAdapter, batches: list[t
         layer.forward = make_recorder(i)
     try:
         for batch in batches:
-            model(batch.to(device), use_cache=False)
+            model(batch.to(device), **fwd_kwargs)
     finally:
         for layer in layers:
             del layer.forward
@@ -250,6 +263,7 @@ def layerwise_statistics(
         for module in modules_of(layer):
             s = stats.inputs.setdefault(module, InputStats())
             handles.append(module.register_forward_pre_hook(lambda m, a, s=s: s.update(a[0])))
+        handles += adapter.calibration_hooks(layer, stats)
         try:
             outs = [run_layer(layer, h, *captured.layer_args[i][b], device) for b, h in enumerate(hidden)]
         finally:

@@ -21,6 +21,9 @@ def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heads", type=float, default=0.0, help="fraction of attention heads removed (default 0)")
     p.add_argument("--ffn", type=float, default=0.0, help="fraction of FFN neurons removed (default 0)")
     p.add_argument("--layers", type=int, default=0, help="number of whole decoder blocks removed (Block Influence)")
+    p.add_argument("--experts", type=float, default=0.0,
+                   help="fraction of experts removed from every mixture-of-experts layer (routing mass with --calib, "
+                        "else weight norm); --ffn then prunes neurons inside each expert")
     p.add_argument("--method", default="wanda", help="importance criterion: magnitude, magnitude_l1, wanda (activation-aware)")
     p.add_argument("--allocation", choices=("uniform", "global"), default="uniform")
     p.add_argument("--attention-unit", choices=("group", "query"), default="group",
@@ -87,7 +90,7 @@ def run_prune(args: argparse.Namespace) -> int:
     from .config import PruneConfig
     from .io import OutputExistsError, dir_size, load_model, save_pruned
 
-    cfg = PruneConfig(heads=args.heads, ffn=args.ffn, layers=args.layers, method=args.method,
+    cfg = PruneConfig(heads=args.heads, ffn=args.ffn, layers=args.layers, experts=args.experts, method=args.method,
                       allocation=args.allocation, attention_unit=args.attention_unit, rounding=args.rounding,
                       multiple_of=args.multiple_of, min_keep=args.min_keep, n_samples=args.n_samples,
                       seq_len=args.seq_len, seed=args.seed)
@@ -135,6 +138,7 @@ def run_prune(args: argparse.Namespace) -> int:
         rows.append((f"perplexity ({Path(args.ppl).name}, L={args.ppl_seq_len})", f"{before['ppl']:.2f}",
                      f"{after['ppl']:.2f}", _rel(before["ppl"], after["ppl"])))
     print(f"\nllmprune: {args.method}, heads {args.heads:g}, ffn {args.ffn:g}, layers {args.layers}, "
+          f"{f'experts {args.experts:g}, ' if args.experts else ''}"
           f"{args.allocation} allocation -> {out}")
     print(_format_table(rows))
     if args.eval:

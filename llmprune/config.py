@@ -46,6 +46,10 @@ class PruneConfig(_JsonMixin):
         heads: fraction of attention (query) heads removed per layer on average, in [0, 1).
         ffn: fraction of FFN neurons removed, in [0, 1).
         layers: number of whole decoder blocks removed (ranked by Block Influence, ShortGPT).
+        experts: fraction of experts removed from every mixture-of-experts layer, in [0, 1) (uniform).
+            With calibration data experts are ranked by routing mass (selection frequency x mean routing
+            weight on the calibration tokens); without, by the L2 norm of their weights. In MoE layers
+            ``ffn`` prunes neurons inside each expert (each expert its own, the same count in all).
         method: importance criterion name (see ``llmprune.criteria.available_criteria()``).
         allocation: ``uniform`` (same widths in every layer -> a standard checkpoint) or ``global``
             (per-layer widths from globally comparable, per-layer-normalised scores).
@@ -62,6 +66,7 @@ class PruneConfig(_JsonMixin):
     heads: float = 0.0
     ffn: float = 0.0
     layers: int = 0
+    experts: float = 0.0
     method: str = "wanda"
     allocation: Literal["uniform", "global"] = "uniform"
     attention_unit: Literal["group", "query"] = "group"
@@ -77,7 +82,7 @@ class PruneConfig(_JsonMixin):
         self.validate()
 
     def validate(self) -> None:
-        for name in ("heads", "ffn"):
+        for name in ("heads", "ffn", "experts"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
                 raise ValueError(f"{name}={value!r} is out of range: it is the fraction removed and must be in [0, 1)")
@@ -104,6 +109,9 @@ class LayerPlan(_JsonMixin):
     kept_heads: list[int] | None = None
     kept_kv_heads: list[int] | None = None
     kept_neurons: list[int] | None = None
+    #: mixture of experts: kept experts (original indices), and per original expert its kept neurons
+    kept_experts: list[int] | None = None
+    kept_expert_neurons: list[list[int]] | None = None
 
 
 @dataclass

@@ -122,6 +122,12 @@ def shrink_to_config(model: nn.Module) -> None:
             plan.kept_heads, plan.kept_kv_heads = _first_heads(w, attn.group_size)
         if ffn is not None and w["neurons"] != ffn.num_neurons:
             plan.kept_neurons = list(range(w["neurons"]))
+        moe = adapter.experts(layer) if "experts" in w else None
+        if moe is not None:
+            if w["experts"] != moe.num_experts:
+                plan.kept_experts = list(range(w["experts"]))
+            if w["expert_neurons"] != moe.num_neurons:
+                plan.kept_expert_neurons = [list(range(w["expert_neurons"]))] * moe.num_experts
         prune_layer(adapter, layer, plan)
 
 
@@ -137,11 +143,15 @@ def set_config_widths(model: nn.Module, adapter: ArchAdapter | None = None) -> N
     adapter = adapter or get_adapter(model)
     config = model.config
     widths = layer_widths(model, adapter)
-    uniform = len({tuple(sorted(w.items())) for w in widths}) <= 1
+    # A width of 0 means "this layer has no such unit" (e.g. no dense MLP in a mixture-of-experts layer),
+    # so layers are uniform when every kind has at most one non-zero width.
+    values = {k: {w[k] for w in widths if w.get(k)} for k in (widths[0] if widths else {})}
+    uniform = all(len(v) <= 1 for v in values.values())
+    common = {k: next(iter(v)) if v else 0 for k, v in values.items()}
+    uniform = uniform and (not widths or adapter.uniform_widths_storable(config, common))
     if uniform:
         if widths:
-            w = widths[0]
-            adapter.set_uniform_config(config, w["heads"], w["kv_heads"], w["neurons"])
+            adapter.set_uniform_widths(config, common)
         setattr(config, WIDTHS_KEY, None)
     else:
         if adapter.kv_heads_attr is not None:

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 from .arch import registered_adapters
 
-__all__ = ["support_matrix", "support_matrix_markdown", "UNIT_COLUMNS"]
+__all__ = ["support_matrix", "support_matrix_markdown", "UNIT_COLUMNS", "MARKER_START", "MARKER_END",
+           "replace_readme_block"]
+
+#: README.md holds the generated table between these markers (scripts/update_support_matrix.py)
+MARKER_START = "<!-- support-matrix:start -->"
+MARKER_END = "<!-- support-matrix:end -->"
 
 UNIT_COLUMNS = ("heads", "kv_groups", "neurons", "layers", "experts")
 
@@ -30,3 +35,13 @@ def support_matrix_markdown() -> str:
         cells = ["✓" if r[u] else "–" for u in UNIT_COLUMNS]
         lines.append(f"| {r['family']} | {', '.join(r['model_types'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def replace_readme_block(text: str, table: str | None = None) -> str | None:
+    """``text`` with the block between the support-matrix markers replaced by the generated table
+    (``None`` if the markers are absent)."""
+    start, end = text.find(MARKER_START), text.find(MARKER_END)
+    if start < 0 or end < start:
+        return None
+    table = support_matrix_markdown() if table is None else table
+    return text[: start + len(MARKER_START)] + "\n" + table + "\n" + text[end:]

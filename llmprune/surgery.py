@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from .arch import ArchAdapter, get_adapter
-from .arch.base import _is_conv1d, set_weight_matrix, weight_matrix
+from .arch.base import ExpertsSpec, _is_conv1d, set_weight_matrix, weight_matrix
 from .config import LayerPlan, PrunePlan
 
-__all__ = ["slice_module", "prune_layer", "remove_layers", "apply_plan", "layer_widths"]
+__all__ = ["slice_module", "prune_experts", "prune_layer", "remove_layers", "apply_plan", "layer_widths"]
 
 
 def slice_module(module: nn.Module, dim: str, keep: torch.Tensor) -> None:
@@ -42,6 +42,48 @@ def slice_module(module: nn.Module, dim: str, keep: torch.Tensor) -> None:
         for name, value in (("out_features", out_f), ("in_features", in_f)):
             if hasattr(module, name):
                 setattr(module, name, value)
+
+
+def _set_param(module: nn.Module, name: str, data: torch.Tensor) -> None:
+    old = getattr(module, name)
+    setattr(module, name, nn.Parameter(data.contiguous(), requires_grad=old.requires_grad))
+
+
+def prune_experts(spec: ExpertsSpec, kept_experts: Sequence[int] | None,
+                  kept_neurons: Sequence[Sequence[int]] | None) -> tuple[int, int]:
+    """Slice a mixture-of-experts block in place; returns the new ``(num_experts, num_neurons)``.
+
+    ``kept_neurons[e]`` are the neurons kept in original expert ``e`` (same count for every expert, as
+    the experts share batched parameters). Removing experts slices every expert parameter along axis 0
+    and the router's output rows, so a removed expert no longer takes part in the softmax or the top-k.
+    """
+    num_experts, num_neurons = spec.num_experts, spec.num_neurons
+    if kept_neurons is not None:
+        if len(kept_neurons) != spec.num_experts:
+            raise ValueError(f"kept_expert_neurons has {len(kept_neurons)} entries for {spec.num_experts} experts")
+        counts = {len(k) for k in kept_neurons}
+        if len(counts) != 1 or 0 in counts:
+            raise ValueError("every expert must keep the same, non-zero number of neurons")
+        num_neurons = counts.pop()
+        keep = torch.as_tensor([list(k) for k in kept_neurons], dtype=torch.long, device="cpu")  # [E, k]
+        for p in spec.params:
+            w = getattr(p.module, p.name)  # [E, out, in]
+            idx = torch.cat([keep + off for off in p.offsets], dim=1).to(w.device)  # [E, k * len(offsets)]
+            axis = 1 if p.dim == "out" else 2
+            shape = [w.shape[0], w.shape[1], w.shape[2]]
+            shape[axis] = idx.shape[1]
+            idx = idx.unsqueeze(2) if axis == 1 else idx.unsqueeze(1)
+            _set_param(p.module, p.name, w.gather(axis, idx.expand(*shape)))
+    if kept_experts is not None:
+        if not kept_experts:
+            raise ValueError("a mixture-of-experts layer must keep at least one expert")
+        keep_e = torch.as_tensor(list(kept_experts), dtype=torch.long, device="cpu")
+        for p in spec.params:
+            w = getattr(p.module, p.name)
+            _set_param(p.module, p.name, w.index_select(0, keep_e.to(w.device)))
+        slice_module(spec.router.module, spec.router.dim, spec.router.indices(keep_e))
+        num_experts = len(kept_experts)
+    return num_experts, num_neurons
 
 
 def _complement(kept: Sequence[int], n: int) -> list[int]:
@@ -83,6 +125,11 @@ def prune_layer(adapter: ArchAdapter, layer: nn.Module, plan: LayerPlan) -> None
         adapter.set_attention_shape(layer, len(kept_q), len(kept_kv))
     if ffn is not None:
         adapter.set_ffn_shape(layer, len(plan.kept_neurons))
+    if plan.kept_experts is not None or plan.kept_expert_neurons is not None:
+        spec = adapter.experts(layer)
+        if spec is None:
+            raise ValueError("the plan removes experts or expert neurons from a layer without experts")
+        adapter.set_experts_shape(layer, *prune_experts(spec, plan.kept_experts, plan.kept_expert_neurons))
 
 
 def _check_gqa(kept_q: Sequence[int], kept_kv: Sequence[int], num_heads: int, num_kv: int) -> None:
@@ -118,16 +165,21 @@ def remove_layers(model: nn.Module, adapter: ArchAdapter, removed: Sequence[int]
 
 
 def layer_widths(model: nn.Module, adapter: ArchAdapter | None = None) -> list[dict[str, int]]:
-    """Current ``{"heads", "kv_heads", "neurons"}`` of every decoder layer."""
+    """Current ``{"heads", "kv_heads", "neurons"}`` of every decoder layer (plus ``"experts"`` and
+    ``"expert_neurons"`` for families with mixture-of-experts layers)."""
     adapter = adapter or get_adapter(model)
     out = []
     for layer in adapter.decoder_layers(model):
         attn, ffn = adapter.attention(layer), adapter.ffn(layer)
-        out.append({
+        widths = {
             "heads": attn.num_heads if attn else 0,
             "kv_heads": attn.num_kv_heads if attn else 0,
             "neurons": ffn.num_neurons if ffn else 0,
-        })
+        }
+        if "experts" in adapter.units:
+            moe = adapter.experts(layer)
+            widths.update(experts=moe.num_experts if moe else 0, expert_neurons=moe.num_neurons if moe else 0)
+        out.append(widths)
     return out
 
 

@@ -1,6 +1,6 @@
 """Architecture adapters: where heads, KV groups, neurons and layers live in each model family."""
 
-from .base import ArchAdapter, AttentionSpec, FFNSpec, Slot, set_weight_matrix, weight_matrix
+from .base import ArchAdapter, AttentionSpec, ExpertParam, ExpertsSpec, FFNSpec, Slot, set_weight_matrix, weight_matrix
 from .registry import (
     PER_LAYER_PREFIX,
     UnsupportedArchitectureError,
@@ -13,9 +13,10 @@ from .registry import (
 
 # Importing the adapter modules registers them.
 from . import llama  # noqa: E402,F401
+from . import bert, moe  # noqa: E402,F401
 
 __all__ = [
-    "ArchAdapter", "AttentionSpec", "FFNSpec", "Slot", "weight_matrix", "set_weight_matrix",
+    "ArchAdapter", "AttentionSpec", "FFNSpec", "ExpertParam", "ExpertsSpec", "Slot", "weight_matrix", "set_weight_matrix",
     "get_adapter", "register_adapter", "registered_adapters", "supported_model_types",
     "UnsupportedArchitectureError", "PER_LAYER_PREFIX", "base_model_type",
 ]

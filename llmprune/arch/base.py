@@ -30,6 +30,8 @@ __all__ = [
     "Slot",
     "AttentionSpec",
     "FFNSpec",
+    "ExpertParam",
+    "ExpertsSpec",
     "ArchAdapter",
     "weight_matrix",
     "set_weight_matrix",
@@ -84,6 +86,76 @@ class FFNSpec:
     num_neurons: int
     slots: list[Slot]
     output: Slot  # the down projection's input column; used for masking
+
+
+class ExpertView:
+    """One expert's ``[out, in]`` matrix inside a batched ``[num_experts, out, in]`` parameter.
+
+    It quacks like a module with a ``weight`` (read live from the owner), so :class:`Slot`, the criteria
+    and the calibration statistics (keyed by it) work on one expert unchanged. Views are cached on the
+    owner, so the same ``(param, expert)`` is always the same object. Surgery never goes through a view:
+    batched parameters are cut for all experts at once (:func:`llmprune.surgery.prune_experts`).
+    """
+
+    def __init__(self, owner: nn.Module, name: str, expert: int) -> None:
+        self.owner, self.name, self.expert = owner, name, expert
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return getattr(self.owner, self.name)[self.expert]
+
+    def __repr__(self) -> str:
+        return f"ExpertView({type(self.owner).__name__}.{self.name}[{self.expert}])"
+
+
+def expert_view(owner: nn.Module, name: str, expert: int) -> ExpertView:
+    cache = owner.__dict__.setdefault("_llmprune_expert_views", {})  # plain dict: not a registered submodule
+    key = (name, expert)
+    if key not in cache:
+        cache[key] = ExpertView(owner, name, expert)
+    return cache[key]
+
+
+@dataclass(frozen=True)
+class ExpertParam:
+    """A batched expert parameter ``module.<name>`` of shape ``[num_experts, out, in]``.
+
+    Expert ``e``'s matrix is ``[out, in]``; neuron ``n`` of an expert owns, along ``dim``, the indices
+    ``offset + n`` for each offset in ``offsets`` (fused gate/up: ``offsets=(0, I)``).
+    """
+
+    module: nn.Module
+    name: str
+    dim: Literal["out", "in"]
+    offsets: tuple[int, ...] = (0,)
+
+    def slots(self, expert: int) -> list[Slot]:
+        view = expert_view(self.module, self.name, expert)
+        return [Slot(view, self.dim, 1, off) for off in self.offsets]  # type: ignore[arg-type]
+
+
+@dataclass
+class ExpertsSpec:
+    """A mixture-of-experts block: ``num_experts`` experts of ``num_neurons`` each and a top-k router.
+
+    ``params`` are sliced along the expert axis (axis 0) to remove experts and along their neuron
+    ``dim`` to remove neurons (each expert keeps its own neuron set, the same count in every expert).
+    ``router`` owns one output row per expert (its logit).
+    """
+
+    num_experts: int
+    num_neurons: int
+    top_k: int
+    params: list[ExpertParam]
+    router: Slot
+
+    def neuron_slots(self, expert: int) -> list[Slot]:
+        return [s for p in self.params for s in p.slots(expert)]
+
+    def output(self, expert: int) -> Slot:
+        """Expert ``expert``'s down-projection input columns (where its neurons enter; used for masking)."""
+        down = [p for p in self.params if p.dim == "in"][-1]
+        return down.slots(expert)[0]
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:
@@ -143,6 +215,20 @@ class ArchAdapter:
     def set_ffn_shape(self, layer: nn.Module, num_neurons: int) -> None:
         """Update module attributes after neurons were sliced."""
 
+    # ---- mixture of experts (optional) -------------------------------------------------------------
+    def experts(self, layer: nn.Module) -> ExpertsSpec | None:
+        """The layer's mixture-of-experts block (``None``: no experts; the default)."""
+        return None
+
+    def set_experts_shape(self, layer: nn.Module, num_experts: int, num_neurons: int) -> None:
+        """Update module attributes after experts or expert neurons were sliced."""
+
+    def calibration_hooks(self, layer: nn.Module, stats: Any) -> list[Any]:
+        """Extra hooks gathering statistics the slot pre-hooks cannot see (e.g. per-expert inputs of
+        batched experts, router statistics) into ``stats`` (a :class:`~llmprune.calibrate.LayerStats`);
+        returns the hook handles. Default: none."""
+        return []
+
     def set_layer_index(self, layer: nn.Module, index: int) -> None:
         """Renumber a layer after layer removal (KV-cache slot, sliding-window type)."""
         for module in layer.modules():
@@ -162,6 +248,17 @@ class ArchAdapter:
         if self.kv_heads_attr is not None:
             setattr(config, self.kv_heads_attr, num_kv_heads)
         setattr(config, self.ffn_attr, num_neurons)
+
+    def set_uniform_widths(self, config: Any, widths: dict[str, int]) -> None:
+        """Write one layer's widths (``layer_widths`` entry) into ``config``; adapters with extra units
+        (experts) override this."""
+        self.set_uniform_config(config, widths["heads"], widths["kv_heads"], widths["neurons"])
+
+    def uniform_widths_storable(self, config: Any, widths: dict[str, int]) -> bool:
+        """Whether uniform ``widths`` can be expressed by the family's standard config. ``False`` e.g.
+        when the model derives head size as ``hidden_size // num_attention_heads`` with no ``head_dim``
+        field (BERT): pruned heads then need llmprune's per-layer config."""
+        return True
 
     def num_layers(self, config: Any) -> int:
         return int(getattr(config, self.layers_attr))
