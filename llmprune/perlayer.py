@@ -137,15 +137,14 @@ def set_config_widths(model: nn.Module, adapter: ArchAdapter | None = None) -> N
     adapter = adapter or get_adapter(model)
     config = model.config
     widths = layer_widths(model, adapter)
-    uniform = len({tuple(sorted(w.items())) for w in widths}) <= 1
+    uniform = len({tuple(sorted(w.items())) for w in widths}) <= 1 and adapter.standard_config_ok(model)
     if uniform:
         if widths:
             w = widths[0]
             adapter.set_uniform_config(config, w["heads"], w["kv_heads"], w["neurons"])
         setattr(config, WIDTHS_KEY, None)
     else:
-        if adapter.kv_heads_attr is not None:
-            config.head_dim = adapter.head_dim(config)
+        adapter.pin_head_dim(config)
         setattr(config, WIDTHS_KEY, widths)
     model_type = base_model_type(config.model_type)
     standard_cfg = _base_config_class(model_type)

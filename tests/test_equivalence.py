@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
 from llmprune import PruneConfig
 from llmprune.api import prune
+from llmprune.arch import get_adapter
 from llmprune.config import LayerPlan, PrunePlan
+from llmprune.select import RatioError
 from llmprune.surgery import apply_plan
 
 from masking import mask_model
@@ -56,6 +59,12 @@ def test_pruned_equals_masked(model_type, cfg):
     model = tiny_causal_lm(model_type)
     original = copy.deepcopy(model)
     calib = _inputs(model.config.vocab_size, batch=8, seq=16, seed=3)
+    adapter = get_adapter(model)
+    if adapter.attention(adapter.decoder_layers(model)[0]).num_kv_heads == 1 and cfg.attention_unit == "group":
+        # Multi-query attention: the single KV group cannot be removed; prune query heads instead.
+        with pytest.raises(RatioError):
+            prune(copy.deepcopy(model), cfg, calibration=calib, progress=False)
+        cfg = dataclasses.replace(cfg, attention_unit="query")
     result = prune(model, cfg, calibration=calib, progress=False)
     assert result.params_after < result.params_before
     _assert_equivalent(original, model, result.plan, model.config.vocab_size)
