@@ -70,7 +70,7 @@ def test_pruned_equals_masked(model_type, cfg):
     _assert_equivalent(original, model, result.plan, model.config.vocab_size)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "phi3", "falcon:new"])
 def test_hand_written_plan_with_uneven_layers(model_type):
     """Arbitrary kept sets (not from a criterion), different per layer, plus a removed layer."""
     model = tiny_causal_lm(model_type)
@@ -85,6 +85,8 @@ def test_hand_written_plan_with_uneven_layers(model_type):
     )
     apply_plan(model, plan)
     assert model.config.num_hidden_layers == 2
+    for j, layer in enumerate(get_adapter(model).decoder_layers(model)):
+        assert {m.layer_idx for m in layer.modules() if hasattr(m, "layer_idx")} == {j}
     _assert_equivalent(original, model, plan, model.config.vocab_size)
 
 
