@@ -39,6 +39,8 @@ def test_save_reload_identical(tmp_path, model_type, allocation):
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=0, rtol=0)
     saved = json.loads((out / "config.json").read_text())
     model_type = base_type(model_type)
+    if allocation == "uniform" and model_type in _HEAD_DIM_FROM_HIDDEN:
+        assert saved["model_type"] == "llmprune_" + model_type  # a standard config would rebuild wrong shapes
     if allocation == "uniform" and saved["model_type"] == model_type:
         assert "llmprune_layer_widths" not in saved or saved["llmprune_layer_widths"] is None
     if allocation == "global":
@@ -50,20 +52,22 @@ def test_save_reload_identical(tmp_path, model_type, allocation):
     assert "library_name: transformers" in (out / "README.md").read_text()
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "opt", "gpt_neox", "falcon"])
-def test_head_dim_from_hidden_families(tmp_path, model_type):
-    """Families deriving head_dim = hidden_size // heads: FFN-only pruning stays a standard checkpoint,
-    uniform head pruning is saved with llmprune's classes (a standard config would rebuild wrong shapes)."""
-    for heads, expected in ((0.0, model_type), (0.5, "llmprune_" + model_type)):
-        model = tiny_causal_lm(model_type)
-        prune(model, PruneConfig(heads=heads, ffn=0.25, method="magnitude", attention_unit="query"), progress=False)
-        out = tmp_path / f"m{heads}"
-        save_pruned(model, out)
-        assert json.loads((out / "config.json").read_text())["model_type"] == expected
-        reloaded = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
-        ids = _ids(model.config.vocab_size)
-        with torch.no_grad():
-            torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=0, rtol=0)
+#: families whose modules derive head_dim = hidden_size // num_heads from the config
+_HEAD_DIM_FROM_HIDDEN = ("gpt2", "opt", "gpt_neox", "falcon")
+
+
+@pytest.mark.parametrize("model_type", _HEAD_DIM_FROM_HIDDEN)
+def test_ffn_only_stays_standard_checkpoint(tmp_path, model_type):
+    """Without head pruning these families keep a plain checkpoint (uniform FFN width in the standard field)."""
+    model = tiny_causal_lm(model_type)
+    prune(model, PruneConfig(heads=0.0, ffn=0.25, method="magnitude"), progress=False)
+    out = tmp_path / "m"
+    save_pruned(model, out)
+    assert json.loads((out / "config.json").read_text())["model_type"] == model_type
+    reloaded = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    ids = _ids(model.config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=0, rtol=0)
 
 
 def test_uniform_standard_config_loads_without_llmprune(tmp_path):

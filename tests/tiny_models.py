@@ -36,6 +36,9 @@ TINY_CONFIGS: dict[str, dict] = {
 }
 
 CAUSAL_LM_TYPES = list(TINY_CONFIGS)
+#: variants that differ from their family's main entry only in norm/residual placement or in the qkv layout,
+#: run with the calibration + layer-removal case of the equivalence test only (keeps the suite fast)
+LIGHT_VARIANTS = ("opt:post_ln", "falcon:mha")
 
 
 def base_type(key: str) -> str:
