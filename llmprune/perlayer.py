@@ -131,7 +131,9 @@ def set_config_widths(model: nn.Module, adapter: ArchAdapter | None = None) -> N
     Uniform widths give a standard config (plain transformers loads it) unless the installed
     transformers' own config validation rejects it: transformers 5.x ``LlamaConfig``/``Gemma*Config``
     demand ``hidden_size % num_attention_heads == 0`` even with an explicit ``head_dim``
-    (huggingface/transformers#46082). Such configs, and per-layer widths, use llmprune's registered
+    (huggingface/transformers#46082), or when the adapter says a standard config cannot rebuild the
+    shapes (``ArchAdapter.standard_config_ok``: GPT-2, OPT, GPT-NeoX and Falcon derive head_dim from
+    hidden_size // num_heads). Such configs, and per-layer widths, use llmprune's registered
     classes (``model_type = "llmprune_<type>"``), which need ``import llmprune`` before loading.
     """
     adapter = adapter or get_adapter(model)
