@@ -150,7 +150,8 @@ def _check_ratios(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig) -> N
         if cfg.heads > 0:
             if attn is None:
                 raise RatioError("this model has no prunable attention heads")
-            unit = attn.group_size if cfg.attention_unit == "group" else attn.num_kv_heads
+            # as in select.attention_units: with one query head per KV head (MHA) both modes remove single heads
+            unit = attn.group_size if cfg.attention_unit == "group" or attn.group_size == 1 else attn.num_kv_heads
             if cfg.allocation == "uniform":
                 units_to_remove(cfg.heads, attn.num_heads, unit, cfg.rounding)
         moe = adapter.experts(layer)

@@ -137,7 +137,9 @@ def set_config_widths(model: nn.Module, adapter: ArchAdapter | None = None) -> N
     Uniform widths give a standard config (plain transformers loads it) unless the installed
     transformers' own config validation rejects it: transformers 5.x ``LlamaConfig``/``Gemma*Config``
     demand ``hidden_size % num_attention_heads == 0`` even with an explicit ``head_dim``
-    (huggingface/transformers#46082). Such configs, and per-layer widths, use llmprune's registered
+    (huggingface/transformers#46082), or when the adapter says a standard config cannot rebuild the
+    shapes (``ArchAdapter.standard_config_ok``: GPT-2, OPT, GPT-NeoX and Falcon derive head_dim from
+    hidden_size // num_heads). Such configs, and per-layer widths, use llmprune's registered
     classes (``model_type = "llmprune_<type>"``), which need ``import llmprune`` before loading.
     """
     adapter = adapter or get_adapter(model)
@@ -148,14 +150,13 @@ def set_config_widths(model: nn.Module, adapter: ArchAdapter | None = None) -> N
     values = {k: {w[k] for w in widths if w.get(k)} for k in (widths[0] if widths else {})}
     uniform = all(len(v) <= 1 for v in values.values())
     common = {k: next(iter(v)) if v else 0 for k, v in values.items()}
-    uniform = uniform and (not widths or adapter.uniform_widths_storable(config, common))
+    uniform = uniform and (not widths or adapter.standard_config_ok(model))
     if uniform:
         if widths:
             adapter.set_uniform_widths(config, common)
         setattr(config, WIDTHS_KEY, None)
     else:
-        if adapter.kv_heads_attr is not None:
-            config.head_dim = adapter.head_dim(config)
+        adapter.pin_head_dim(config)
         setattr(config, WIDTHS_KEY, widths)
     model_type = base_model_type(config.model_type)
     standard_cfg = _base_config_class(model_type)

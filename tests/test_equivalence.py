@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
 from llmprune import PruneConfig
 from llmprune.api import prune
+from llmprune.arch import get_adapter
 from llmprune.config import LayerPlan, PrunePlan
+from llmprune.select import RatioError
 from llmprune.surgery import apply_plan
 
 from masking import mask_model
-from tiny_models import CAUSAL_LM_TYPES, tiny_causal_lm
+from tiny_models import CAUSAL_LM_TYPES, LIGHT_VARIANTS, tiny_causal_lm
 
 ATOL = 2e-5
 
@@ -42,26 +45,34 @@ def _assert_equivalent(original, pruned, plan, vocab):
             h.remove()
 
 
-@pytest.mark.parametrize("model_type", CAUSAL_LM_TYPES)
-@pytest.mark.parametrize(
-    "cfg",
-    [
-        PruneConfig(heads=0.5, ffn=0.25, method="magnitude"),
-        PruneConfig(heads=0.5, ffn=0.3, method="magnitude", attention_unit="query", allocation="global"),
-        PruneConfig(heads=0.5, ffn=0.5, method="wanda", layers=1, allocation="global", min_keep=0.2),
-    ],
-    ids=["uniform-group-magnitude", "global-query-magnitude", "global-group-wanda-layer"],
-)
+_CFGS = {
+    "uniform-group-magnitude": PruneConfig(heads=0.5, ffn=0.25, method="magnitude"),
+    "global-query-magnitude": PruneConfig(heads=0.5, ffn=0.3, method="magnitude", attention_unit="query",
+                                          allocation="global"),
+    "global-group-wanda-layer": PruneConfig(heads=0.5, ffn=0.5, method="wanda", layers=1, allocation="global",
+                                            min_keep=0.2),
+}
+_CASES = [pytest.param(t, cfg, id=f"{name}-{t}") for name, cfg in _CFGS.items() for t in CAUSAL_LM_TYPES
+          if t not in LIGHT_VARIANTS or name == "global-group-wanda-layer"]
+
+
+@pytest.mark.parametrize("model_type,cfg", _CASES)
 def test_pruned_equals_masked(model_type, cfg):
     model = tiny_causal_lm(model_type)
     original = copy.deepcopy(model)
     calib = _inputs(model.config.vocab_size, batch=8, seq=16, seed=3)
+    adapter = get_adapter(model)
+    if adapter.attention(adapter.decoder_layers(model)[0]).num_kv_heads == 1 and cfg.attention_unit == "group":
+        # Multi-query attention: the single KV group cannot be removed; prune query heads instead.
+        with pytest.raises(RatioError):
+            prune(copy.deepcopy(model), cfg, calibration=calib, progress=False)
+        cfg = dataclasses.replace(cfg, attention_unit="query")
     result = prune(model, cfg, calibration=calib, progress=False)
     assert result.params_after < result.params_before
     _assert_equivalent(original, model, result.plan, model.config.vocab_size)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "phi3", "falcon:new"])
 def test_hand_written_plan_with_uneven_layers(model_type):
     """Arbitrary kept sets (not from a criterion), different per layer, plus a removed layer."""
     model = tiny_causal_lm(model_type)
@@ -76,6 +87,8 @@ def test_hand_written_plan_with_uneven_layers(model_type):
     )
     apply_plan(model, plan)
     assert model.config.num_hidden_layers == 2
+    for j, layer in enumerate(get_adapter(model).decoder_layers(model)):
+        assert {m.layer_idx for m in layer.modules() if hasattr(m, "layer_idx")} == {j}
     _assert_equivalent(original, model, plan, model.config.vocab_size)
 
 

@@ -14,14 +14,14 @@ from llmprune.api import prune
 from llmprune.config import PrunePlan
 from llmprune.io import read_plan, read_recipe, save_pruned
 
-from tiny_models import tiny_causal_lm
+from tiny_models import base_type, tiny_causal_lm
 
 
 def _ids(vocab):
     return torch.randint(0, vocab, (2, 10), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen3", "gemma2"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "gemma2", "phi3", "gpt2", "opt", "gpt_neox", "falcon:new"])
 @pytest.mark.parametrize("allocation", ["uniform", "global"])
 def test_save_reload_identical(tmp_path, model_type, allocation):
     model = tiny_causal_lm(model_type)
@@ -38,6 +38,9 @@ def test_save_reload_identical(tmp_path, model_type, allocation):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=0, rtol=0)
     saved = json.loads((out / "config.json").read_text())
+    model_type = base_type(model_type)
+    if allocation == "uniform" and model_type in _HEAD_DIM_FROM_HIDDEN:
+        assert saved["model_type"] == "llmprune_" + model_type  # a standard config would rebuild wrong shapes
     if allocation == "uniform" and saved["model_type"] == model_type:
         assert "llmprune_layer_widths" not in saved or saved["llmprune_layer_widths"] is None
     if allocation == "global":
@@ -47,6 +50,24 @@ def test_save_reload_identical(tmp_path, model_type, allocation):
     assert read_plan(out) == result.plan
     assert list(out.glob("*.safetensors")) and not list(out.glob("*.bin"))
     assert "library_name: transformers" in (out / "README.md").read_text()
+
+
+#: families whose modules derive head_dim = hidden_size // num_heads from the config
+_HEAD_DIM_FROM_HIDDEN = ("gpt2", "opt", "gpt_neox", "falcon")
+
+
+@pytest.mark.parametrize("model_type", _HEAD_DIM_FROM_HIDDEN)
+def test_ffn_only_stays_standard_checkpoint(tmp_path, model_type):
+    """Without head pruning these families keep a plain checkpoint (uniform FFN width in the standard field)."""
+    model = tiny_causal_lm(model_type)
+    prune(model, PruneConfig(heads=0.0, ffn=0.25, method="magnitude"), progress=False)
+    out = tmp_path / "m"
+    save_pruned(model, out)
+    assert json.loads((out / "config.json").read_text())["model_type"] == model_type
+    reloaded = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    ids = _ids(model.config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=0, rtol=0)
 
 
 def test_uniform_standard_config_loads_without_llmprune(tmp_path):

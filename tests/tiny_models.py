@@ -1,7 +1,8 @@
 """Tiny random models of every supported family, built from configs (no downloads).
 
 Each entry: model_type -> config kwargs. GQA is on wherever the family supports it.
-Adding a family to the tests is one entry here.
+Adding a family to the tests is one entry here. A key ``"<model_type>:<variant>"`` tests another
+layout of the same family (e.g. Falcon's multi-query vs. new decoder architecture).
 """
 
 from __future__ import annotations
@@ -19,16 +20,37 @@ TINY_CONFIGS: dict[str, dict] = {
     "gemma2": {**_COMMON, **_GQA, "sliding_window": 8, "query_pre_attn_scalar": 16},
     "gemma3_text": {**_COMMON, **_GQA, "sliding_window": 8, "query_pre_attn_scalar": 16,
                     "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]},
+    "phi3": {**_COMMON, **_GQA, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},  # fused qkv_proj / gate_up_proj
+    "gpt2": dict(vocab_size=128, n_embd=64, n_layer=3, n_head=4, n_positions=64,
+                 bos_token_id=1, eos_token_id=2),  # Conv1D; n_inner None = 4*n_embd
+    "opt": dict(vocab_size=128, hidden_size=64, word_embed_proj_dim=64, num_hidden_layers=3, num_attention_heads=4,
+                ffn_dim=96, max_position_embeddings=64, do_layer_norm_before=True),
+    "opt:post_ln": dict(vocab_size=128, hidden_size=64, word_embed_proj_dim=64, num_hidden_layers=3,
+                        num_attention_heads=4, ffn_dim=96, max_position_embeddings=64, do_layer_norm_before=False),
+    "gpt_neox": {**_COMMON, "num_attention_heads": 4, "intermediate_size": 96, "rotary_pct": 0.25},  # interleaved qkv
+    "falcon": {**_COMMON, "num_attention_heads": 4, "ffn_hidden_size": 96, "multi_query": True},  # MQA, parallel attn
+    "falcon:new": {**_COMMON, "num_attention_heads": 4, "num_kv_heads": 2, "ffn_hidden_size": 96,
+                   "new_decoder_architecture": True},  # GQA, blocked [q.. k v] per group
+    "falcon:mha": {**_COMMON, "num_attention_heads": 4, "ffn_hidden_size": 96, "multi_query": False,
+                   "parallel_attn": False, "bias": True},  # per-head [q k v], sequential, biases
 }
 
 CAUSAL_LM_TYPES = list(TINY_CONFIGS)
+#: variants that differ from their family's main entry only in norm/residual placement or in the qkv layout,
+#: run with the calibration + layer-removal case of the equivalence test only (keeps the suite fast)
+LIGHT_VARIANTS = ("opt:post_ln", "falcon:mha")
+
+
+def base_type(key: str) -> str:
+    """``"falcon:new"`` -> ``"falcon"`` (the config's model_type)."""
+    return key.split(":")[0]
 
 
 def tiny_causal_lm(model_type: str, seed: int = 0):
     """A tiny random causal LM of ``model_type`` (fp32, eval mode, eager attention)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(model_type, **TINY_CONFIGS[model_type])
+    config = AutoConfig.for_model(base_type(model_type), **TINY_CONFIGS[model_type])
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")

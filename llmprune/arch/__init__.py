@@ -12,8 +12,7 @@ from .registry import (
 )
 
 # Importing the adapter modules registers them.
-from . import llama  # noqa: E402,F401
-from . import bert, moe  # noqa: E402,F401
+from . import bert, falcon, gpt2, gpt_neox, llama, moe, opt, phi3  # noqa: E402,F401
 
 __all__ = [
     "ArchAdapter", "AttentionSpec", "FFNSpec", "ExpertParam", "ExpertsSpec", "Slot", "weight_matrix", "set_weight_matrix",

@@ -44,6 +44,10 @@ class Slot:
 
     ``dim="out"`` means output features (rows of ``nn.Linear.weight``), ``dim="in"`` input features.
     Unit ``u`` owns ``offset + u * stride + arange(width)``; ``stride`` defaults to ``width``.
+
+    Blocked layouts (Falcon's ``new_decoder_architecture`` packs ``[q_0 .. q_{g-1}, k, v]`` per KV group)
+    set ``group``: unit ``u`` then owns ``offset + (u // group) * group_stride + (u % group) * stride
+    + arange(width)``.
     """
 
     module: nn.Module
@@ -51,13 +55,19 @@ class Slot:
     width: int = 1
     offset: int = 0
     stride: int | None = None
+    group: int | None = None
+    group_stride: int = 0
 
     def indices(self, units: torch.Tensor | Sequence[int]) -> torch.Tensor:
         """Flat indices along ``dim`` owned by ``units`` (in unit order)."""
         # Index math always on CPU: models are built under a meta-device context during from_pretrained.
         units = torch.as_tensor(units, dtype=torch.long, device="cpu").reshape(-1, 1)
         step = self.stride if self.stride is not None else self.width
-        return (self.offset + units * step + torch.arange(self.width, device="cpu").reshape(1, -1)).reshape(-1)
+        if self.group:
+            start = (units // self.group) * self.group_stride + (units % self.group) * step
+        else:
+            start = units * step
+        return (self.offset + start + torch.arange(self.width, device="cpu").reshape(1, -1)).reshape(-1)
 
 
 @dataclass
@@ -170,6 +180,17 @@ def set_weight_matrix(module: nn.Module, w_out_in: torch.Tensor) -> None:
     module.weight = nn.Parameter(data.contiguous(), requires_grad=module.weight.requires_grad)
 
 
+def heads_span_hidden(adapter: "ArchAdapter", model: nn.Module) -> bool:
+    """True when every layer's ``num_heads * head_dim == hidden_size`` (no head was pruned), i.e. a
+    config-derived ``head_dim = hidden_size // num_heads`` is still right."""
+    hidden = model.config.hidden_size
+    for layer in adapter.decoder_layers(model):
+        attn = adapter.attention(layer)
+        if attn is not None and attn.num_heads * attn.head_dim != hidden:
+            return False
+    return True
+
+
 def _is_conv1d(module: nn.Module) -> bool:
     # transformers' Conv1D stores weight as [in, out]; recognised by name to avoid importing GPT-2 code.
     return type(module).__name__ == "Conv1D"
@@ -236,6 +257,19 @@ class ArchAdapter:
                 module.layer_idx = index
 
     # ---- config ----------------------------------------------------------------------------------
+    def standard_config_ok(self, model: nn.Module) -> bool:
+        """Whether the family's standard config, given the model's (uniform) widths, rebuilds its shapes.
+
+        Families whose modules derive ``head_dim = hidden_size // num_heads`` (GPT-2, OPT, GPT-NeoX, Falcon)
+        return ``False`` once heads were pruned; their checkpoints then use the per-layer classes.
+        """
+        return True
+
+    def pin_head_dim(self, config: Any) -> None:
+        """Make ``head_dim`` explicit in a per-layer config (the width fields stay upper bounds)."""
+        if self.kv_heads_attr is not None:
+            config.head_dim = self.head_dim(config)
+
     def head_dim(self, config: Any) -> int:
         hd = getattr(config, "head_dim", None)
         return int(hd) if hd else config.hidden_size // getattr(config, self.heads_attr)
@@ -253,12 +287,6 @@ class ArchAdapter:
         """Write one layer's widths (``layer_widths`` entry) into ``config``; adapters with extra units
         (experts) override this."""
         self.set_uniform_config(config, widths["heads"], widths["kv_heads"], widths["neurons"])
-
-    def uniform_widths_storable(self, config: Any, widths: dict[str, int]) -> bool:
-        """Whether uniform ``widths`` can be expressed by the family's standard config. ``False`` e.g.
-        when the model derives head size as ``hidden_size // num_attention_heads`` with no ``head_dim``
-        field (BERT): pruned heads then need llmprune's per-layer config."""
-        return True
 
     def num_layers(self, config: Any) -> int:
         return int(getattr(config, self.layers_attr))

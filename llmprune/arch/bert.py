@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from .base import ArchAdapter, AttentionSpec, FFNSpec, Slot
+from .base import ArchAdapter, AttentionSpec, FFNSpec, Slot, heads_span_hidden
 from .registry import register_adapter
 
 __all__ = ["BertAdapter"]
@@ -65,6 +65,6 @@ class BertAdapter(ArchAdapter):
     def head_dim(self, config: Any) -> int:
         return config.hidden_size // config.num_attention_heads
 
-    def uniform_widths_storable(self, config: Any, widths: dict[str, int]) -> bool:
-        # Only the original head count keeps hidden_size // num_attention_heads equal to the head size.
-        return widths["heads"] == config.num_attention_heads
+    def standard_config_ok(self, model: nn.Module) -> bool:
+        # BERT derives head size as hidden_size // num_attention_heads: only unpruned heads fit a standard config.
+        return heads_span_hidden(self, model)
