@@ -9,14 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from .perplexity import load_text, perplexity  # binds the function over the submodule name
+
 __all__ = ["evaluate", "evaluate_tasks", "load_text", "perplexity"]
 
 
 def __getattr__(name: str) -> Any:  # lazy: importing eval must not pull in lm_eval/matplotlib
-    if name in ("perplexity", "load_text"):
-        from . import perplexity as _ppl
-
-        return getattr(_ppl, name)
     if name == "evaluate_tasks":
         from .tasks import evaluate_tasks
 

@@ -6,7 +6,8 @@ windows of ``seq_len`` tokens:
 
 * non-overlapping (``stride`` is ``None`` or equal to ``seq_len``, the papers' protocol):
   ``n_tokens // seq_len`` full windows, the tail is dropped, and every window scores its
-  ``seq_len - 1`` next-token predictions;
+  ``seq_len - 1`` next-token predictions (``drop_last=False`` also scores the partial
+  tail window);
 * sliding (``stride < seq_len``): each window ends ``stride`` tokens after the previous
   one and scores only the tokens no earlier window scored, with up to ``seq_len - 1``
   tokens of context (the first window scores all its tokens); every token but the first
@@ -18,7 +19,7 @@ Example:
     >>> from eval.perplexity import load_text, perplexity
     >>> text = load_text("../shared/data/wikitext2-raw-test.txt")     # doctest: +SKIP
     >>> perplexity(model, tok, text, seq_len=256, max_tokens=60_000).ppl  # doctest: +SKIP
-    287.7...
+    287.71...
 """
 
 from __future__ import annotations
@@ -155,7 +156,9 @@ def _resolve_seq_len(model: torch.nn.Module, seq_len: int | None) -> int:
     return seq_len
 
 
-def windows(n_ids: int, seq_len: int, stride: int | None = None) -> list[tuple[int, int, int]]:
+def windows(
+    n_ids: int, seq_len: int, stride: int | None = None, drop_last: bool = True
+) -> list[tuple[int, int, int]]:
     """Window plan as ``(start, end, first_scored)`` triples over ``n_ids`` tokens.
 
     Positions ``first_scored .. end-1`` of window ``[start, end)`` are predicted from the
@@ -164,11 +167,17 @@ def windows(n_ids: int, seq_len: int, stride: int | None = None) -> list[tuple[i
     Example:
         >>> windows(10, 4)
         [(0, 4, 1), (4, 8, 5)]
+        >>> windows(10, 4, drop_last=False)
+        [(0, 4, 1), (4, 8, 5), (8, 10, 9)]
         >>> windows(10, 4, stride=2)
         [(0, 4, 1), (2, 6, 4), (4, 8, 6), (6, 10, 8)]
     """
     if stride is None or stride == seq_len:
-        return [(s, s + seq_len, s + 1) for s in range(0, n_ids - seq_len + 1, seq_len)]
+        plan = [(s, s + seq_len, s + 1) for s in range(0, n_ids - seq_len + 1, seq_len)]
+        tail = len(plan) * seq_len
+        if not drop_last and n_ids - tail >= 2:
+            plan.append((tail, n_ids, tail + 1))
+        return plan
     if not 1 <= stride <= seq_len:
         raise ValueError(f"stride must be between 1 and seq_len ({seq_len}), got {stride}.")
     plan = [(0, min(seq_len, n_ids), 1)]
@@ -196,11 +205,14 @@ def perplexity(
     batch_size: int = 8,
     device: str | torch.device | None = None,
     progress: bool = True,
+    drop_last: bool = True,
 ) -> PerplexityResult:
     """Perplexity of ``model`` on ``text`` (see the module docstring for the protocol).
 
     ``seq_len`` defaults to the model's context length capped at 2048; ``device`` defaults
-    to the model's device (the model is not moved). Works for fp32/bf16/fp16 models; the
+    to the model's device (the model is not moved). ``drop_last=False`` also scores the
+    final partial window of non-overlapping windows (as the Hugging Face perplexity guide's
+    loop does); the papers drop it (default). Works for fp32/bf16/fp16 models; the
     loss is always accumulated in float32/float64.
 
     Example:
@@ -218,7 +230,7 @@ def perplexity(
             f"The text has only {ids.numel()} tokens, fewer than one window of seq_len={seq_len}. "
             "Use a longer text, a smaller --seq-len, or a larger --max-tokens."
         )
-    plan = windows(ids.numel(), seq_len, stride)
+    plan = windows(ids.numel(), seq_len, stride, drop_last)
     dev = torch.device(device) if device is not None else model_device(model)
     was_training = model.training
     model.eval()
