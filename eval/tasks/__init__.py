@@ -106,6 +106,12 @@ def _metric(values: dict[str, Any], name: str) -> float | None:
     return None
 
 
+def _sample(sample: dict[str, Any]) -> dict[str, Any]:
+    resps = sample.get("filtered_resps") or []
+    lls = [float(r[0]) if isinstance(r, (list, tuple)) else float(r) for r in resps]
+    return {"doc_id": int(sample["doc_id"]), "acc": float(sample.get("acc", float("nan"))), "loglikelihoods": lls}
+
+
 def evaluate_tasks(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -115,13 +121,15 @@ def evaluate_tasks(
     device: str | torch.device | None = None,
     data_dir: str | Path | None = None,
     num_fewshot: int | None = None,
-) -> dict[str, dict[str, float | None]]:
+    samples: bool = False,
+) -> dict[str, dict[str, Any]]:
     """Zero-shot accuracy of an in-memory model on ``tasks`` via ``lm_eval.simple_evaluate``.
 
     Returns ``{task: {"acc": ..., "acc_norm": ..., "lm_eval_task": name, ...}}`` where
     ``acc``/``acc_norm`` are lm-eval's own metrics (``acc_norm`` is ``None`` for tasks that
     do not define it, e.g. LAMBADA; LAMBADA also reports ``perplexity``). ``limit`` takes
-    the first N documents of each task.
+    the first N documents of each task. ``samples=True`` adds per-document results
+    ``[{"doc_id", "acc", "loglikelihoods"}]`` under ``"samples"``.
 
     Example:
         >>> evaluate_tasks(model, tok, ["piqa"], limit=20)["piqa"]["acc"]  # doctest: +SKIP
@@ -144,7 +152,7 @@ def evaluate_tasks(
         num_fewshot=num_fewshot,
         limit=limit,
         task_manager=tm,
-        log_samples=False,
+        log_samples=samples,
         bootstrap_iters=0,
     )
     results = out["results"]
@@ -157,5 +165,7 @@ def evaluate_tasks(
             entry["perplexity"] = ppl
         entry["lm_eval_task"] = name
         entry["n_docs"] = int(out.get("n-samples", {}).get(name, {}).get("effective", 0)) or None
+        if samples:
+            entry["samples"] = [_sample(s) for s in out["samples"][name]]
         report[user] = entry
     return report
