@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -57,9 +58,14 @@ def make_task_manager(data_dir: str | Path | None = None) -> Any:
         >>> tm = make_task_manager("../shared/data/tasks")  # doctest: +SKIP
         >>> lm_eval.simple_evaluate(model=lm, tasks=["llmprune_piqa"], task_manager=tm)  # doctest: +SKIP
     """
+    return _task_manager(str(_data_dir(data_dir)))
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(data_dir: str) -> Any:  # indexing lm-eval's task YAMLs takes seconds: do it once
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(TASKS_DIR), metadata={"data_dir": str(_data_dir(data_dir))})
+    return TaskManager(include_path=str(TASKS_DIR), metadata={"data_dir": data_dir})
 
 
 def resolve_task_names(tasks: list[str], data_dir: str | Path | None = None, task_manager: Any = None) -> dict[str, str]:
