@@ -98,8 +98,8 @@ def test_reference_value_first_60k_tokens_seq256(ref, wiki_text):
 @needs_shared
 def test_half_precision_close_to_fp32(ref, wiki_text):
     model, tok = ref
-    fp32 = perplexity(model, tok, wiki_text, seq_len=64, max_tokens=640, progress=False)
-    bf16 = perplexity(model.to(torch.bfloat16), tok, wiki_text, seq_len=64, max_tokens=640, progress=False)
+    fp32 = perplexity(model, tok, wiki_text, seq_len=32, max_tokens=320, progress=False)
+    bf16 = perplexity(model.to(torch.bfloat16), tok, wiki_text, seq_len=32, max_tokens=320, progress=False)
     model.to(torch.float32)
     assert bf16.ppl == pytest.approx(fp32.ppl, rel=0.05)
 
