@@ -1,0 +1,277 @@
+"""Perplexity with the standard windowed protocol.
+
+The text is tokenised once (with the tokenizer's special tokens, i.e. a leading BOS for
+Llama-style tokenizers), optionally cut to the first ``max_tokens`` tokens, and split into
+windows of ``seq_len`` tokens:
+
+* non-overlapping (``stride`` is ``None`` or equal to ``seq_len``, the papers' protocol):
+  ``n_tokens // seq_len`` full windows, the tail is dropped, and every window scores its
+  ``seq_len - 1`` next-token predictions (``drop_last=False`` also scores the partial
+  tail window);
+* sliding (``stride < seq_len``): each window ends ``stride`` tokens after the previous
+  one and scores only the tokens no earlier window scored, with up to ``seq_len - 1``
+  tokens of context (the first window scores all its tokens); every token but the first
+  is scored exactly once.
+
+PPL = exp(mean NLL over all scored tokens), with the loss computed in float32.
+
+Example:
+    >>> from eval.perplexity import load_text, perplexity
+    >>> text = load_text("../shared/data/wikitext2-raw-test.txt")     # doctest: +SKIP
+    >>> perplexity(model, tok, text, seq_len=256, max_tokens=60_000).ppl  # doctest: +SKIP
+    287.71...
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import check_compatible, check_ids, max_positions, model_device
+
+__all__ = ["DATASET_ALIASES", "PerplexityResult", "load_text", "perplexity", "tokenize_text", "windows"]
+
+#: Default window length when the model's context is longer (or unknown).
+DEFAULT_MAX_SEQ_LEN = 2048
+
+#: Hugging Face dataset aliases accepted by :func:`load_text` (need network or a warm cache).
+DATASET_ALIASES: dict[str, str] = {
+    "wikitext2": "wikitext / wikitext-2-raw-v1, test split, rows joined with '\\n\\n'",
+    "ptb": "ptb_text_only / penn_treebank, test split, sentences joined with ' '",
+    "c4": "allenai/c4 en, first validation shard, first 1100 documents joined with ' '",
+}
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    """Outcome of :func:`perplexity`.
+
+    ``nll`` is the mean negative log-likelihood per scored token (nats), ``n_tokens`` the
+    number of scored (predicted) tokens, ``n_input_tokens`` the tokens the windows were cut
+    from, ``stride`` the window step (``seq_len`` for non-overlapping windows).
+    """
+
+    ppl: float
+    nll: float
+    n_tokens: int
+    seq_len: int
+    n_windows: int
+    stride: int
+    n_input_tokens: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form. Example: ``json.dumps(result.to_dict())``."""
+        return asdict(self)
+
+
+def _load_hf_dataset(alias: str) -> str:
+    try:
+        import datasets
+    except ImportError as err:  # pragma: no cover - datasets is a dependency
+        raise ImportError("Loading a dataset by name needs the `datasets` package.") from err
+    try:
+        if alias == "wikitext2":
+            rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"]
+            return "\n\n".join(rows)
+        if alias == "ptb":
+            rows = datasets.load_dataset("ptb_text_only", "penn_treebank", split="test")["sentence"]
+            return " ".join(rows)
+        shard = "en/c4-validation.00000-of-00008.json.gz"
+        rows = datasets.load_dataset("allenai/c4", data_files={"validation": shard}, split="validation")
+        return " ".join(rows[:1100]["text"])
+    except Exception as err:  # network, offline mode, missing cache
+        raise FileNotFoundError(
+            f"Could not load the '{alias}' dataset from the Hugging Face Hub ({type(err).__name__}: "
+            f"{err}). Offline (HF_DATASETS_OFFLINE=1) only cached datasets work; pass a local text "
+            "file instead, e.g. --ppl ../shared/data/wikitext2-raw-test.txt."
+        ) from err
+
+
+def load_text(source: str | Path) -> str:
+    """Text to score: a local file (UTF-8) or a dataset alias ``wikitext2``, ``ptb``, ``c4``.
+
+    A local file is read with universal newlines (``\\r\\n`` becomes ``\\n``) and used as is:
+    the shared ``wikitext2-raw-test.txt`` is the WikiText-2 raw test split as plain lines.
+    Aliases follow the papers (SparseGPT/Wanda): WikiText-2 rows joined with ``"\\n\\n"``.
+
+    Raises ``FileNotFoundError`` for a missing file or an unreachable dataset and
+    ``ValueError`` for an empty text.
+
+    Example:
+        >>> text = load_text("../shared/data/wikitext2-raw-test.txt")  # doctest: +SKIP
+    """
+    key = str(source).strip().lower()
+    path = Path(source).expanduser()
+    if path.is_file():
+        text = path.read_text(encoding="utf-8")
+        origin = str(path)
+    elif key in DATASET_ALIASES and not path.exists():
+        text = _load_hf_dataset(key)
+        origin = f"dataset '{key}'"
+    elif path.is_dir():
+        raise FileNotFoundError(f"Perplexity source {str(source)!r} is a directory; give a text file.")
+    else:
+        raise FileNotFoundError(
+            f"Perplexity source {str(source)!r} is neither an existing file nor one of the dataset "
+            f"aliases {sorted(DATASET_ALIASES)}. Check the path."
+        )
+    if not text.strip():
+        raise ValueError(f"Perplexity text from {origin} is empty; nothing to score.")
+    return text
+
+
+def tokenize_text(tokenizer: Any, text: str, max_tokens: int | None = None) -> torch.Tensor:
+    """Tokenise ``text`` once (special tokens included) and keep the first ``max_tokens`` ids.
+
+    Example:
+        >>> ids = tokenize_text(tok, "Hello world", max_tokens=10)  # doctest: +SKIP
+    """
+    if not text or not text.strip():
+        raise ValueError("Perplexity text is empty; nothing to score.")
+    if max_tokens is not None and max_tokens < 2:
+        raise ValueError(f"max_tokens must be at least 2, got {max_tokens}.")
+    enc = tokenizer(text, add_special_tokens=True, verbose=False)
+    ids = torch.tensor(enc["input_ids"], dtype=torch.long)
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    return ids
+
+
+def _resolve_seq_len(model: torch.nn.Module, seq_len: int | None) -> int:
+    limit = max_positions(model)
+    if seq_len is None:
+        return min(limit or DEFAULT_MAX_SEQ_LEN, DEFAULT_MAX_SEQ_LEN)
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2, got {seq_len}.")
+    if limit is not None and seq_len > limit:
+        raise ValueError(
+            f"seq_len={seq_len} exceeds the model's context length ({limit} positions); "
+            f"use --seq-len {limit} or less."
+        )
+    return seq_len
+
+
+def windows(
+    n_ids: int, seq_len: int, stride: int | None = None, drop_last: bool = True
+) -> list[tuple[int, int, int]]:
+    """Window plan as ``(start, end, first_scored)`` triples over ``n_ids`` tokens.
+
+    Positions ``first_scored .. end-1`` of window ``[start, end)`` are predicted from the
+    tokens before them in the window.
+
+    Example:
+        >>> windows(10, 4)
+        [(0, 4, 1), (4, 8, 5)]
+        >>> windows(10, 4, drop_last=False)
+        [(0, 4, 1), (4, 8, 5), (8, 10, 9)]
+        >>> windows(10, 4, stride=2)
+        [(0, 4, 1), (2, 6, 4), (4, 8, 6), (6, 10, 8)]
+    """
+    if stride is None or stride == seq_len:
+        plan = [(s, s + seq_len, s + 1) for s in range(0, n_ids - seq_len + 1, seq_len)]
+        tail = len(plan) * seq_len
+        if not drop_last and n_ids - tail >= 2:
+            plan.append((tail, n_ids, tail + 1))
+        return plan
+    if not 1 <= stride <= seq_len:
+        raise ValueError(f"stride must be between 1 and seq_len ({seq_len}), got {stride}.")
+    plan = [(0, min(seq_len, n_ids), 1)]
+    prev_end = plan[0][1]
+    while prev_end < n_ids:
+        end = min(prev_end + stride, n_ids)
+        plan.append((max(0, end - seq_len), end, prev_end))
+        prev_end = end
+    return plan
+
+
+def _batches(plan: list[tuple[int, int, int]], batch_size: int) -> Iterator[list[tuple[int, int, int]]]:
+    for i in range(0, len(plan), batch_size):
+        yield plan[i : i + batch_size]
+
+
+@torch.no_grad()
+def perplexity(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    text: str,
+    seq_len: int | None = None,
+    stride: int | None = None,
+    max_tokens: int | None = None,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    drop_last: bool = True,
+) -> PerplexityResult:
+    """Perplexity of ``model`` on ``text`` (see the module docstring for the protocol).
+
+    ``seq_len`` defaults to the model's context length capped at 2048; ``device`` defaults
+    to the model's device (the model is not moved). ``drop_last=False`` also scores the
+    final partial window of non-overlapping windows (as the Hugging Face perplexity guide's
+    loop does); the papers drop it (default). Works for fp32/bf16/fp16 models; the
+    loss is always accumulated in float32/float64.
+
+    Example:
+        >>> r = perplexity(model, tok, text, seq_len=256, max_tokens=60_000)  # doctest: +SKIP
+        >>> r.ppl, r.n_tokens, r.n_windows  # doctest: +SKIP
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}.")
+    check_compatible(model, tokenizer)
+    seq_len = _resolve_seq_len(model, seq_len)
+    ids = tokenize_text(tokenizer, text, max_tokens)
+    check_ids(model, ids)
+    if ids.numel() < seq_len:
+        raise ValueError(
+            f"The text has only {ids.numel()} tokens, fewer than one window of seq_len={seq_len}. "
+            "Use a longer text, a smaller --seq-len, or a larger --max-tokens."
+        )
+    plan = windows(ids.numel(), seq_len, stride, drop_last)
+    dev = torch.device(device) if device is not None else model_device(model)
+    was_training = model.training
+    model.eval()
+    total_nll = 0.0
+    total_tokens = 0
+    bar = _progress(len(plan), progress)
+    try:
+        for batch in _batches(plan, batch_size):
+            width = max(end - start for start, end, _ in batch)
+            inputs = torch.zeros(len(batch), width, dtype=torch.long)
+            targets = torch.full((len(batch), width), -100, dtype=torch.long)
+            for row, (start, end, first) in enumerate(batch):
+                inputs[row, : end - start] = ids[start:end]
+                # position p predicts token p+1: target at p is ids[start + p + 1]
+                lo = first - start - 1
+                targets[row, lo : end - start - 1] = ids[first:end]
+            inputs, targets = inputs.to(dev), targets.to(dev)
+            logits = model(input_ids=inputs, use_cache=False).logits
+            for row in range(len(batch)):  # one row at a time keeps the fp32 copy small
+                mask = targets[row] != -100
+                loss = F.cross_entropy(logits[row][mask].float(), targets[row][mask], reduction="sum")
+                total_nll += float(loss)
+                total_tokens += int(mask.sum())
+            del logits
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        model.train(was_training)
+    nll = total_nll / total_tokens
+    return PerplexityResult(
+        ppl=math.exp(nll),
+        nll=nll,
+        n_tokens=total_tokens,
+        seq_len=seq_len,
+        n_windows=len(plan),
+        stride=seq_len if stride is None else stride,
+        n_input_tokens=int(ids.numel()),
+    )
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="perplexity", unit="win", disable=not enabled, leave=False)
