@@ -41,6 +41,8 @@ def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ppl", help="text file (or dataset alias when online) for before/after perplexity")
     p.add_argument("--ppl-seq-len", type=int, default=256, help="perplexity window length (default 256)")
     p.add_argument("--ppl-max-tokens", type=int, default=60000, help="perplexity on the first N tokens (default 60000)")
+    p.add_argument("--ppl-keep-tail", action="store_true",
+                   help="also score the last partial window (all --ppl-max-tokens tokens are predicted)")
     p.add_argument("--device", default=None, help="device for calibration and evaluation (default: cpu or cuda if available)")
     p.add_argument("--dtype", default=None, help="load dtype (float32, bfloat16, float16)")
     p.add_argument("--eval", action="store_true", help="run the eval harness on the original and pruned model at the end")
@@ -114,7 +116,7 @@ def run_prune(args: argparse.Namespace) -> int:
         if text is None:
             return None
         return perplexity(m, tokenizer, text, seq_len=args.ppl_seq_len, max_tokens=args.ppl_max_tokens,
-                          progress=progress).ppl
+                          progress=progress, drop_last=not args.ppl_keep_tail).ppl
 
     before = {"params": count_parameters(model), "block": block_parameters(model), "ppl": ppl_of(model)}
     src = Path(args.model)
@@ -126,7 +128,8 @@ def run_prune(args: argparse.Namespace) -> int:
                 extra={"params_before": before["params"], "params_after": after["params"],
                        **({"ppl_before": before["ppl"], "ppl_after": after["ppl"],
                            "ppl_protocol": f"{args.ppl}, first {args.ppl_max_tokens} tokens, "
-                                           f"{args.ppl_seq_len}-token windows"} if text is not None else {})})
+                                           f"{args.ppl_seq_len}-token windows"
+                                           f"{', tail window scored' if args.ppl_keep_tail else ''}"} if text is not None else {})})
     after["size"] = dir_size(out)
     rows = [("", "before", "after", "change"),
             ("parameters", f"{before['params']:,}", f"{after['params']:,}", _rel(before["params"], after["params"])),
@@ -149,7 +152,8 @@ def run_prune(args: argparse.Namespace) -> int:
         evaluate({"dense": (original, tokenizer, str(src) if src.is_dir() else None),
                   "pruned": (model, tokenizer, str(out))},
                  ppl=args.ppl, seq_len=args.ppl_seq_len, max_tokens=args.ppl_max_tokens, tasks=tasks,
-                 limit=args.eval_limit, out_dir=str(out) + "-eval")
+                 limit=args.eval_limit, out_dir=str(out) + "-eval", drop_last=not args.ppl_keep_tail,
+                 progress=progress)
     return 0
 
 

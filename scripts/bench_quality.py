@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--ppl-seq-len", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=60000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--keep-tail", action="store_true", help="also score the last partial perplexity window")
     ap.add_argument("--out", default=None, help="JSON output file")
     args = ap.parse_args()
 
@@ -46,7 +47,8 @@ def main() -> None:
     text = load_text(args.ppl)
     rows = []
     model, tok = load_model(args.model)
-    dense = perplexity(model, tok, text, seq_len=args.ppl_seq_len, max_tokens=args.max_tokens, progress=False)
+    dense = perplexity(model, tok, text, seq_len=args.ppl_seq_len, max_tokens=args.max_tokens, progress=False,
+                       drop_last=not args.keep_tail)
     rows.append({"method": "dense", "params": sum(p.numel() for p in model.parameters()),
                  "block_params": block_parameters(model), "ppl": dense.ppl, "tokens": dense.n_tokens})
     for method in args.methods.split(","):
@@ -56,7 +58,8 @@ def main() -> None:
         t0 = time.perf_counter()
         result = prune(model, cfg, tokenizer=tok, calibration=args.calib, progress=False)
         seconds = time.perf_counter() - t0
-        r = perplexity(model, tok, text, seq_len=args.ppl_seq_len, max_tokens=args.max_tokens, progress=False)
+        r = perplexity(model, tok, text, seq_len=args.ppl_seq_len, max_tokens=args.max_tokens, progress=False,
+                       drop_last=not args.keep_tail)
         rows.append({"method": method, "params": result.params_after, "block_params": block_parameters(model),
                      "ppl": r.ppl, "tokens": r.n_tokens, "prune_seconds": round(seconds, 2)})
     base_block = rows[0]["block_params"]

@@ -11,5 +11,5 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 llmprune prune "$SHARED/models/ref-llama-7m" \
   --heads 0.25 --ffn 0.25 --method wanda \
   --calib "$SHARED/data/reference-train.txt" --n-samples 64 --seq-len 256 \
-  --ppl "$SHARED/data/wikitext2-raw-test.txt" --ppl-seq-len 256 --ppl-max-tokens 60000 \
+  --ppl "$SHARED/data/wikitext2-raw-test.txt" --ppl-seq-len 256 --ppl-max-tokens 60000 --ppl-keep-tail \
   --out runs/ref-llama-7m-pruned --overwrite "$@"
