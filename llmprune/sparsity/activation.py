@@ -133,7 +133,7 @@ def calibrate_activation_thresholds(
     seq_len: int = 256,
     seed: int = 0,
     batch_size: int = 8,
-    max_samples: int = 1 << 20,
+    max_samples: int = 1 << 18,
     sequential: bool = True,
     progress: bool = True,
     device: torch.device | str | None = None,

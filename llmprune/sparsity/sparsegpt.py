@@ -113,7 +113,6 @@ def sparsegpt_prune(
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
         W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
         d = torch.diagonal(U1)
@@ -123,18 +122,18 @@ def sparsegpt_prune(
             k = round(total_prune * i2 / cols) - round(total_prune * i1 / cols)
             saliency = (W1 ** 2 / d.reshape(1, -1) ** 2).reshape(1, -1)
             prune1 = _lowest(saliency, k).reshape(rows, count)
+        scale = prune1.to(W1.dtype) / d.reshape(1, -1)  # err_j = w_j / U_jj where pruned, else 0
         for j in range(count):
             if nm is not None and j % nm[1] == 0:
                 n, m = nm
                 sal = W1[:, j:j + m] ** 2 / d[j:j + m].reshape(1, -1) ** 2
                 prune1[:, j:j + m] = _lowest(sal, m - n)
-            w = W1[:, j]
-            q = w.masked_fill(prune1[:, j], 0.0)
-            Q1[:, j] = q
-            err = (w - q) / d[j]
-            W1[:, j:] -= err.unsqueeze(1) * U1[j, j:].unsqueeze(0)
+                scale[:, j:j + m] = prune1[:, j:j + m].to(W1.dtype) / d[j:j + m].reshape(1, -1)
+            err = W1[:, j] * scale[:, j]
             Err1[:, j] = err
-        W[:, i1:i2] = Q1
+            if j + 1 < count:
+                W1[:, j + 1:].addr_(err, U1[j, j + 1:], alpha=-1.0)
+        W[:, i1:i2] = W1.masked_fill(prune1, 0.0)
         keep[:, i1:i2] = ~prune1
         if i2 < cols:
             W[:, i2:] -= Err1 @ U[i1:i2, i2:]
