@@ -1,0 +1,47 @@
+"""Weight sparsity (unstructured and N:M; magnitude, Wanda, SparseGPT) and dynamic activation sparsity
+(TEAL-style per-layer thresholds).
+
+Example::
+
+    from llmprune.sparsity import SparsityConfig, sparsify_weights, calibrate_activation_thresholds
+    report = sparsify_weights(model, SparsityConfig(method="wanda", sparsity=0.5), tokenizer=tok,
+                              calibration="calib.txt")
+    thresholds = calibrate_activation_thresholds(model, tok, "calib.txt", sparsity=0.4)
+    handle = apply_activation_sparsity(model, thresholds)   # reference forward pre-hooks
+"""
+
+from .activation import (
+    ActivationSparsityHandle,
+    apply_activation_sparsity,
+    calibrate_activation_thresholds,
+    measure_activation_sparsity,
+)
+from .api import METHODS, SparsityConfig, SparsityReport, sparsify_weights, weight_sparsity
+from .magnitude import magnitude_mask, magnitude_scores
+from .masks import mask_sparsity, nm_mask, num_pruned, parse_pattern, unstructured_mask
+from .sparsegpt import HessianAccumulator, inverse_hessian_cholesky, sparsegpt_prune
+from .wanda import wanda_mask, wanda_scores
+
+__all__ = [
+    "SparsityConfig",
+    "SparsityReport",
+    "sparsify_weights",
+    "weight_sparsity",
+    "METHODS",
+    "unstructured_mask",
+    "nm_mask",
+    "num_pruned",
+    "parse_pattern",
+    "mask_sparsity",
+    "magnitude_scores",
+    "magnitude_mask",
+    "wanda_scores",
+    "wanda_mask",
+    "HessianAccumulator",
+    "sparsegpt_prune",
+    "inverse_hessian_cholesky",
+    "calibrate_activation_thresholds",
+    "apply_activation_sparsity",
+    "measure_activation_sparsity",
+    "ActivationSparsityHandle",
+]

@@ -1,0 +1,271 @@
+"""``sparsify_weights``: unstructured / N:M weight sparsity with magnitude, Wanda or SparseGPT.
+
+Weights are zeroed in place (shapes unchanged). With calibration (Wanda, SparseGPT) the model is pruned
+one decoder layer at a time: the layer's input statistics are gathered, its linear layers are pruned,
+and (``sequential=True``) its *pruned* output becomes the next layer's input, as in SparseGPT/Wanda.
+
+Example::
+
+    from llmprune.sparsity import SparsityConfig, sparsify_weights
+    report = sparsify_weights(model, SparsityConfig(method="sparsegpt", pattern="2:4"),
+                              tokenizer=tok, calibration="calib.txt")
+    report.overall_sparsity    # 0.5
+    report.layers["model.layers.0.mlp.down_proj"]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ..arch import get_adapter
+from ..arch.base import weight_matrix
+from ..calibrate import CalibrationError, InputStats, capture_layer_inputs, run_layer
+from ..progress import progress_bar
+from ._common import DEFAULT_TARGETS, as_batches, layer_targets
+from .magnitude import magnitude_mask
+from .masks import check_nm, parse_pattern
+from .sparsegpt import HessianAccumulator, sparsegpt_prune
+from .wanda import wanda_mask
+
+__all__ = ["SparsityConfig", "SparsityReport", "sparsify_weights", "METHODS", "weight_sparsity"]
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+_NEEDS_DATA = ("wanda", "sparsegpt")
+
+
+@dataclass
+class SparsityConfig:
+    """What weight sparsity to apply, round-tripping through JSON.
+
+    Attributes:
+        method: ``magnitude`` (|W|), ``wanda`` (|W|*||X||) or ``sparsegpt`` (OBS reconstruction).
+        sparsity: fraction of weights zeroed in each target layer, in [0, 1). For an N:M pattern it must
+            equal ``1 - n/m`` (0.5 for 2:4 and 4:8).
+        pattern: ``unstructured`` or ``N:M`` (``n`` kept in every ``m`` consecutive inputs: ``2:4``, ``4:8``).
+        targets: fnmatch patterns of linear layers inside the decoder blocks, matched against the full
+            module name (``model.layers.0.mlp.down_proj``) or the name inside the block (``mlp.down_proj``);
+            default every linear layer of every block.
+        n_samples, seq_len, seed, batch_size: calibration windows (Wanda, SparseGPT).
+        sequential: feed each layer's pruned output to the next layer (otherwise the dense output).
+        per: unstructured comparison group of magnitude/Wanda: ``row`` (each output row, Wanda) or
+            ``layer``. SparseGPT always selects adaptively per column block.
+        blocksize, percdamp: SparseGPT column block width and Hessian dampening (fraction of mean diag).
+    """
+
+    method: str = "wanda"
+    sparsity: float = 0.5
+    pattern: str = "unstructured"
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    n_samples: int = 128
+    seq_len: int = 256
+    seed: int = 0
+    sequential: bool = True
+    batch_size: int = 8
+    per: Literal["row", "layer"] = "row"
+    blocksize: int = 128
+    percdamp: float = 0.01
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, str):
+            self.targets = [self.targets]
+        self.targets = list(self.targets)
+        self.validate()
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r}; choose one of {', '.join(METHODS)}")
+        s = self.sparsity
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= float(s) < 1.0:
+            raise ValueError(f"sparsity={s!r} is out of range: it is the fraction of weights zeroed, in [0, 1)")
+        if not isinstance(self.pattern, str):
+            raise ValueError(f"pattern={self.pattern!r}; use 'unstructured' or 'N:M' such as '2:4'")
+        nm = parse_pattern(self.pattern)
+        if nm is not None and not math.isclose(float(s), 1 - nm[0] / nm[1], abs_tol=1e-9):
+            raise ValueError(f"pattern {self.pattern} keeps {nm[0]} of every {nm[1]} weights, i.e. sparsity "
+                             f"{1 - nm[0] / nm[1]:g}, but sparsity={s!r}; set sparsity={1 - nm[0] / nm[1]:g}")
+        if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+            raise ValueError(f"targets={self.targets!r} must be a non-empty list of module-name patterns")
+        for name in ("n_samples", "seq_len", "batch_size", "blocksize"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r} must be an integer >= 1")
+        if self.per not in ("row", "layer"):
+            raise ValueError(f"per={self.per!r}; choose 'row' or 'layer'")
+        if not 0.0 <= float(self.percdamp) < 1.0:
+            raise ValueError(f"percdamp={self.percdamp!r} must be in [0, 1)")
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return parse_pattern(self.pattern)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method in _NEEDS_DATA and self.sparsity > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SparsityConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown SparsityConfig field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "SparsityConfig":
+        return cls.from_dict(json.loads(text))
+
+
+@dataclass
+class SparsityReport:
+    """Achieved sparsity (fraction of exact zeros) per target layer and over all targets."""
+
+    config: SparsityConfig
+    layers: dict[str, float] = field(default_factory=dict)
+    overall_sparsity: float = 0.0
+    pruned_weights: int = 0
+    total_weights: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["config"] = self.config.to_dict()
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def weight_sparsity(module: nn.Module) -> float:
+    """Fraction of exactly-zero entries of a module's weight."""
+    w = module.weight
+    return float((w == 0).sum()) / max(w.numel(), 1)
+
+
+@torch.no_grad()
+def _prune_module(module: nn.Module, config: SparsityConfig, stats: Any) -> None:
+    w = weight_matrix(module)  # [out, in] view in the module's own storage
+    nm = config.nm
+    if config.method == "sparsegpt":
+        new_w, _ = sparsegpt_prune(w, stats.hessian(), config.sparsity, nm=nm,
+                                   blocksize=config.blocksize, percdamp=config.percdamp)
+        w.copy_(new_w)
+        return
+    if config.method == "wanda":
+        if stats.count == 0:
+            raise CalibrationError(f"no calibration inputs reached {type(module).__name__}")
+        keep = wanda_mask(w, stats.norm, config.sparsity, nm=nm, per=config.per)
+    else:
+        keep = magnitude_mask(w, config.sparsity, nm=nm, per=config.per)
+    w.mul_(keep.to(w.device, w.dtype))
+
+
+@torch.no_grad()
+def sparsify_weights(
+    model: nn.Module,
+    config: SparsityConfig | dict | None = None,
+    tokenizer: Any = None,
+    calibration: Any = None,
+    progress: bool = True,
+    device: torch.device | str | None = None,
+) -> SparsityReport:
+    """Zero weights of the target linear layers in place; returns the achieved sparsity per layer.
+
+    Args:
+        config: a :class:`SparsityConfig` (or its dict form).
+        tokenizer: needed when ``calibration`` is text.
+        calibration: text file path, text, ``[n, seq_len]`` token-id tensor or list of batches; required
+            by ``wanda`` and ``sparsegpt``.
+        device: where each decoder layer runs during calibration (default: the model's device).
+    """
+    if config is None:
+        config = SparsityConfig()
+    elif isinstance(config, dict):
+        config = SparsityConfig.from_dict(config)
+    config.validate()
+    t0 = time.perf_counter()
+    adapter = get_adapter(model)
+    layers = adapter.decoder_layers(model)
+    targets = layer_targets(model, layers, config.targets)
+    if not any(targets):
+        raise ValueError(f"targets={config.targets} match no linear layer inside the decoder blocks")
+    nm = config.nm
+    if nm is not None:  # fail before touching any weight
+        for group in targets:
+            for name, mod in group:
+                try:
+                    check_nm(*nm, in_features=weight_matrix(mod).shape[1])
+                except ValueError as e:
+                    raise ValueError(f"{name}: {e}") from None
+
+    batches = None
+    if config.needs_calibration:
+        batches = as_batches(calibration, tokenizer, config.n_samples, config.seq_len, config.seed, config.batch_size)
+        if batches is None:
+            raise CalibrationError(f"method {config.method!r} needs calibration data: pass calibration=<text file, "
+                                   "text or token-id batches> (and tokenizer= for text)")
+
+    if config.sparsity > 0:
+        if batches is None:  # magnitude: no data, layer order irrelevant
+            for group in progress_bar(targets, desc=f"{config.method} pruning", disable=not progress):
+                for _, mod in group:
+                    _prune_module(mod, config, None)
+        else:
+            _sequential(model, adapter, layers, targets, batches, config, progress, device)
+
+    report = SparsityReport(config=config)
+    for group in targets:
+        for name, mod in group:
+            w = mod.weight
+            zeros = int((w == 0).sum())
+            report.layers[name] = zeros / max(w.numel(), 1)
+            report.pruned_weights += zeros
+            report.total_weights += w.numel()
+    report.overall_sparsity = report.pruned_weights / max(report.total_weights, 1)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _sequential(model, adapter, layers, targets, batches, config, progress, device) -> None:
+    home = next(model.parameters()).device
+    device = torch.device(device) if device is not None else home
+    captured = capture_layer_inputs(model, adapter, batches)
+    hidden = captured.hidden
+    for i in progress_bar(range(len(layers)), desc=f"{config.method} pruning layers", disable=not progress):
+        layer = layers[i].to(device)
+        stats: dict[nn.Module, Any] = {}
+        handles = []
+        for _, mod in targets[i]:
+            if mod in stats:
+                continue
+            if config.method == "sparsegpt":
+                s = HessianAccumulator(weight_matrix(mod).shape[1], device=device)
+            else:
+                s = InputStats()
+            stats[mod] = s
+            handles.append(mod.register_forward_pre_hook(lambda m, a, s=s: s.update(a[0])))
+        try:
+            outs = [run_layer(layer, h, *captured.layer_args[i][b], device) for b, h in enumerate(hidden)]
+        finally:
+            for h in handles:
+                h.remove()
+        for _, mod in targets[i]:
+            _prune_module(mod, config, stats[mod])
+        del stats
+        if config.sequential and targets[i]:
+            outs = [run_layer(layer, h, *captured.layer_args[i][b], device) for b, h in enumerate(hidden)]
+        hidden = [o.to(home) if device != home else o for o in outs]
+        if device != home:
+            layers[i].to(home)

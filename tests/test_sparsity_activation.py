@@ -1,0 +1,98 @@
+"""TEAL-style activation thresholds: target sparsity on calibration data, hooks, held-out sparsity, bad inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import tiny_causal_lm
+
+from llmprune.calibrate import CalibrationError
+from llmprune.sparsity import apply_activation_sparsity, calibrate_activation_thresholds, measure_activation_sparsity
+from llmprune.sparsity.activation import Reservoir, threshold_from_sample
+
+
+def _batches(vocab=128, n=8, seq=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return list(torch.randint(0, vocab, (n, seq), generator=g).split(4))
+
+
+def test_threshold_from_sample_is_exact_quantile():
+    a = torch.arange(1, 101, dtype=torch.float32)  # 1..100
+    t = threshold_from_sample(a, 0.25)
+    assert 25 < t < 26 and int((a <= t).sum()) == 25 and int((a < t).sum()) == 25
+    assert threshold_from_sample(a, 0.0) == 0.0
+
+
+def test_reservoir_is_bounded_and_unbiased():
+    r = Reservoir(5000, seed=0)
+    g = torch.Generator().manual_seed(123)  # not the reservoir's own seed
+    data = torch.rand(200_000, generator=g)
+    for chunk in data.split(7000):
+        r.update(chunk)
+    assert r.values.numel() == 5000 and r.seen == data.numel()
+    assert abs(threshold_from_sample(r.values, 0.4) - 0.4) < 0.03
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+@pytest.mark.parametrize("target", [0.25, 0.5])
+def test_thresholds_hit_target_on_calibration_data(sequential, target):
+    model = tiny_causal_lm("llama")
+    batches = _batches()
+    th = calibrate_activation_thresholds(model, calibration=batches, sparsity=target, sequential=sequential,
+                                         progress=False)
+    names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    assert set(th) == names and all(t > 0 for t in th.values())
+    achieved = measure_activation_sparsity(model, th, batches)
+    tol = 0.01 if sequential else 0.1  # non-sequential thresholds see dense inputs
+    for name in names:
+        assert achieved[name] == pytest.approx(target, abs=tol), name
+    assert achieved["__overall__"] == pytest.approx(target, abs=tol)
+
+
+def test_per_layer_targets_hooks_and_removal():
+    model = tiny_causal_lm("llama")
+    batches = _batches()
+    th = calibrate_activation_thresholds(model, calibration=batches, sparsity={"*mlp.down_proj": 0.6, "*q_proj": 0.2},
+                                         targets=["*down_proj", "*q_proj", "*k_proj"], progress=False)
+    assert all(th[n] == 0.0 for n in th if n.endswith("k_proj"))
+    assert len(th) == 9
+    x = batches[0]
+    dense = model(x).logits
+    with apply_activation_sparsity(model, th, track=True) as h:
+        sparse = model(x).logits
+        got = h.achieved()
+    assert not torch.allclose(dense, sparse)
+    assert torch.equal(model(x).logits, dense)  # hooks removed
+    down = [v for n, v in got.items() if n.endswith("down_proj")]
+    assert all(abs(v - 0.6) < 0.15 for v in down)
+
+
+def test_ref_model_thresholds_generalise_to_held_out_text(ref_model, shared_dir):
+    model, tok = ref_model
+    calib = (shared_dir / "data" / "reference-train.txt").read_text(encoding="utf-8")[:30000]
+    held_out = (shared_dir / "data" / "wikitext2-raw-test.txt").read_text(encoding="utf-8")[:30000]
+    th = calibrate_activation_thresholds(model, tok, calib, sparsity=0.4, n_samples=4, seq_len=128, progress=False)
+    assert len(th) == 6 * 7 and all(k.startswith("model.layers.") for k in th)
+    on_calib = measure_activation_sparsity(model, th, calib, tokenizer=tok, n_samples=4, seq_len=128, seed=0)
+    assert on_calib["__overall__"] == pytest.approx(0.4, abs=0.01)
+    held = measure_activation_sparsity(model, th, held_out, tokenizer=tok, n_samples=4, seq_len=128, seed=1)
+    assert held["__overall__"] == pytest.approx(0.4, abs=0.05)
+    ids = tok("The history of the city", return_tensors="pt")
+    with apply_activation_sparsity(model, th):
+        out = model.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] == ids["input_ids"].shape[1] + 5
+
+
+def test_bad_inputs():
+    model = tiny_causal_lm("llama")
+    for bad in (1.0, -0.1, {"*q_proj": 1.5}, "0.3"):
+        with pytest.raises(ValueError, match="activation sparsity"):
+            calibrate_activation_thresholds(model, calibration=_batches(), sparsity=bad, progress=False)
+    with pytest.raises(CalibrationError, match="needs calibration"):
+        calibrate_activation_thresholds(model, sparsity=0.5, progress=False)
+    with pytest.raises(ValueError, match="match no linear"):
+        calibrate_activation_thresholds(model, calibration=_batches(), targets=["*nothing"], progress=False)
+    with pytest.raises(KeyError, match="unknown module"):
+        apply_activation_sparsity(model, {"model.layers.0.nope": 0.1})
+    with pytest.raises(ValueError, match="must be >= 0"):
+        apply_activation_sparsity(model, {"model.layers.0.mlp.down_proj": -1.0})
