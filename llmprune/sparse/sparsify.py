@@ -110,53 +110,18 @@ def find_targets(model: nn.Module, config: SparsifyConfig) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and config.matches(n)]
 
 
-def _run(model, batch):
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
+def calibrate_thresholds(model: nn.Module, batches, sparsity, targets=None, max_samples: int = 1 << 18) -> dict[str, float]:
+    """TEAL-style thresholds for ``sparsify``: the ``sparsity``-quantile of each target's |input|.
 
+    ``batches`` are token-id tensors; ``sparsity`` is a float or ``{pattern: float}``. Delegates to
+    :func:`llmprune.sparsity.calibrate_activation_thresholds` (layer by layer, each layer calibrated on
+    inputs with the earlier thresholds applied).
+    """
+    from ..sparsity.activation import calibrate_activation_thresholds
 
-@torch.no_grad()
-def calibrate_thresholds(model: nn.Module, batches, sparsity, targets=None, max_samples: int = 1 << 20) -> dict[str, float]:
-    """Minimal TEAL-style calibration: per target linear, the ``sparsity``-quantile of |input|
-    over ``batches`` (tensors of input ids, dicts of model kwargs or arg tuples). ``sparsity`` is a
-    float or ``{pattern: float}``. At most ``max_samples`` input values per layer are kept
-    (uniform subsample). Richer calibration lives in ``llmprune.sparsity``."""
-    cfg = SparsifyConfig(targets=list(targets or DEFAULT_TARGETS), activation_sparsity=sparsity)
-    names = [n for n, m in model.named_modules()
-             if isinstance(m, (nn.Linear, ActSparseLinear, Sparse24Linear)) and cfg.matches(n)]
-    store: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    gen = torch.Generator().manual_seed(0)
-
-    def hook_for(name):
-        def hook(mod, args):
-            a = args[0].detach().reshape(-1).abs().float().cpu()
-            if a.numel() > max_samples:
-                a = a[torch.randperm(a.numel(), generator=gen)[:max_samples]]
-            store[name].append(a)
-        return hook
-
-    mods = dict(model.named_modules())
-    handles = [mods[n].register_forward_pre_hook(hook_for(n)) for n in names]
-    try:
-        for b in batches:
-            _run(model, b)
-    finally:
-        for h in handles:
-            h.remove()
-    out = {}
-    for n in names:
-        s = cfg.sparsity_for(n)
-        if not store[n]:
-            raise ValueError(f"calibrate_thresholds: layer {n} saw no input")
-        a = torch.cat(store[n])
-        if a.numel() > max_samples:
-            a = a[torch.randperm(a.numel(), generator=gen)[:max_samples]]
-        k = int(s * a.numel())
-        out[n] = 0.0 if k == 0 else float(a.kthvalue(k).values)
-    return out
+    return calibrate_activation_thresholds(model, calibration=list(batches), sparsity=sparsity,
+                                           targets=list(targets or DEFAULT_TARGETS), max_samples=max_samples,
+                                           progress=False)
 
 
 def _set(model: nn.Module, name: str, new: nn.Module) -> None:
