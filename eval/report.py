@@ -59,10 +59,11 @@ def flatten_metrics(result: dict[str, Any]) -> dict[str, float]:
         rows[f"decode tok/s (bs={bs})"] = values["decode_tokens_per_s"]
     memory = result.get("memory")
     if memory:
-        rows["weights MB"] = memory["weights_bytes"] / 1e6
+        rows["weights in memory MB"] = memory["weights_bytes"] / 1e6
         rows[f"peak MB ({memory['kind']})"] = memory["peak_bytes"] / 1e6
+    consumed = {"size_bytes", "macs_per_token", "macs_seq_len"}  # shown above under readable names
     for key, value in result.items():  # already-flat numbers (e.g. in tests)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in rows:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in rows and key not in consumed:
             rows[key] = value
     return rows
 
