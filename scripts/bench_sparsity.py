@@ -4,7 +4,7 @@
 Rows: dense; magnitude / wanda / sparsegpt at 50% unstructured and 2:4; TEAL-style activation
 sparsity at 25/40/50% (thresholds calibrated on the calibration text, sparsity measured on the
 evaluation text). Perplexity: WikiText-2 raw test, first 60k tokens, non-overlapping 256-token windows
-(``eval.perplexity.perplexity`` when that package is importable, otherwise the loop below).
+(``eval.perplexity.perplexity``, every one of the first 60k tokens scored).
 
     PYTHONPATH=$PWD LLMPRUNE_SHARED=/work/shared HF_HUB_OFFLINE=1 python scripts/bench_sparsity.py
 """
@@ -35,31 +35,12 @@ SHARED = Path(os.environ.get("LLMPRUNE_SHARED", "/work/shared"))
 
 
 @torch.no_grad()
-def _local_perplexity(model, tokenizer, text: str, seq_len: int = 256, max_tokens: int = 60000,
-                      batch_size: int = 16) -> float:
-    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"][:max_tokens]
-    ids = torch.tensor(ids, dtype=torch.long)
-    n = ids.numel() // seq_len
-    windows = ids[: n * seq_len].view(n, seq_len)
-    dev = next(model.parameters()).device
-    nll, count = 0.0, 0
-    for b in windows.split(batch_size):
-        b = b.to(dev)
-        logits = model(b, use_cache=False).logits.float()
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                 b[:, 1:].reshape(-1), reduction="sum")
-        nll += float(loss)
-        count += b[:, 1:].numel()
-    return math.exp(nll / count)
-
-
 def perplexity(model, tokenizer, text, seq_len=256, max_tokens=60000) -> tuple[float, str]:
-    try:
-        from eval.perplexity import perplexity as ppl  # type: ignore
+    """The project's protocol (eval.perplexity), scoring all ``max_tokens`` tokens (tail window kept)."""
+    from eval.perplexity import perplexity as ppl
 
-        return float(ppl(model, tokenizer, text, seq_len=seq_len, max_tokens=max_tokens)), "eval.perplexity"
-    except ImportError:
-        return _local_perplexity(model, tokenizer, text, seq_len, max_tokens), "local loop"
+    result = ppl(model, tokenizer, text, seq_len=seq_len, max_tokens=max_tokens, drop_last=False, progress=False)
+    return result.ppl, "eval.perplexity (tail kept)"
 
 
 def main() -> None:
