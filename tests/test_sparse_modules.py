@@ -205,6 +205,14 @@ def test_save_load_roundtrip_identical_logits(ref_model, tmp_path, backend, weig
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     with pytest.raises(FileExistsError):
         sp.save_sparse(model, out)
+    # save_pretrained of a sparsified model stores the same compressed format
+    via_hf = tmp_path / "via-save-pretrained"
+    model.save_pretrained(via_hf)
+    assert sorted(os.listdir(via_hf)) == files
+    with torch.no_grad():
+        assert torch.equal(sp.load_sparse(via_hf)(ids).logits, before)
+    with pytest.raises(FileExistsError):
+        model.save_pretrained(via_hf)
 
 
 def test_import_without_triton():

@@ -24,14 +24,13 @@ Tensors of the kernel-backed modules in ``model.safetensors`` (``<m>`` = module 
 
 All other tensors keep their usual transformers names. The write is atomic: everything goes to a
 temporary directory next to ``out_dir`` which is renamed to ``out_dir`` at the end; an existing
-``out_dir`` is refused.
+``out_dir`` is refused unless ``overwrite=True``. After ``sparsify``, ``model.save_pretrained(dir)`` writes
+this format too (``bind_save_pretrained``).
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import torch
 from torch import nn
@@ -39,7 +38,7 @@ from torch import nn
 from .modules import ActSparseLinear, GatherSwiGLUMLP, Sparse24Linear
 from .sparsify import SparsifyConfig
 
-__all__ = ["save_sparse", "load_sparse", "FORMAT", "VERSION"]
+__all__ = ["save_sparse", "load_sparse", "bind_save_pretrained", "FORMAT", "VERSION"]
 
 FORMAT = "llmprune-sparse"
 VERSION = 1
@@ -80,15 +79,15 @@ def _dedupe(sd: dict) -> tuple[dict, dict]:
     return out, tied
 
 
-def save_sparse(model: nn.Module, out_dir: str | os.PathLike) -> str:
-    """Write ``model`` (after ``sparsify``) to a new directory ``out_dir``; returns its path."""
+def save_sparse(model: nn.Module, out_dir: str | os.PathLike, overwrite: bool = False) -> str:
+    """Write ``model`` (after ``sparsify``) atomically to ``out_dir``; returns its path.
+
+    An existing ``out_dir`` is refused unless ``overwrite`` (see :class:`llmprune.io.atomic_directory`).
+    """
     from safetensors.torch import save_file
 
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    if os.path.exists(out_dir):
-        raise FileExistsError(f"save_sparse: {out_dir} already exists; refusing to overwrite")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
+    from ..io import atomic_directory
+
     modules = {n: _describe(m) for n, m in model.named_modules() if type(m) in _TYPES}
     tensors, tied = _dedupe(model.state_dict())
     cfg = getattr(model, "llmprune_sparsify_config", None)
@@ -99,8 +98,7 @@ def save_sparse(model: nn.Module, out_dir: str | os.PathLike) -> str:
         "modules": modules,
         "tied": tied,
     }
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         if getattr(model, "config", None) is not None:
             model.config.save_pretrained(tmp)
         gen = getattr(model, "generation_config", None)
@@ -109,13 +107,22 @@ def save_sparse(model: nn.Module, out_dir: str | os.PathLike) -> str:
         save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt", "llmprune": FORMAT})
         with open(os.path.join(tmp, "sparse_config.json"), "w") as f:
             json.dump(meta, f, indent=2, sort_keys=True)
-        if os.path.exists(out_dir):  # created meanwhile
-            raise FileExistsError(f"save_sparse: {out_dir} already exists; refusing to overwrite")
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return os.path.abspath(os.fspath(out_dir))
+
+
+def bind_save_pretrained(model: nn.Module) -> None:
+    """Make ``model.save_pretrained(dir)`` write the compressed format (so ``push_to_hub`` does too).
+
+    An existing empty folder (as ``push_to_hub`` passes) is replaced; a non-empty one is refused
+    unless ``overwrite=True``.
+    """
+
+    def save_pretrained(save_directory: str | os.PathLike, overwrite: bool = False, **_: object) -> str:
+        path = os.fspath(save_directory)
+        empty = os.path.isdir(path) and not os.listdir(path)
+        return save_sparse(model, path, overwrite=overwrite or empty)
+
+    model.save_pretrained = save_pretrained  # instance attribute: the class is untouched
 
 
 def load_sparse(path: str | os.PathLike, device=None) -> nn.Module:
@@ -148,4 +155,5 @@ def load_sparse(path: str | os.PathLike, device=None) -> nn.Module:
         model.llmprune_sparsify_config = SparsifyConfig.from_dict(meta["sparsify_config"])
     if device is not None:
         model.to(device)
+    bind_save_pretrained(model)
     return model.eval()

@@ -132,7 +132,8 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> None:
 @torch.no_grad()
 def sparsify(model: nn.Module, config: SparsifyConfig | dict | None = None, calib_batches=None) -> nn.Module:
     """Replace target layers of ``model`` in place with kernel-backed modules; returns ``model``.
-    The config is recorded as ``model.llmprune_sparsify_config`` (used by ``save_sparse``)."""
+    The config is recorded as ``model.llmprune_sparsify_config`` (used by ``save_sparse``), and
+    ``model.save_pretrained`` is bound to ``save_sparse`` so it stores the compressed format."""
     if config is None:
         config = SparsifyConfig()
     elif isinstance(config, dict):
@@ -168,4 +169,7 @@ def sparsify(model: nn.Module, config: SparsifyConfig | dict | None = None, cali
         new = Sparse24Linear.from_linear(lin, threshold=t) if config.weight_24 else ActSparseLinear.from_linear(lin, t)
         _set(model, n, new)
     model.llmprune_sparsify_config = config
+    from .io import bind_save_pretrained  # io imports this module
+
+    bind_save_pretrained(model)
     return model
