@@ -49,7 +49,7 @@ def attention_units(
     q_scores: torch.Tensor, kv_scores: torch.Tensor, group_size: int, mode: Literal["group", "query"]
 ) -> tuple[list[AttentionUnit], torch.Tensor]:
     """Candidate attention units of one layer and their scores (sum of member scores)."""
-    num_heads, num_kv = q_scores.numel(), kv_scores.numel()
+    num_kv = kv_scores.numel()
     if mode == "group" or group_size == 1:
         units = [AttentionUnit(tuple(range(g * group_size, (g + 1) * group_size)), (g,)) for g in range(num_kv)]
         scores = q_scores.reshape(num_kv, group_size).sum(1) + kv_scores

@@ -16,7 +16,6 @@ import platform
 import time
 from pathlib import Path
 
-import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -7,7 +7,7 @@ final rounding): fp32 atol=rtol=1e-4, fp16 atol=rtol=1e-2, bf16 (GPU only) atol=
 import pytest
 import torch
 
-from kernel_common import CUDA, DEV, KERNELS_RUN, TOL, gpu_only, needs_kernels, tk  # noqa: F401
+from kernel_common import DEV, TOL, gpu_only, needs_kernels, tk
 
 
 def _threshold_for(x: torch.Tensor, sparsity: float) -> float:

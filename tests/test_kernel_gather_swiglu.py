@@ -7,7 +7,7 @@ bf16 (GPU only) atol=rtol=3e-2.
 import pytest
 import torch
 
-from kernel_common import CUDA, DEV, KERNELS_RUN, TOL, gpu_only, needs_kernels, tk  # noqa: F401
+from kernel_common import DEV, TOL, gpu_only, needs_kernels, tk
 
 
 def _case(B, H, I, keep, dtype, device=DEV, seed=0):

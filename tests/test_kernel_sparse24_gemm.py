@@ -6,7 +6,7 @@ accumulation on both sides): fp32 atol=rtol=1e-4, fp16 atol=rtol=1e-2, bf16 (GPU
 import pytest
 import torch
 
-from kernel_common import CUDA, DEV, KERNELS_RUN, TOL, gpu_only, needs_kernels, tk  # noqa: F401
+from kernel_common import DEV, TOL, gpu_only, needs_kernels, tk
 
 
 def _case(B, K, N, dtype, device=DEV, seed=0, act_sparsity=None):

@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import os
 
-import torch
 from torch import nn
 
 from .modules import ActSparseLinear, GatherSwiGLUMLP, Sparse24Linear

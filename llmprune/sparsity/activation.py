@@ -187,7 +187,6 @@ def calibrate_activation_thresholds(
             first_inputs: dict[str, torch.Tensor] = {}
             order: list[str] = []
             handles = []
-            mods = {full: mod for full, mod, _ in group}
             for full, mod, _ in group:
                 if full in done and done[full] > 0:
                     handles.append(mod.register_forward_pre_hook(_sparsify_input(done[full])))
