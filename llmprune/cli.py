@@ -1,4 +1,4 @@
-"""The ``llmprune`` command: ``prune``, ``eval`` and ``support-matrix``.
+"""The ``llmprune`` command: ``prune``, ``eval``, ``push`` and ``support-matrix``.
 
 Example::
 
@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
         eval_cli.add_arguments(sub.add_parser("eval", help="evaluate models side by side"))
     except ImportError:  # pragma: no cover - eval harness not installed
         pass
+    push = sub.add_parser("push", help="upload a saved model folder (with its model card) to the Hub")
+    push.add_argument("folder", help="folder written by 'llmprune prune'")
+    push.add_argument("repo_id", help="Hub repository, e.g. me/llama-pruned-25")
+    push.add_argument("--private", action="store_true")
+    push.add_argument("--revision", default=None)
+    push.add_argument("--token", default=None, help="Hub token (default: the logged-in token / HF_TOKEN)")
     sub.add_parser("support-matrix", help="print the architecture support matrix (Markdown)")
     return parser
 
@@ -174,6 +180,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             from eval import cli as eval_cli
 
             return eval_cli.run(args)
+        if args.command == "push":
+            from .io import push_to_hub
+
+            print(push_to_hub(args.folder, args.repo_id, private=args.private, token=args.token,
+                              revision=args.revision))
+            return 0
         return run_support_matrix(args)
     except (ValueError, FileNotFoundError, FileExistsError, OSError) as exc:
         print(f"llmprune: error: {exc}", file=sys.stderr)

@@ -39,6 +39,7 @@ __all__ = [
     "read_plan",
     "atomic_directory",
     "dir_size",
+    "push_to_hub",
 ]
 
 RECIPE_FILE = "llmprune_recipe.json"
@@ -161,10 +162,16 @@ def dir_size(path: str | os.PathLike, pattern: str = "*.safetensors") -> int:
     return sum(p.stat().st_size for p in Path(path).glob(pattern) if p.is_file())
 
 
+def _looks_like_hub_id(name: str) -> bool:
+    import re
+
+    return not Path(name).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
+
+
 def _model_card(source: str | None, cfg: PruneConfig | None, extra: dict[str, Any]) -> str:
     tags = ["pruned", "llmprune"] + ([f"pruning-{cfg.method}"] if cfg else [])
     lines = ["---", "library_name: transformers"]
-    if source:
+    if source and _looks_like_hub_id(source):  # the Hub rejects local paths as base_model
         lines.append(f"base_model: {source}")
     lines.append("tags:")
     lines += [f"- {t}" for t in tags]
@@ -228,3 +235,27 @@ def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
 
 def read_plan(path: str | os.PathLike) -> PrunePlan:
     return PrunePlan.from_json((Path(path) / PLAN_FILE).read_text())
+
+
+def push_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = False, token: str | None = None,
+                revision: str | None = None, commit_message: str | None = None) -> str:
+    """Upload a saved (pruned or sparsified) model folder to the Hugging Face Hub; returns the commit URL.
+
+    The folder's ``README.md`` (written by :func:`save_pruned`) is the model card. The folder is
+    validated first (config and safetensors weights), so a broken save is never pushed.
+
+    Example::
+
+        push_to_hub("runs/pruned", "me/llama-pruned-25")
+    """
+    from huggingface_hub import HfApi
+
+    path = Path(folder)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a folder")
+    _check_local_checkpoint(path)
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    info = api.upload_folder(folder_path=str(path), repo_id=repo_id, repo_type="model", revision=revision,
+                             commit_message=commit_message or "Upload model pruned with llmprune")
+    return str(getattr(info, "commit_url", info))

@@ -91,14 +91,16 @@ def _handler(state: HubState):
             state.requests.append("POST " + self.path)
             path = self.path.split("?")[0]
             body = self._body()
+            if path == "/api/validate-yaml":  # model-card metadata check done by upload of README.md
+                return self._json(200, {})
             if path == "/api/repos/create":
                 req = json.loads(body)
                 repo = f"{req.get('organization') or 'user'}/{req['name']}"
                 d = state.repo_dir(repo)
                 if d.exists():
-                    return self._json(409, {"error": "exists", "url": f"http://hub/{repo}"})
+                    return self._json(409, {"error": "exists", "url": f"http://{self.headers['Host']}/{repo}"})
                 d.mkdir(parents=True)
-                return self._json(200, {"url": f"http://hub/{repo}"})
+                return self._json(200, {"url": f"http://{self.headers['Host']}/{repo}"})
             m = re.match(r"^/api/models/([^/]+/[^/]+)/preupload/.+$", path)
             if m:
                 req = json.loads(body)
@@ -119,7 +121,7 @@ def _handler(state: HubState):
                         target.write_bytes(base64.b64decode(v["content"]))
                     elif item.get("key") == "deletedFile":
                         (d / item["value"]["path"]).unlink(missing_ok=True)
-                return self._json(200, {"commitUrl": f"http://hub/{m.group(1)}/commit/{COMMIT}", "commitOid": COMMIT})
+                return self._json(200, {"commitUrl": f"http://{self.headers['Host']}/{m.group(1)}/commit/{COMMIT}", "commitOid": COMMIT})
             self._json(404, {"error": "not found"})
 
     return Handler
