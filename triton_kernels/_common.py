@@ -104,6 +104,21 @@ if HAS_TRITON:
             acc += tl.load(part_ptr + s * numel + offs, mask=mask, other=0.0)
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def store_tile(out_ptr, acc, pid_k, offs_b, offs_n, b_mask, n_mask, B, N, stride_ob,
+                   WRITE_PARTIAL: tl.constexpr):
+        """Epilogue shared by the GEMV kernels: a ``[BLOCK_B, BLOCK_N]`` fp32 tile goes either to the
+        split-K workspace ``[SPLIT_K, B, N]`` (reduced later by ``splitk_reduce``) or, cast, to the output."""
+        out_mask = b_mask[:, None] & n_mask[None, :]
+        if WRITE_PARTIAL:
+            tl.store(out_ptr + pid_k * B * N + offs_b[:, None] * N + offs_n[None, :], acc, mask=out_mask)
+        else:
+            tl.store(out_ptr + offs_b[:, None] * stride_ob + offs_n[None, :],
+                     acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+else:  # pragma: no cover - kernels are not defined without Triton
+    store_tile = None
+
 
 def splitk_reduce(partial: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out[...] = partial.sum(0) (fp32 sum, cast to out.dtype). ``out`` must be contiguous."""

@@ -39,6 +39,7 @@ from ._common import (
     pow2_at_least,
     require_triton,
     splitk_reduce,
+    store_tile,
     tl,
     triton,
 )
@@ -112,12 +113,7 @@ if HAS_TRITON:
             w = tl.load(wd_ptr + rows[:, None] * stride_wd + offs_n[None, :],
                         mask=m_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
             acc += tl.sum(a[:, :, None] * w[None, :, :], axis=1)
-        out_mask = b_mask[:, None] & n_mask[None, :]
-        if WRITE_PARTIAL:
-            tl.store(out_ptr + pid_k * B * H + offs_b[:, None] * H + offs_n[None, :], acc, mask=out_mask)
-        else:
-            tl.store(out_ptr + offs_b[:, None] * stride_ob + offs_n[None, :],
-                     acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+        store_tile(out_ptr, acc, pid_k, offs_b, offs_n, b_mask, n_mask, B, H, stride_ob, WRITE_PARTIAL)
 
 
 def _default_blocks(bb: int, device: torch.device):

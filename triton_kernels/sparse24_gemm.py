@@ -50,6 +50,7 @@ from ._common import (
     pow2_at_least,
     require_triton,
     splitk_reduce,
+    store_tile,
     tl,
     triton,
 )
@@ -203,12 +204,7 @@ if HAS_TRITON:
         if BLOCK_B == 1:
             acc += tl.sum(acc2, axis=1)[None, :]
 
-        out_mask = b_mask[:, None] & n_mask[None, :]
-        if WRITE_PARTIAL:
-            tl.store(out_ptr + pid_k * B * N + offs_b[:, None] * N + offs_n[None, :], acc, mask=out_mask)
-        else:
-            tl.store(out_ptr + offs_b[:, None] * stride_ob + offs_n[None, :],
-                     acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+        store_tile(out_ptr, acc, pid_k, offs_b, offs_n, b_mask, n_mask, B, N, stride_ob, WRITE_PARTIAL)
 
 
 def _default_blocks(bb: int, device: torch.device):
