@@ -21,7 +21,7 @@ from torch import nn
 
 from .arch import ArchAdapter, get_adapter
 from .arch.base import ExpertsSpec
-from .calibrate import CalibrationError, LayerStats, calibration_batches, layerwise_statistics, read_calibration_text
+from .calibrate import CalibrationError, LayerStats, as_batches, layerwise_statistics
 from .config import LayerPlan, PruneConfig, PrunePlan
 from .criteria import get_criterion
 from .select import (
@@ -79,22 +79,6 @@ def count_parameters(model: nn.Module) -> int:
             seen.add(id(p))
             total += p.numel()
     return total
-
-
-def _as_batches(calibration: Any, tokenizer: Any, cfg: PruneConfig) -> list[torch.Tensor] | None:
-    if calibration is None:
-        return None
-    if isinstance(calibration, (str, os.PathLike)):
-        if tokenizer is None:
-            raise CalibrationError("calibration from text needs the model's tokenizer (tokenizer=...)")
-        text = read_calibration_text(calibration)
-        return calibration_batches(tokenizer, text, cfg.n_samples, cfg.seq_len, cfg.seed, cfg.batch_size)
-    if isinstance(calibration, torch.Tensor):
-        return list(calibration.split(cfg.batch_size))
-    batches = list(calibration)
-    if not batches:
-        raise CalibrationError("calibration data is empty")
-    return batches
 
 
 def score_layers(
@@ -274,7 +258,7 @@ def prune(
     criterion = get_criterion(config.method)
     _check_ratios(model, adapter, config)
     needs_data = (criterion.needs_calibration and (config.heads > 0 or config.ffn > 0)) or config.layers > 0
-    batches = _as_batches(calibration, tokenizer, config)
+    batches = as_batches(calibration, tokenizer, config.n_samples, config.seq_len, config.seed, config.batch_size)
     if needs_data and batches is None:
         raise CalibrationError(
             f"method {config.method!r}{' (and layer removal)' if config.layers else ''} needs calibration data: "

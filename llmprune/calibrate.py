@@ -36,6 +36,7 @@ __all__ = [
     "LayerStats",
     "read_calibration_text",
     "calibration_batches",
+    "as_batches",
     "capture_layer_inputs",
     "run_layer",
     "layerwise_statistics",
@@ -138,6 +139,31 @@ def calibration_batches(
             rows.append(torch.tensor(ids[:seq_len], dtype=torch.long))
         windows = torch.stack(rows)
     return list(windows.split(batch_size))
+
+
+def as_batches(calibration: Any, tokenizer: Any, n_samples: int, seq_len: int, seed: int,
+               batch_size: int) -> list[torch.Tensor] | None:
+    """Calibration given as a text file path, raw text (``str`` containing whitespace and no such file),
+    a ``[n, seq_len]`` tensor of token ids, or a sequence of such batches."""
+    if calibration is None:
+        return None
+    if isinstance(calibration, (str, os.PathLike)):
+        if tokenizer is None:
+            raise CalibrationError("calibration from text needs the model's tokenizer (tokenizer=...)")
+        path = os.fspath(calibration)
+        if os.path.isfile(path) or "\n" not in path and len(path) < 4096 and " " not in path:
+            text = read_calibration_text(path)
+        else:
+            text = path
+        return calibration_batches(tokenizer, text, n_samples, seq_len, seed, batch_size)
+    if isinstance(calibration, torch.Tensor):
+        if calibration.dim() == 1:
+            calibration = calibration.unsqueeze(0)
+        return list(calibration.split(batch_size))
+    batches = list(calibration)
+    if not batches:
+        raise CalibrationError("calibration data is empty")
+    return batches
 
 
 class _StopForward(Exception):

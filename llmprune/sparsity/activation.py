@@ -37,7 +37,8 @@ from torch import nn
 from ..arch import get_adapter
 from ..calibrate import CalibrationError, capture_layer_inputs, run_layer
 from ..progress import progress_bar
-from ._common import DEFAULT_TARGETS, as_batches, layer_targets
+from ..calibrate import as_batches
+from ._common import DEFAULT_TARGETS, layer_targets
 
 __all__ = [
     "calibrate_activation_thresholds",

@@ -28,7 +28,8 @@ from ..arch import get_adapter
 from ..arch.base import weight_matrix
 from ..calibrate import CalibrationError, InputStats, capture_layer_inputs, run_layer
 from ..progress import progress_bar
-from ._common import DEFAULT_TARGETS, as_batches, layer_targets
+from ..calibrate import as_batches
+from ._common import DEFAULT_TARGETS, layer_targets
 from .magnitude import magnitude_mask
 from .masks import check_nm, parse_pattern
 from .sparsegpt import HessianAccumulator, sparsegpt_prune
