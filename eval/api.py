@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import torch
 
 from .efficiency import count_parameters, macs_per_token, measure_speed, peak_memory, size_on_disk
-from .perplexity import load_text, perplexity
+from .perplexity import default_seq_len, load_text, perplexity
 from .report import Report
 
 __all__ = ["evaluate"]
@@ -73,7 +73,8 @@ def evaluate(
         res["params"] = count_parameters(model)
         if path and Path(path).exists():
             res["size_bytes"] = size_on_disk(path)
-        macs_len = seq_len or (res.get("perplexity") or {}).get("seq_len") or 2048
+        # MACs at the evaluated window length, else at the same default window perplexity would use
+        macs_len = seq_len or (res.get("perplexity") or {}).get("seq_len") or default_seq_len(model)
         res["macs_per_token"] = macs_per_token(model, macs_len)
         res["macs_seq_len"] = macs_len
         if speed:

@@ -142,6 +142,11 @@ def tokenize_text(tokenizer: Any, text: str, max_tokens: int | None = None) -> t
     return ids
 
 
+def default_seq_len(model: torch.nn.Module) -> int:
+    """The window used when none is given: the model's context length, capped at 2048."""
+    return _resolve_seq_len(model, None)
+
+
 def _resolve_seq_len(model: torch.nn.Module, seq_len: int | None) -> int:
     limit = max_positions(model)
     if seq_len is None:
