@@ -21,6 +21,7 @@ from torch import nn
 
 from .arch import ArchAdapter, get_adapter
 from .arch.base import ExpertsSpec
+from .compensate import add_deltas, compensation_deltas, enable_biases
 from .calibrate import CalibrationError, LayerStats, as_batches, layerwise_statistics
 from .config import LayerPlan, PruneConfig, PrunePlan
 from .criteria import get_criterion
@@ -257,11 +258,13 @@ def prune(
     adapter = get_adapter(model)
     criterion = get_criterion(config.method)
     _check_ratios(model, adapter, config)
-    needs_data = (criterion.needs_calibration and (config.heads > 0 or config.ffn > 0)) or config.layers > 0
+    needs_data = ((criterion.needs_calibration or config.bias_compensation) and (config.heads > 0 or config.ffn > 0)) \
+        or config.layers > 0
     batches = as_batches(calibration, tokenizer, config.n_samples, config.seq_len, config.seed, config.batch_size)
     if needs_data and batches is None:
         raise CalibrationError(
-            f"method {config.method!r}{' (and layer removal)' if config.layers else ''} needs calibration data: "
+            f"method {config.method!r}{' with bias compensation' if config.bias_compensation else ''}"
+            f"{' (and layer removal)' if config.layers else ''} needs calibration data: "
             "pass calibration=<text file> (CLI: --calib FILE)"
         )
     params_before = count_parameters(model)
@@ -272,6 +275,9 @@ def prune(
     stats = layerwise_statistics(model, adapter, batches, device=device, progress=progress) if use_data else None
     scores = score_layers(model, adapter, config, stats)
     plan = plan_pruning(model, adapter, config, scores)
+    deltas = compensation_deltas(adapter, model, plan, stats) if config.bias_compensation and stats else []
+    enable_biases(adapter, model, deltas)
     apply_plan(model, plan, adapter)
+    add_deltas(deltas)
     model.train(was_training)
     return PruneResult(model, plan, config, params_before, count_parameters(model), scores)

@@ -24,7 +24,7 @@ def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experts", type=float, default=0.0,
                    help="fraction of experts removed from every mixture-of-experts layer (routing mass with --calib, "
                         "else weight norm); --ffn then prunes neurons inside each expert")
-    p.add_argument("--method", default="wanda", help="importance criterion: magnitude, magnitude_l1, wanda (activation-aware)")
+    p.add_argument("--method", default="wanda", help="importance criterion: magnitude, magnitude_l1, wanda (activation-aware), flap (fluctuation)")
     p.add_argument("--allocation", choices=("uniform", "global"), default="uniform")
     p.add_argument("--attention-unit", choices=("group", "query"), default="group",
                    help="group: remove whole KV groups; query: remove query heads evenly from every KV group")
@@ -32,6 +32,8 @@ def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
                    help="what to do when --heads does not give whole units (default: error)")
     p.add_argument("--multiple-of", type=int, default=1, help="round kept FFN widths to a multiple of this")
     p.add_argument("--min-keep", type=float, default=0.1, help="global allocation: smallest fraction kept per layer")
+    p.add_argument("--bias-compensation", action="store_true",
+                   help="add removed units' mean output to the o_proj/down_proj bias (FLAP)")
     p.add_argument("--calib", help="calibration text file (needed by wanda and --layers)")
     p.add_argument("--n-samples", type=int, default=32, help="calibration windows (default 32)")
     p.add_argument("--seq-len", type=int, default=256, help="calibration window length (default 256)")
@@ -100,7 +102,7 @@ def run_prune(args: argparse.Namespace) -> int:
 
     cfg = PruneConfig(heads=args.heads, ffn=args.ffn, layers=args.layers, experts=args.experts, method=args.method,
                       allocation=args.allocation, attention_unit=args.attention_unit, rounding=args.rounding,
-                      multiple_of=args.multiple_of, min_keep=args.min_keep, n_samples=args.n_samples,
+                      multiple_of=args.multiple_of, bias_compensation=args.bias_compensation, min_keep=args.min_keep, n_samples=args.n_samples,
                       seq_len=args.seq_len, seed=args.seed)
     out = Path(args.out)
     if out.exists() and not args.overwrite:  # fail before any work

@@ -61,6 +61,9 @@ class PruneConfig(_JsonMixin):
         min_keep: in global allocation, the smallest fraction of a layer's units that is kept.
         n_samples, seq_len, seed: calibration windows drawn from the calibration text.
         batch_size: calibration batch size.
+        bias_compensation: add the removed heads' / neurons' mean contribution over the calibration
+            tokens to the bias of o_proj / down_proj (FLAP); biases are created where the family's config
+            can declare them.
     """
 
     heads: float = 0.0
@@ -77,6 +80,7 @@ class PruneConfig(_JsonMixin):
     seq_len: int = 256
     seed: int = 0
     batch_size: int = 8
+    bias_compensation: bool = False
 
     def __post_init__(self) -> None:
         self.validate()

@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--ppl-seq-len", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=60000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bias-compensation", action="store_true", help="FLAP bias compensation for every method")
     ap.add_argument("--keep-tail", action="store_true", help="also score the last partial perplexity window")
     ap.add_argument("--out", default=None, help="JSON output file")
     args = ap.parse_args()
@@ -53,7 +54,8 @@ def main() -> None:
     for method in args.methods.split(","):
         model, tok = load_model(args.model)
         cfg = PruneConfig(heads=args.heads, ffn=args.ffn, method=method, allocation=args.allocation,
-                          n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed)
+                          n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed,
+                          bias_compensation=args.bias_compensation)
         t0 = time.perf_counter()
         result = prune(model, cfg, tokenizer=tok, calibration=args.calib, progress=False)
         seconds = time.perf_counter() - t0
@@ -64,7 +66,8 @@ def main() -> None:
     base_block = rows[0]["block_params"]
     print(f"ref-llama-7m, heads {args.heads:g} + FFN {args.ffn:g} removed ({args.allocation}), no recovery; "
           f"WikiText-2 raw test, first {args.max_tokens} tokens, {args.ppl_seq_len}-token windows; "
-          f"calibration {args.n_samples}x{args.seq_len} tokens, seed {args.seed}; {platform.processor() or platform.machine()}")
+          f"calibration {args.n_samples}x{args.seq_len} tokens, seed {args.seed}"
+          f"{', bias compensation' if args.bias_compensation else ''}; {platform.processor() or platform.machine()}")
     print("\n| method | params | block params removed | perplexity |\n|---|---|---|---|")
     for r in rows:
         removed = 1 - r["block_params"] / base_block

@@ -283,6 +283,12 @@ class ArchAdapter:
             setattr(config, self.kv_heads_attr, num_kv_heads)
         setattr(config, self.ffn_attr, num_neurons)
 
+    def bias_flags(self, config: Any) -> dict[str, tuple[str, tuple[str, ...]]]:
+        """For bias compensation on a family whose output projections have no bias: per unit kind
+        (``"attention"``, ``"ffn"``), the config flag that turns biases on and the layer-relative names of
+        every module that then carries one. Empty: biases cannot be declared in the config."""
+        return {}
+
     def set_uniform_widths(self, config: Any, widths: dict[str, int]) -> None:
         """Write one layer's widths (``layer_widths`` entry) into ``config``; adapters with extra units
         (experts) override this."""

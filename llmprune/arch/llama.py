@@ -49,6 +49,16 @@ class LlamaAdapter(ArchAdapter):
             output=down,
         )
 
+    def bias_flags(self, config):
+        flags = {}
+        attn = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+        # Only these configs build o_proj / down_proj with a configurable bias in transformers 5.
+        if config.model_type.removeprefix("llmprune_") in ("llama", "qwen3", "gemma", "gemma2", "gemma3_text"):
+            flags["attention"] = ("attention_bias", attn)
+        if config.model_type.removeprefix("llmprune_") == "llama":
+            flags["ffn"] = ("mlp_bias", ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
+        return flags
+
     def set_attention_shape(self, layer: nn.Module, num_heads: int, num_kv_heads: int) -> None:
         attn = layer.self_attn
         attn.num_key_value_groups = num_heads // num_kv_heads if num_kv_heads else 1
