@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from llmprune import PruneConfig
 from llmprune.api import prune
@@ -14,7 +13,7 @@ from llmprune.arch import get_adapter
 from llmprune.calibrate import layerwise_statistics
 from llmprune.io import save_pruned
 
-from tiny_models import tiny_causal_lm
+from tiny_models import assert_reloads_identically, tiny_causal_lm
 
 
 def _mean_filled(model, plan, stats):
@@ -60,9 +59,7 @@ def test_compensated_equals_mean_filled(method, tmp_path):
     assert model.config.attention_bias and model.config.mlp_bias
     out = tmp_path / "m"
     save_pruned(model, out, config=cfg, plan=result.plan)
-    reloaded = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=0, rtol=0)
+    assert_reloads_identically(model, out, ids)
 
 
 def test_compensation_refused_where_config_cannot_declare_bias():

@@ -9,7 +9,6 @@ import json
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
 import llmprune  # noqa: F401  (registers per-layer classes)
 from llmprune import PruneConfig
@@ -19,6 +18,7 @@ from llmprune.io import read_plan, save_pruned
 from llmprune.surgery import apply_plan, layer_widths
 
 from masking import mask_model
+from tiny_models import assert_reloads_identically, tiny_causal_lm
 
 _BASE = dict(vocab_size=128, hidden_size=64, num_hidden_layers=3, max_position_embeddings=64,
              num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts_per_tok=2)
@@ -32,16 +32,12 @@ ATOL = 2e-5
 
 
 def tiny_moe(model_type: str, seed: int = 0):
-    config = AutoConfig.for_model(model_type, **MOE_CONFIGS[model_type])
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    model = tiny_causal_lm(model_type, seed, configs=MOE_CONFIGS)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.ndim == 1:
-                p.add_(torch.randn_like(p) * 0.1)
             if name.endswith("gate.weight"):  # spread routing so expert choice matters
                 p.normal_(0, 0.5)
-    return model.eval()
+    return model
 
 
 def _ids(batch=2, seq=12, seed=1):
@@ -106,14 +102,7 @@ def test_save_reload_identical(tmp_path, model_type, allocation):
     result = prune(model, cfg, calibration=_ids(8, 16, seed=3), progress=False)
     out = tmp_path / "pruned"
     save_pruned(model, out, config=cfg, plan=result.plan, source="tiny")
-    reloaded = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
-    assert type(reloaded) is type(model)
-    expected = model.state_dict()
-    for name, tensor in reloaded.state_dict().items():
-        assert torch.equal(tensor, expected[name]), name
-    ids = _ids()
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=0, rtol=0)
+    reloaded = assert_reloads_identically(model, out, _ids())
     saved = json.loads((out / "config.json").read_text())
     experts_key = "num_local_experts"  # Qwen3-MoE maps num_experts to it
     assert saved[experts_key] == 6

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 import llmprune
 from llmprune import PruneConfig
@@ -14,7 +13,7 @@ from llmprune.api import prune
 from llmprune.config import PrunePlan
 from llmprune.io import read_plan, read_recipe, save_pruned
 
-from tiny_models import base_type, tiny_causal_lm
+from tiny_models import assert_reloads_identically, base_type, tiny_causal_lm
 
 
 def _ids(vocab):
@@ -29,14 +28,7 @@ def test_save_reload_identical(tmp_path, model_type, allocation):
     result = prune(model, cfg, progress=False)
     out = tmp_path / "pruned"
     save_pruned(model, out, config=cfg, plan=result.plan, source="tiny")
-    reloaded = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
-    assert type(reloaded) is type(model)
-    expected = model.state_dict()
-    for name, tensor in reloaded.state_dict().items():
-        assert torch.equal(tensor, expected[name]), name
-    ids = _ids(model.config.vocab_size)
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=0, rtol=0)
+    assert_reloads_identically(model, out, _ids(model.config.vocab_size))
     saved = json.loads((out / "config.json").read_text())
     model_type = base_type(model_type)
     if allocation == "uniform" and model_type in _HEAD_DIM_FROM_HIDDEN:
@@ -64,10 +56,7 @@ def test_ffn_only_stays_standard_checkpoint(tmp_path, model_type):
     out = tmp_path / "m"
     save_pruned(model, out)
     assert json.loads((out / "config.json").read_text())["model_type"] == model_type
-    reloaded = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
-    ids = _ids(model.config.vocab_size)
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=0, rtol=0)
+    assert_reloads_identically(model, out, _ids(model.config.vocab_size))
 
 
 def test_uniform_standard_config_loads_without_llmprune(tmp_path):

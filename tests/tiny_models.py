@@ -46,11 +46,12 @@ def base_type(key: str) -> str:
     return key.split(":")[0]
 
 
-def tiny_causal_lm(model_type: str, seed: int = 0):
-    """A tiny random causal LM of ``model_type`` (fp32, eval mode, eager attention)."""
+def tiny_causal_lm(model_type: str, seed: int = 0, configs: dict[str, dict] | None = None):
+    """A tiny random causal LM of ``model_type`` from ``configs`` (default ``TINY_CONFIGS``)
+    (fp32, eval mode, eager attention)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(base_type(model_type), **TINY_CONFIGS[model_type])
+    config = AutoConfig.for_model(base_type(model_type), **(configs or TINY_CONFIGS)[model_type])
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
@@ -60,3 +61,17 @@ def tiny_causal_lm(model_type: str, seed: int = 0):
             if p.ndim == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     return model.eval()
+
+
+def assert_reloads_identically(model, folder, ids: torch.Tensor):
+    """``from_pretrained(folder)`` rebuilds ``model``: same class, bit-identical state and logits."""
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    assert type(reloaded) is type(model)
+    expected = model.state_dict()
+    for name, tensor in reloaded.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=0, rtol=0)
+    return reloaded
