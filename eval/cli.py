@@ -42,21 +42,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def load_model(path: str, dtype: str = "float32", device: str | None = None) -> tuple[Any, Any]:
-    """Model and tokenizer from a folder or Hub id (llmprune's classes registered if present)."""
+    """Model and tokenizer from a folder or Hub id, through :func:`llmprune.io.load_model`
+    (safetensors only, checkpoint validated, llmprune's per-layer classes registered)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        import llmprune  # noqa: F401  (registers llmprune's pruned model classes)
-    except ImportError:
-        pass
-    local = Path(path).expanduser()
-    if not local.exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
-        raise FileNotFoundError(f"Model folder {path} does not exist.")
-    model = AutoModelForCausalLM.from_pretrained(str(local) if local.exists() else path, dtype=getattr(torch, dtype))
-    tokenizer = AutoTokenizer.from_pretrained(str(local) if local.exists() else path)
-    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
-    return model, tokenizer
+    from llmprune.io import load_model as load_checked
+
+    model, tokenizer = load_checked(str(Path(path).expanduser()) if Path(path).expanduser().exists() else path,
+                                    dtype=getattr(torch, dtype),
+                                    device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return model.eval(), tokenizer
 
 
 def run(args: argparse.Namespace) -> int:

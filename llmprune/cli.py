@@ -95,10 +95,11 @@ def block_parameters(model: Any) -> int:
 
 def run_prune(args: argparse.Namespace) -> int:
     import torch
+    from eval.efficiency import size_on_disk
 
     from .api import count_parameters, prune
     from .config import PruneConfig
-    from .io import OutputExistsError, dir_size, load_model, save_pruned
+    from .io import OutputExistsError, load_model, save_pruned
 
     cfg = PruneConfig(heads=args.heads, ffn=args.ffn, layers=args.layers, experts=args.experts, method=args.method,
                       allocation=args.allocation, attention_unit=args.attention_unit, rounding=args.rounding,
@@ -128,7 +129,7 @@ def run_prune(args: argparse.Namespace) -> int:
 
     before = {"params": count_parameters(model), "block": block_parameters(model), "ppl": ppl_of(model)}
     src = Path(args.model)
-    before["size"] = dir_size(src) if src.is_dir() else None
+    before["size"] = size_on_disk(src) if src.is_dir() else None
     result = prune(model, cfg, tokenizer=tokenizer, calibration=args.calib, device=device, progress=progress)
     after = {"params": result.params_after, "block": block_parameters(model), "ppl": ppl_of(model)}
     save_pruned(model, out, tokenizer=tokenizer, config=cfg, plan=result.plan, source=str(args.model),
@@ -138,7 +139,7 @@ def run_prune(args: argparse.Namespace) -> int:
                            "ppl_protocol": f"{args.ppl}, first {args.ppl_max_tokens} tokens, "
                                            f"{args.ppl_seq_len}-token windows"
                                            f"{', tail window scored' if args.ppl_keep_tail else ''}"} if text is not None else {})})
-    after["size"] = dir_size(out)
+    after["size"] = size_on_disk(out)
     rows = [("", "before", "after", "change"),
             ("parameters", f"{before['params']:,}", f"{after['params']:,}", _rel(before["params"], after["params"])),
             ("decoder-block parameters", f"{before['block']:,}", f"{after['block']:,}", _rel(before["block"], after["block"]))]

@@ -38,7 +38,6 @@ __all__ = [
     "read_recipe",
     "read_plan",
     "atomic_directory",
-    "dir_size",
     "push_to_hub",
 ]
 
@@ -155,11 +154,6 @@ class atomic_directory:
         os.replace(self.tmp, self.out)
         if backup is not None:
             shutil.rmtree(backup, ignore_errors=True)
-
-
-def dir_size(path: str | os.PathLike, pattern: str = "*.safetensors") -> int:
-    """Bytes of the files matching ``pattern`` in a folder (weights only by default)."""
-    return sum(p.stat().st_size for p in Path(path).glob(pattern) if p.is_file())
 
 
 def _looks_like_hub_id(name: str) -> bool:

@@ -42,6 +42,7 @@ def main() -> None:
 
     from eval.perplexity import load_text, perplexity
     from llmprune import PruneConfig, load_model, prune
+    from llmprune.api import count_parameters
     from llmprune.cli import block_parameters
 
     text = load_text(args.ppl)
@@ -49,7 +50,7 @@ def main() -> None:
     model, tok = load_model(args.model)
     dense = perplexity(model, tok, text, seq_len=args.ppl_seq_len, max_tokens=args.max_tokens, progress=False,
                        drop_last=not args.keep_tail)
-    rows.append({"method": "dense", "params": sum(p.numel() for p in model.parameters()),
+    rows.append({"method": "dense", "params": count_parameters(model),
                  "block_params": block_parameters(model), "ppl": dense.ppl, "tokens": dense.n_tokens})
     for method in args.methods.split(","):
         model, tok = load_model(args.model)
