@@ -26,6 +26,7 @@ from .arch import ArchAdapter
 from .arch.base import weight_matrix
 from .calibrate import LayerStats
 from .config import PrunePlan
+from .surgery import _complement
 
 __all__ = ["Delta", "compensation_deltas", "enable_biases", "add_deltas"]
 
@@ -38,7 +39,7 @@ class Delta:
 
 
 def _removed(kept: Sequence[int] | None, n: int) -> list[int]:
-    return [] if kept is None else [i for i in range(n) if i not in set(kept)]
+    return [] if kept is None else _complement(kept, n)
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from .base import ArchAdapter, AttentionSpec, FFNSpec, Slot
-from .registry import register_adapter
+from .registry import base_model_type, register_adapter
 
 __all__ = ["LlamaAdapter"]
 
@@ -53,9 +53,10 @@ class LlamaAdapter(ArchAdapter):
         flags = {}
         attn = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
         # Only these configs build o_proj / down_proj with a configurable bias in transformers 5.
-        if config.model_type.removeprefix("llmprune_") in ("llama", "qwen3", "gemma", "gemma2", "gemma3_text"):
+        model_type = base_model_type(config.model_type)
+        if model_type in ("llama", "qwen3", "gemma", "gemma2", "gemma3_text"):
             flags["attention"] = ("attention_bias", attn)
-        if config.model_type.removeprefix("llmprune_") == "llama":
+        if model_type == "llama":
             flags["ffn"] = ("mlp_bias", ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
         return flags
 
