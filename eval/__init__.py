@@ -1,7 +1,7 @@
 """llmprune's eval harness: perplexity, lm-eval task accuracy, efficiency and a report.
 
 Example:
-    >>> from eval import evaluate, perplexity, load_text, evaluate_tasks
+    >>> from llmprune.eval import evaluate, perplexity, load_text, evaluate_tasks
     >>> r = perplexity(model, tok, load_text("wiki.txt"), seq_len=256)  # doctest: +SKIP
 """
 

@@ -1,7 +1,7 @@
 """Input checks shared by the eval modules (model/tokenizer compatibility, devices).
 
 Example:
-    >>> from eval._checks import model_device
+    >>> from llmprune.eval._checks import model_device
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 ``llmprune prune --eval``).
 
 Example:
-    >>> from eval.api import evaluate
+    >>> from llmprune.eval.api import evaluate
     >>> rep = evaluate({"dense": (model, tok, "ref-llama-7m"), "pruned": (pm, tok, None)},
     ...                ppl="wiki.txt", seq_len=256, max_tokens=60_000, tasks=["piqa"],
     ...                limit=100, out_dir="runs/eval")  # doctest: +SKIP

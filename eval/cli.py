@@ -2,7 +2,7 @@
 
 ``llmprune/cli.py`` calls :func:`add_arguments` on its ``eval`` sub-parser and
 :func:`run` with the parsed arguments; :func:`main` runs it standalone
-(``python -m eval.cli ...``).
+(``python -m llmprune.eval.cli ...``).
 
 Example:
     $ llmprune eval ../shared/models/ref-llama-7m runs/pruned --ppl ../shared/data/wikitext2-raw-test.txt \\
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Standalone entry point: ``python -m eval.cli MODEL [MODEL2 ...] --ppl ... --out DIR``."""
+    """Standalone entry point: ``python -m llmprune.eval.cli MODEL [MODEL2 ...] --ppl ... --out DIR``."""
     parser = add_arguments(argparse.ArgumentParser(prog="llmprune eval", description=__doc__.splitlines()[0]))
     args = parser.parse_args(argv)
     try:

@@ -5,7 +5,7 @@ Speed is measured with random token ids (no text needed): prefill = one forward 
 after ``warmup`` untimed runs and reported as the median of ``repeats`` timed runs.
 
 Example:
-    >>> from eval.efficiency import count_parameters, macs_per_token, measure_speed
+    >>> from llmprune.eval.efficiency import count_parameters, macs_per_token, measure_speed
     >>> count_parameters(model)["total"]                        # doctest: +SKIP
     6819072
     >>> measure_speed(model, 8192, batch_sizes=(1,), repeats=2)  # doctest: +SKIP

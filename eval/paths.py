@@ -1,7 +1,7 @@
 """Where llmprune's shared, read-only material lives (reference models and data).
 
 Example:
-    >>> from eval.paths import shared_dir
+    >>> from llmprune.eval.paths import shared_dir
     >>> (shared_dir() / "data" / "wikitext2-raw-test.txt").name
     'wikitext2-raw-test.txt'
 """

@@ -16,7 +16,7 @@ windows of ``seq_len`` tokens:
 PPL = exp(mean NLL over all scored tokens), with the loss computed in float32.
 
 Example:
-    >>> from eval.perplexity import load_text, perplexity
+    >>> from llmprune.eval.perplexity import load_text, perplexity
     >>> text = load_text("../shared/data/wikitext2-raw-test.txt")     # doctest: +SKIP
     >>> perplexity(model, tok, text, seq_len=256, max_tokens=60_000).ppl  # doctest: +SKIP
     287.71...

@@ -1,6 +1,6 @@
 """Side-by-side report of several evaluated models: table, JSON, Markdown and a PNG plot.
 
-Each model's results are a flat-ish dict (see :func:`eval.api.evaluate`); the first model
+Each model's results are a flat-ish dict (see :func:`llmprune.eval.api.evaluate`); the first model
 is the baseline and every other column shows the relative change against it.
 
 Example:

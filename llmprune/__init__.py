@@ -11,7 +11,7 @@ Example::
     result.save("pruned/", tokenizer=tok)          # safetensors + recipe + kept indices, atomically
 """
 
-from .api import PruneResult, prune
+from .pipeline import PruneResult, prune
 from .arch import UnsupportedArchitectureError, get_adapter, supported_model_types
 from .calibrate import CalibrationError
 from .config import LayerPlan, PruneConfig, PrunePlan
@@ -19,12 +19,14 @@ from .criteria import available_criteria
 from .io import CheckpointError, OutputExistsError, load_model, save_pruned
 from .perlayer import register_per_layer_classes
 from .select import RatioError
+from .sparsity import SparsityConfig, sparsify
 from .surgery import apply_plan
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "prune", "PruneResult", "load_model", "save_pruned", "sparsify", "CheckpointError", "OutputExistsError",
+    "prune", "PruneResult", "load_model", "save_pruned", "sparsify", "SparsityConfig", "CheckpointError",
+    "OutputExistsError",
     "PruneConfig", "PrunePlan", "LayerPlan", "apply_plan", "get_adapter", "supported_model_types",
     "available_criteria", "UnsupportedArchitectureError", "CalibrationError", "RatioError", "__version__",
 ]
@@ -32,11 +34,3 @@ __all__ = [
 # Per-layer-width checkpoints reload through the Auto classes once llmprune is imported.
 register_per_layer_classes()
 
-
-def __getattr__(name: str):
-    # Kernel-backed sparsity imports Triton; load it only when asked for.
-    if name in ("sparsify", "SparsifyConfig", "save_sparse", "load_sparse"):
-        from . import sparse
-
-        return getattr(sparse, name)
-    raise AttributeError(f"module 'llmprune' has no attribute {name!r}")

@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_prune_arguments(sub.add_parser("prune", help="prune a model and save it"))
     try:
-        from eval import cli as eval_cli
+        from llmprune.eval import cli as eval_cli
 
         eval_cli.add_arguments(sub.add_parser("eval", help="evaluate models side by side"))
     except ImportError:  # pragma: no cover - eval harness not installed
@@ -95,9 +95,9 @@ def block_parameters(model: Any) -> int:
 
 def run_prune(args: argparse.Namespace) -> int:
     import torch
-    from eval.efficiency import size_on_disk
+    from llmprune.eval.efficiency import size_on_disk
 
-    from .api import count_parameters, prune
+    from .pipeline import count_parameters, prune
     from .config import PruneConfig
     from .io import OutputExistsError, load_model, save_pruned
 
@@ -117,7 +117,7 @@ def run_prune(args: argparse.Namespace) -> int:
     progress = not args.quiet
     text = None
     if args.ppl:
-        from eval.perplexity import load_text, perplexity
+        from llmprune.eval.perplexity import load_text, perplexity
 
         text = load_text(args.ppl)
 
@@ -154,7 +154,7 @@ def run_prune(args: argparse.Namespace) -> int:
           f"{args.allocation} allocation -> {out}")
     print(_format_table(rows))
     if args.eval:
-        from eval.api import evaluate
+        from llmprune.eval.api import evaluate
 
         original, _ = load_model(args.model, dtype=args.dtype, device=device, with_tokenizer=False)
         tasks = [t for t in args.eval_tasks.split(",") if t]
@@ -180,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "prune":
             return run_prune(args)
         if args.command == "eval":
-            from eval import cli as eval_cli
+            from llmprune.eval import cli as eval_cli
 
             return eval_cli.run(args)
         if args.command == "push":

@@ -6,7 +6,7 @@ Attention is pruned in *attention units* so that every layer stays a valid GQA/M
 - ``query`` mode: a unit is one query head from *every* KV group (the r-th least important of each
   group), so all groups keep the same number of query heads and no KV head is removed.
 
-All functions here are pure: tensors in, index lists out; ties are broken by index (stable sort), so
+All functions here are pure: scores in, index lists (and a :class:`PrunePlan`) out; ties are broken by index (stable sort), so
 the same scores always give the same selection.
 
 Example::
@@ -19,9 +19,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
 import torch
+from torch import nn
+
+from .config import LayerPlan, PruneConfig, PrunePlan
+
+if TYPE_CHECKING:  # only for annotations: score imports the criteria, which select must not need
+    from .arch import ArchAdapter
+    from .score import LayerScores
 
 __all__ = [
     "RatioError",
@@ -32,6 +39,10 @@ __all__ = [
     "keep_after_removing",
     "allocate_global",
     "kept_heads_from_units",
+    "check_ratios",
+    "experts_to_remove",
+    "plan_pruning",
+    "EXPERT_WIDTH_MULTIPLE",
 ]
 
 
@@ -149,3 +160,117 @@ def kept_heads_from_units(
     removed_q = {h for i, u in enumerate(units) if i not in set(kept_units) for h in u.q_heads}
     removed_kv = {h for i, u in enumerate(units) if i not in set(kept_units) for h in u.kv_heads}
     return ([h for h in range(num_heads) if h not in removed_q], [h for h in range(num_kv_heads) if h not in removed_kv])
+
+
+def check_ratios(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig) -> None:
+    """Fail fast (before any calibration) on ratios the structure cannot realise."""
+    layers = adapter.decoder_layers(model)
+    if cfg.layers >= len(layers):
+        raise RatioError(f"--layers {cfg.layers} would remove all {len(layers)} layers")
+    for layer in layers:
+        attn, ffn = adapter.attention(layer), adapter.ffn(layer)
+        if cfg.heads > 0:
+            if attn is None:
+                raise RatioError("this model has no prunable attention heads")
+            # as in select.attention_units: with one query head per KV head (MHA) both modes remove single heads
+            unit = attn.group_size if cfg.attention_unit == "group" or attn.group_size == 1 else attn.num_kv_heads
+            if cfg.allocation == "uniform":
+                units_to_remove(cfg.heads, attn.num_heads, unit, cfg.rounding)
+        moe = adapter.experts(layer)
+        if cfg.ffn > 0:
+            if ffn is None and moe is None:
+                raise RatioError("this model has no prunable FFN neurons")
+            if ffn is not None:
+                neurons_to_remove(cfg.ffn, ffn.num_neurons, cfg.multiple_of)
+            if moe is not None:
+                neurons_to_remove(cfg.ffn, moe.num_neurons, math.lcm(cfg.multiple_of, EXPERT_WIDTH_MULTIPLE))
+        if cfg.experts > 0 and moe is not None:
+            experts_to_remove(cfg.experts, moe.num_experts)
+    if cfg.experts > 0 and not any(adapter.experts(layer) is not None for layer in layers):
+        raise RatioError("--experts: this model has no mixture-of-experts layers")
+
+
+def experts_to_remove(ratio: float, num_experts: int) -> int:
+    """Experts removed from a layer of ``num_experts`` for ``ratio`` (nearest whole expert, >= 1 kept)."""
+    n = round(ratio * num_experts)
+    if n >= num_experts:
+        raise RatioError(f"--experts {ratio:g} would remove every expert ({n} of {num_experts})")
+    return n
+
+
+def plan_pruning(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig, scores: list[LayerScores]) -> PrunePlan:
+    """Turn scores into kept indices (uniform or global allocation; GQA-consistent)."""
+    layers = adapter.decoder_layers(model)
+    plans = [LayerPlan() for _ in layers]
+    removed_layers: list[int] = []
+    if cfg.layers:
+        bi = torch.tensor([s.block_influence for s in scores], dtype=torch.float64)
+        removed_layers = sorted(torch.sort(bi, stable=True).indices[: cfg.layers].tolist())
+
+    if cfg.heads > 0:
+        units_per_layer, unit_scores = [], []
+        for s in scores:
+            mode = cfg.attention_unit
+            units, us = attention_units(s.q_heads, s.kv_heads, s.group_size, mode)
+            units_per_layer.append(units)
+            unit_scores.append(us)
+        if cfg.allocation == "uniform":
+            counts = [units_to_remove(cfg.heads, s.q_heads.numel(), len(u[0].q_heads), cfg.rounding)
+                      for s, u in zip(scores, units_per_layer)]
+        else:
+            total_heads = sum(s.q_heads.numel() for s in scores)
+            unit_size = len(units_per_layer[0][0].q_heads)
+            total = units_to_remove(cfg.heads, total_heads, unit_size, cfg.rounding)
+            counts = allocate_global(unit_scores, total, cfg.min_keep)
+        for i, (s, units, us, n) in enumerate(zip(scores, units_per_layer, unit_scores, counts)):
+            kept_units = keep_after_removing(us, n)
+            plans[i].kept_heads, plans[i].kept_kv_heads = kept_heads_from_units(
+                units, kept_units, s.q_heads.numel(), s.kv_heads.numel())
+
+    dense = [i for i, s in enumerate(scores) if s.neurons is not None]  # MoE layers have no dense MLP
+    if cfg.ffn > 0 and dense:
+        neuron_scores = [scores[i].neurons for i in dense]
+        if cfg.allocation == "uniform":
+            counts = [neurons_to_remove(cfg.ffn, n.numel(), cfg.multiple_of) for n in neuron_scores]
+        else:
+            total = sum(round(cfg.ffn * n.numel()) for n in neuron_scores)
+            counts = allocate_global(neuron_scores, total, cfg.min_keep)
+            if cfg.multiple_of > 1:
+                counts = [n.numel() - max(cfg.multiple_of, round((n.numel() - c) / cfg.multiple_of) * cfg.multiple_of)
+                          for n, c in zip(neuron_scores, counts)]
+        for i, n, c in zip(dense, neuron_scores, counts):
+            plans[i].kept_neurons = keep_after_removing(n, c)
+    _plan_experts(cfg, scores, plans)
+    return PrunePlan(layers=plans, removed_layers=removed_layers)
+
+
+#: kept expert widths are multiples of this: transformers' default batched-experts kernel (grouped_mm)
+#: needs 16-byte aligned strides, i.e. widths that are multiples of 8 in bf16/fp16 (4 in fp32).
+EXPERT_WIDTH_MULTIPLE = 8
+
+
+def _plan_experts(cfg: PruneConfig, scores: list[LayerScores], plans: list[LayerPlan]) -> None:
+    """Kept experts (uniform ratio per layer) and each expert's kept neurons (same count per layer)."""
+    if cfg.experts > 0:
+        for s, p in zip(scores, plans):
+            if s.experts is not None:
+                p.kept_experts = keep_after_removing(s.experts, experts_to_remove(cfg.experts, s.experts.numel()))
+    moe = [(i, s.expert_neurons) for i, s in enumerate(scores) if s.expert_neurons is not None]
+    if cfg.ffn <= 0 or not moe:
+        return
+    multiple = math.lcm(cfg.multiple_of, EXPERT_WIDTH_MULTIPLE)
+    if cfg.allocation == "uniform":
+        per_expert = [neurons_to_remove(cfg.ffn, n.shape[1], multiple) for _, n in moe]
+    else:
+        # Global: rank all expert neurons of all MoE layers (per-layer normalised), then give every expert
+        # of a layer that layer's average count, since batched experts must share one width.
+        flat = [n.reshape(-1) for _, n in moe]
+        total = sum(round(cfg.ffn * f.numel()) for f in flat)
+        counts = allocate_global(flat, total, cfg.min_keep)
+        per_expert = []
+        for (_, n), c in zip(moe, counts):
+            num_e, width = n.shape
+            kept = max(multiple, round((width - c / num_e) / multiple) * multiple)
+            per_expert.append(width - min(kept, width))
+    for (i, n), c in zip(moe, per_expert):
+        plans[i].kept_expert_neurons = [keep_after_removing(row, c) for row in n]

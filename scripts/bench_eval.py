@@ -14,9 +14,9 @@ import time
 
 import torch
 
-from eval.cli import load_model
-from eval.efficiency import count_parameters, macs_per_token, measure_speed, peak_memory
-from eval.perplexity import load_text, perplexity
+from llmprune.eval.cli import load_model
+from llmprune.eval.efficiency import count_parameters, macs_per_token, measure_speed, peak_memory
+from llmprune.eval.perplexity import load_text, perplexity
 
 
 def main() -> None:

@@ -63,7 +63,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import triton_kernels as tk  # noqa: E402
+import llmprune.kernels as tk  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DT = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[ARGS.dtype]
@@ -174,7 +174,7 @@ def bench_kernels(shapes, batches, sparsities, ops, peak):
 def bench_e2e(layers, tokens, sparsity):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llmprune import sparse as sp
+    from llmprune import runtime as sp
 
     if ARGS.smoke:
         cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
@@ -204,15 +204,15 @@ def bench_e2e(layers, tokens, sparsity):
     res = {"model": f"random Llama-7B shapes, {layers} layers" if not ARGS.smoke else f"tiny Llama, {layers} layers",
            "dtype": ARGS.dtype, "new_tokens": tokens}
     res["dense_tok_s"] = round(decode_tps(base), 2)
-    names = sp.find_targets(base, sp.SparsifyConfig())
+    names = sp.find_targets(base, sp.KernelConfig())
     with torch.no_grad():
         thresholds = sp.calibrate_thresholds(base, [prompt], sparsity)
     import copy
 
-    act = sp.sparsify(copy.deepcopy(base), sp.SparsifyConfig(thresholds=thresholds))
+    act = sp.use_kernels(copy.deepcopy(base), sp.KernelConfig(thresholds=thresholds))
     res[f"act_sparse_{int(sparsity * 100)}_tok_s"] = round(decode_tps(act), 2)
     del act
-    s24 = sp.sparsify(base, sp.SparsifyConfig(weight_24=True, thresholds={n: 0.0 for n in names}))
+    s24 = sp.use_kernels(base, sp.KernelConfig(weight_24=True, thresholds={n: 0.0 for n in names}))
     res["sparse24_tok_s"] = round(decode_tps(s24), 2)
     return res
 

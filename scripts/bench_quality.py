@@ -40,9 +40,9 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="JSON output file")
     args = ap.parse_args()
 
-    from eval.perplexity import load_text, perplexity
+    from llmprune.eval.perplexity import load_text, perplexity
     from llmprune import PruneConfig, load_model, prune
-    from llmprune.api import count_parameters
+    from llmprune.pipeline import count_parameters
     from llmprune.cli import block_parameters
 
     text = load_text(args.ppl)

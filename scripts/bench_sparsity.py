@@ -4,7 +4,7 @@
 Rows: dense; magnitude / wanda / sparsegpt at 50% unstructured and 2:4; TEAL-style activation
 sparsity at 25/40/50% (thresholds calibrated on the calibration text, sparsity measured on the
 evaluation text). Perplexity: WikiText-2 raw test, first 60k tokens, non-overlapping 256-token windows
-(``eval.perplexity.perplexity``, every one of the first 60k tokens scored).
+(``llmprune.eval.perplexity.perplexity``, every one of the first 60k tokens scored).
 
     PYTHONPATH=$PWD LLMPRUNE_SHARED=/work/shared HF_HUB_OFFLINE=1 python scripts/bench_sparsity.py
 """
@@ -27,7 +27,7 @@ from llmprune.sparsity import (  # noqa: E402
     SparsityConfig,
     apply_activation_sparsity,
     calibrate_activation_thresholds,
-    sparsify_weights,
+    sparsify,
 )
 
 SHARED = Path(os.environ.get("LLMPRUNE_SHARED", "/work/shared"))
@@ -35,11 +35,11 @@ SHARED = Path(os.environ.get("LLMPRUNE_SHARED", "/work/shared"))
 
 @torch.no_grad()
 def perplexity(model, tokenizer, text, seq_len=256, max_tokens=60000) -> tuple[float, str]:
-    """The project's protocol (eval.perplexity), scoring all ``max_tokens`` tokens (tail window kept)."""
-    from eval.perplexity import perplexity as ppl
+    """The project's protocol (llmprune.eval.perplexity), scoring all ``max_tokens`` tokens (tail window kept)."""
+    from llmprune.eval.perplexity import perplexity as ppl
 
     result = ppl(model, tokenizer, text, seq_len=seq_len, max_tokens=max_tokens, drop_last=False, progress=False)
-    return result.ppl, "eval.perplexity (tail kept)"
+    return result.ppl, "llmprune.eval.perplexity (tail kept)"
 
 
 def main() -> None:
@@ -79,7 +79,7 @@ def main() -> None:
             model = load()
             cfg = SparsityConfig(method=method, sparsity=0.5, pattern=pattern, n_samples=args.n_samples,
                                  seq_len=args.seq_len, seed=args.seed)
-            rep = sparsify_weights(model, cfg, calibration=batches, progress=False)
+            rep = sparsify(model, cfg, calibration=batches, progress=False)
             ppl, _ = perplexity(model, tok, text, max_tokens=args.max_tokens)
             row(f"{method} 50% {pattern}", ppl, rep.overall_sparsity, rep.seconds, "weight sparsity of targets")
 

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from llmprune import PruneConfig  # noqa: E402
-from llmprune.api import prune  # noqa: E402
+from llmprune import prune  # noqa: E402
 
 DEFAULT_SHARED = Path(os.environ.get("LLMPRUNE_SHARED", REPO.parent / "shared"))
 

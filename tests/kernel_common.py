@@ -12,8 +12,8 @@ import torch
 if not torch.cuda.is_available():  # must happen before the kernels are decorated
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import triton_kernels as tk  # noqa: E402
-from triton_kernels._common import interpreter_active  # noqa: E402
+import llmprune.kernels as tk  # noqa: E402
+from llmprune.kernels._common import interpreter_active  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 KERNELS_RUN = tk.HAS_TRITON and (CUDA or interpreter_active())

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llmprune import CalibrationError, PruneConfig, RatioError, UnsupportedArchitectureError
-from llmprune.api import prune
+from llmprune import prune
 from llmprune.cli import main
 from llmprune.io import CheckpointError, OutputExistsError, load_model, save_pruned
 

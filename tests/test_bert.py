@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
 import llmprune  # noqa: F401  (registers per-layer classes)
 from llmprune import PruneConfig
-from llmprune.api import prune
+from llmprune import prune
 from llmprune.config import LayerPlan, PrunePlan
 from llmprune.io import save_pruned
 from llmprune.surgery import apply_plan, layer_widths

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llmprune import PruneConfig
-from llmprune.api import prune
+from llmprune import prune
 from llmprune.arch import get_adapter
 from llmprune.calibrate import layerwise_statistics
 from llmprune.io import save_pruned

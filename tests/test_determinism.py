@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from llmprune import PruneConfig
-from llmprune.api import prune
+from llmprune import prune
 from llmprune.calibrate import calibration_batches
 from llmprune.select import allocate_global, attention_units, keep_after_removing
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llmprune import PruneConfig
-from llmprune.api import prune
+from llmprune import prune
 from llmprune.arch import get_adapter
 from llmprune.config import LayerPlan, PrunePlan
 from llmprune.select import RatioError

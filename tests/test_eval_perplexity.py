@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eval.perplexity import PerplexityResult, load_text, perplexity, tokenize_text, windows
+from llmprune.eval.perplexity import PerplexityResult, load_text, perplexity, tokenize_text, windows
 
 SHARED = Path(os.environ.get("LLMPRUNE_SHARED") or Path(__file__).resolve().parents[1].parent / "shared")
 MODEL = SHARED / "models" / "ref-llama-7m"

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from eval.efficiency import count_parameters, macs_per_token, measure_speed, peak_memory, size_on_disk
-from eval.report import Report, relative_change
+from llmprune.eval.efficiency import count_parameters, macs_per_token, measure_speed, peak_memory, size_on_disk
+from llmprune.eval.report import Report, relative_change
 
 SHARED = Path(os.environ.get("LLMPRUNE_SHARED") or Path(__file__).resolve().parents[1].parent / "shared")
 MODEL = SHARED / "models" / "ref-llama-7m"
@@ -83,7 +83,7 @@ def test_report_table_relative_change_and_files(tmp_path):
 def test_cli_end_to_end_dense_vs_smaller(tmp_path, capsys):
     from transformers import AutoTokenizer
 
-    from eval import cli
+    from llmprune.eval import cli
 
     tok = AutoTokenizer.from_pretrained(MODEL)
     for name, ffn in (("dense", 64), ("pruned", 32)):
@@ -107,7 +107,7 @@ def test_cli_end_to_end_dense_vs_smaller(tmp_path, capsys):
 
 
 def test_cli_main_reports_missing_inputs(tmp_path, capsys):
-    from eval import cli
+    from llmprune.eval import cli
 
     assert cli.main([str(tmp_path / "no-model"), "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from eval.tasks import LOCAL_TASKS, evaluate_tasks, make_task_manager, resolve_task_names
-from eval.tasks.local_data import load_lambada, load_openbookqa, load_piqa
+from llmprune.eval.tasks import LOCAL_TASKS, evaluate_tasks, make_task_manager, resolve_task_names
+from llmprune.eval.tasks.local_data import load_lambada, load_openbookqa, load_piqa
 
 SHARED = Path(os.environ.get("LLMPRUNE_SHARED") or Path(__file__).resolve().parents[1].parent / "shared")
 MODEL = SHARED / "models" / "ref-llama-7m"

@@ -12,7 +12,7 @@ import torch
 
 import llmprune  # noqa: F401  (registers per-layer classes)
 from llmprune import PruneConfig
-from llmprune.api import RatioError, prune
+from llmprune import RatioError, prune
 from llmprune.config import LayerPlan, PrunePlan
 from llmprune.io import read_plan, save_pruned
 from llmprune.surgery import apply_plan, layer_widths
@@ -114,7 +114,7 @@ def test_save_reload_identical(tmp_path, model_type, allocation):
 
 
 def test_expert_scores_use_routing_mass_with_calibration():
-    from llmprune.api import score_layers
+    from llmprune.score import score_layers
     from llmprune.arch import get_adapter
     from llmprune.calibrate import layerwise_statistics
 

@@ -9,7 +9,7 @@ import torch
 
 import llmprune
 from llmprune import PruneConfig
-from llmprune.api import prune
+from llmprune import prune
 from llmprune.config import PrunePlan
 from llmprune.io import read_plan, read_recipe, save_pruned
 

@@ -1,4 +1,4 @@
-"""Kernel-backed modules (llmprune.sparse): equivalence with nn.Linear / the dense MLP, sparsify on
+"""Kernel-backed modules (llmprune.runtime): equivalence with nn.Linear / the dense MLP, use_kernels on
 the reference Llama, single CPU-fallback warning, JSON config round trip, safetensors save/load.
 
 Module-vs-dense tolerances (fp32): 1e-5 (reference path), 1e-4 (Triton interpreter path)."""
@@ -15,11 +15,13 @@ from torch import nn
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import triton_kernels as tk  # noqa: E402
-from llmprune import sparse as sp  # noqa: E402
-from triton_kernels._common import interpreter_active  # noqa: E402
+import llmprune.kernels as tk  # noqa: E402
+from llmprune import runtime as sp  # noqa: E402
+from llmprune.kernels._common import interpreter_active  # noqa: E402
 
-REF_MODEL = "/work/shared/models/ref-llama-7m"
+from conftest import REF_MODEL as _REF  # noqa: E402
+
+REF_MODEL = str(_REF)
 needs_model = pytest.mark.skipif(not os.path.isdir(REF_MODEL), reason="reference model not available")
 needs_kernels = pytest.mark.skipif(not (tk.HAS_TRITON and (torch.cuda.is_available() or interpreter_active())),
                                    reason="needs Triton with CUDA or TRITON_INTERPRET=1")
@@ -123,23 +125,23 @@ def test_modules_kernel_path_in_interpreter(backend):
 
 
 def test_config_json_roundtrip():
-    cfg = sp.SparsifyConfig(activation_sparsity={"*.mlp.*": 0.5, "*": 0.4}, thresholds={"a.q_proj": 0.1},
+    cfg = sp.KernelConfig(activation_sparsity={"*.mlp.*": 0.5, "*": 0.4}, thresholds={"a.q_proj": 0.1},
                             weight_24=True, targets=["*.q_proj", "*.down_proj"], ffn_neurons={"m": [1, 2]})
     d = json.loads(json.dumps(cfg.to_dict()))
-    assert sp.SparsifyConfig.from_dict(d) == cfg
-    assert sp.SparsifyConfig.from_json(cfg.to_json()) == cfg
+    assert sp.KernelConfig.from_dict(d) == cfg
+    assert sp.KernelConfig.from_json(cfg.to_json()) == cfg
     assert cfg.sparsity_for("model.layers.0.mlp.up_proj") == 0.5 and cfg.sparsity_for("x.q_proj") == 0.4
     with pytest.raises(ValueError):
-        sp.SparsifyConfig.from_dict({"bogus": 1})
+        sp.KernelConfig.from_dict({"bogus": 1})
     with pytest.raises(ValueError):
-        sp.SparsifyConfig(activation_sparsity=1.5)
+        sp.KernelConfig(activation_sparsity=1.5)
 
 
 def test_sparsify_needs_thresholds_or_calibration():
     model = nn.Sequential()
     model.add_module("q_proj", nn.Linear(8, 8))
     with pytest.raises(ValueError, match="calib_batches"):
-        sp.sparsify(model, sp.SparsifyConfig(targets=["q_proj"], activation_sparsity=0.5))
+        sp.use_kernels(model, sp.KernelConfig(targets=["q_proj"], activation_sparsity=0.5))
 
 
 @needs_model
@@ -147,15 +149,15 @@ def test_sparsify_generate_on_cpu_warns_once(ref_model, backend):
     backend("auto")
     model = _fresh(ref_model)
     ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
-    cfg = sp.SparsifyConfig(activation_sparsity=0.5)
+    cfg = sp.KernelConfig(activation_sparsity=0.5)
     sp.reset_fallback_warning()
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        sp.sparsify(model, cfg, calib_batches=[ids])
+        sp.use_kernels(model, cfg, calib_batches=[ids])
         with torch.no_grad():
             model(ids)
         out = model.generate(ids[:1], max_new_tokens=6, do_sample=False)
-    ours = [w for w in rec if "llmprune.sparse" in str(w.message)]
+    ours = [w for w in rec if "llmprune.runtime" in str(w.message)]
     assert len(ours) == 1 and issubclass(ours[0].category, RuntimeWarning)
     assert out.shape == (1, 22)
     n_sparse = sum(isinstance(m, sp.ActSparseLinear) for m in model.modules())
@@ -177,16 +179,16 @@ def test_sparsify_generate_on_cpu_warns_once(ref_model, backend):
 def test_save_load_roundtrip_identical_logits(ref_model, tmp_path, backend, weight_24):
     backend("reference")
     model = _fresh(ref_model)
-    names = sp.find_targets(model, sp.SparsifyConfig())
+    names = sp.find_targets(model, sp.KernelConfig())
     thresholds = {n: 0.05 * (i % 3) for i, n in enumerate(names)}
-    cfg = sp.SparsifyConfig(thresholds=thresholds, weight_24=weight_24,
+    cfg = sp.KernelConfig(thresholds=thresholds, weight_24=weight_24,
                             ffn_neurons={"model.layers.1.mlp": list(range(0, 768, 3))})
-    sp.sparsify(model, cfg)
+    sp.use_kernels(model, cfg)
     ids = torch.randint(0, model.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         before = model(ids).logits
     out = tmp_path / "sparse-model"
-    sp.save_sparse(model, out)
+    sp.save_compressed(model, out)
     files = sorted(os.listdir(out))
     assert files == ["config.json", "generation_config.json", "model.safetensors", "sparse_config.json"]
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temp dir left behind
@@ -197,27 +199,27 @@ def test_save_load_roundtrip_identical_logits(ref_model, tmp_path, backend, weig
             assert f.get_tensor("model.layers.0.self_attn.q_proj.meta").dtype == torch.uint8
             assert tuple(f.get_slice("model.layers.0.self_attn.q_proj.values").get_shape()) == (256, 128)
     assert "lm_head.weight" not in keys  # tied to the embeddings
-    loaded = sp.load_sparse(out)
+    loaded = sp.load_compressed(out)
     with torch.no_grad():
         after = loaded(ids).logits
     assert torch.equal(before, after)
-    assert loaded.llmprune_sparsify_config == cfg
+    assert loaded.llmprune_kernel_config == cfg
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     with pytest.raises(FileExistsError):
-        sp.save_sparse(model, out)
+        sp.save_compressed(model, out)
     # save_pretrained of a sparsified model stores the same compressed format
     via_hf = tmp_path / "via-save-pretrained"
     model.save_pretrained(via_hf)
     assert sorted(os.listdir(via_hf)) == files
     with torch.no_grad():
-        assert torch.equal(sp.load_sparse(via_hf)(ids).logits, before)
+        assert torch.equal(sp.load_compressed(via_hf)(ids).logits, before)
     with pytest.raises(FileExistsError):
         model.save_pretrained(via_hf)
 
 
 def test_import_without_triton():
     code = ("import sys; sys.modules['triton'] = None\n"
-            "import torch, triton_kernels as tk, llmprune.sparse as sp\n"
+            "import torch, llmprune.kernels as tk, llmprune.runtime as sp\n"
             "assert not tk.HAS_TRITON\n"
             "m = sp.ActSparseLinear.from_linear(torch.nn.Linear(8, 4), 0.1)\n"
             "import warnings; warnings.simplefilter('error')\n"

@@ -1,4 +1,4 @@
-"""sparsify_weights: config round trip and validation, exact sparsity on tiny models, ref-model e2e."""
+"""sparsify: config round trip and validation, exact sparsity on tiny models, ref-model e2e."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from tiny_models import tiny_causal_lm
 
 from llmprune.calibrate import CalibrationError
-from llmprune.sparsity import SparsityConfig, num_pruned, sparsify_weights
+from llmprune.sparsity import SparsityConfig, num_pruned, sparsify
 
 
 def _batches(vocab=128, n=4, seq=16, seed=0):
@@ -53,20 +53,20 @@ def test_missing_calibration_is_a_clear_error(method):
     model = tiny_causal_lm("llama")
     before = {n: p.clone() for n, p in model.named_parameters()}
     with pytest.raises(CalibrationError, match="needs calibration"):
-        sparsify_weights(model, SparsityConfig(method=method), progress=False)
+        sparsify(model, SparsityConfig(method=method), progress=False)
     with pytest.raises(CalibrationError, match="tokenizer"):
-        sparsify_weights(model, SparsityConfig(method=method), calibration="some text here", progress=False)
+        sparsify(model, SparsityConfig(method=method), calibration="some text here", progress=False)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
 def test_targets_that_match_nothing_and_indivisible_nm():
     model = tiny_causal_lm("llama")
     with pytest.raises(ValueError, match="match no linear"):
-        sparsify_weights(model, SparsityConfig(method="magnitude", targets=["*.nothing"]), progress=False)
+        sparsify(model, SparsityConfig(method="magnitude", targets=["*.nothing"]), progress=False)
     # hidden 64 / intermediate 96 are divisible by 8 but not by 64 -> "32:64" fails before any change
     before = {n: p.clone() for n, p in model.named_parameters()}
     with pytest.raises(ValueError, match="divisible by 64"):
-        sparsify_weights(model, SparsityConfig(method="magnitude", pattern="32:64", sparsity=0.5,
+        sparsify(model, SparsityConfig(method="magnitude", pattern="32:64", sparsity=0.5,
                                                targets=["*down_proj"]), progress=False)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
@@ -84,7 +84,7 @@ def test_exact_sparsity_on_tiny_models(model_type, method, pattern, sparsity):
     model = tiny_causal_lm(model_type)
     untouched = {n: p.clone() for n, p in model.named_parameters() if "layers" not in n or p.ndim == 1}
     cfg = SparsityConfig(method=method, sparsity=sparsity, pattern=pattern, blocksize=32)
-    report = sparsify_weights(model, cfg, calibration=_batches(), progress=False)
+    report = sparsify(model, cfg, calibration=_batches(), progress=False)
     assert len(report.layers) == 7 * 3
     for name, mod in model.named_modules():
         if name in report.layers:
@@ -109,7 +109,7 @@ def test_exact_sparsity_on_tiny_models(model_type, method, pattern, sparsity):
 def test_targets_and_non_sequential():
     model = tiny_causal_lm("llama")
     cfg = SparsityConfig(method="wanda", sparsity=0.5, targets=["mlp.*"], sequential=False)
-    report = sparsify_weights(model, cfg, calibration=torch.cat(_batches()), progress=False)
+    report = sparsify(model, cfg, calibration=torch.cat(_batches()), progress=False)
     assert sorted({n.split(".")[-1] for n in report.layers}) == ["down_proj", "gate_proj", "up_proj"]
     assert float((model.model.layers[0].self_attn.q_proj.weight == 0).float().mean()) < 0.01
 
@@ -117,7 +117,7 @@ def test_targets_and_non_sequential():
 def test_sequential_changes_later_layers_only():
     a, b = tiny_causal_lm("llama"), tiny_causal_lm("llama")
     for model, seq in ((a, True), (b, False)):
-        sparsify_weights(model, SparsityConfig(method="wanda", sequential=seq), calibration=_batches(), progress=False)
+        sparsify(model, SparsityConfig(method="wanda", sequential=seq), calibration=_batches(), progress=False)
     la, lb = a.model.layers, b.model.layers
     assert torch.equal(la[0].self_attn.q_proj.weight, lb[0].self_attn.q_proj.weight)  # same input to layer 0
     assert not torch.equal(la[2].mlp.down_proj.weight, lb[2].mlp.down_proj.weight)
@@ -127,7 +127,7 @@ def test_deterministic():
     ws = []
     for _ in range(2):
         model = tiny_causal_lm("llama")
-        sparsify_weights(model, SparsityConfig(method="sparsegpt", pattern="2:4", targets=["*down_proj"]),
+        sparsify(model, SparsityConfig(method="sparsegpt", pattern="2:4", targets=["*down_proj"]),
                          calibration=_batches(), progress=False)
         ws.append(model.model.layers[1].mlp.down_proj.weight.clone())
     assert torch.equal(*ws)
@@ -138,7 +138,7 @@ def test_ref_model_end_to_end_generation(ref_model, shared_dir):
     # a slice of the calibration text keeps tokenization fast (the file is 5 MB)
     calib = (shared_dir / "data" / "reference-train.txt").read_text(encoding="utf-8")[:20000]
     cfg = SparsityConfig(method="wanda", sparsity=0.5, pattern="2:4", n_samples=4, seq_len=64)
-    report = sparsify_weights(model, cfg, tokenizer=tok, calibration=calib, progress=False)
+    report = sparsify(model, cfg, tokenizer=tok, calibration=calib, progress=False)
     assert report.overall_sparsity == pytest.approx(0.5)
     assert len(report.layers) == 6 * 7
     q = model.model.layers[3].self_attn.q_proj.weight

@@ -16,7 +16,7 @@ import os
 
 import torch
 
-try:  # Triton is optional: the references (and llmprune.sparse) work without it.
+try:  # Triton is optional: the references (and llmprune.runtime) work without it.
     import triton
     import triton.language as tl
 

@@ -4,7 +4,7 @@ Task names:
 
 * ``lambada``, ``piqa``, ``openbookqa`` are the *local* tasks ``llmprune_lambada``,
   ``llmprune_piqa``, ``llmprune_openbookqa`` (YAMLs shipped in this folder, reading the
-  files under :func:`eval.paths.task_data_dir`) when those files exist; otherwise they
+  files under :func:`llmprune.eval.paths.task_data_dir`) when those files exist; otherwise they
   fall back to lm-eval's ``lambada_openai``, ``piqa``, ``openbookqa`` (need the Hub).
 * ``llmprune_*`` names always mean the local tasks; any other name (``hellaswag``,
   ``arc_easy``...) is passed to lm-eval unchanged.
@@ -15,7 +15,7 @@ else ``$LLMPRUNE_SHARED/data/tasks``, else ``<repo>/../shared/data/tasks``), so 
 baked into the YAML files.
 
 Example:
-    >>> from eval.tasks import evaluate_tasks
+    >>> from llmprune.eval.tasks import evaluate_tasks
     >>> evaluate_tasks(model, tok, ["lambada", "piqa"], limit=50)  # doctest: +SKIP
     {'lambada': {'acc': 0.1, 'acc_norm': None}, 'piqa': {'acc': 0.56, 'acc_norm': 0.54}}
 """

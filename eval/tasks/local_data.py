@@ -1,8 +1,8 @@
 """Loaders for the task files in ``shared/data/tasks`` (used by the YAMLs in this folder).
 
 lm-eval calls each loader through the YAML key ``custom_dataset`` with the task metadata
-as keyword arguments; ``data_dir`` (set by :func:`eval.tasks.evaluate_tasks`) overrides the
-default folder :func:`eval.paths.task_data_dir`. Files are read as they are; nothing is
+as keyword arguments; ``data_dir`` (set by :func:`llmprune.eval.tasks.evaluate_tasks`) overrides the
+default folder :func:`llmprune.eval.paths.task_data_dir`. Files are read as they are; nothing is
 re-ordered, so ``--limit N`` takes the first N documents of each file.
 
 Example:
@@ -24,10 +24,10 @@ __all__ = ["load_lambada", "load_openbookqa", "load_piqa", "resolve_data_dir"]
 
 
 def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
-    """The task data folder: ``data_dir`` if given, else :func:`eval.paths.task_data_dir`."""
+    """The task data folder: ``data_dir`` if given, else :func:`llmprune.eval.paths.task_data_dir`."""
     if data_dir:
         return Path(data_dir).expanduser()
-    from eval.paths import task_data_dir
+    from llmprune.eval.paths import task_data_dir
 
     return task_data_dir()
 

@@ -3,8 +3,8 @@
 
 Example::
 
-    from llmprune.sparsity import SparsityConfig, sparsify_weights, calibrate_activation_thresholds
-    report = sparsify_weights(model, SparsityConfig(method="wanda", sparsity=0.5), tokenizer=tok,
+    from llmprune.sparsity import SparsityConfig, sparsify, calibrate_activation_thresholds
+    report = sparsify(model, SparsityConfig(method="wanda", sparsity=0.5), tokenizer=tok,
                               calibration="calib.txt")
     thresholds = calibrate_activation_thresholds(model, tok, "calib.txt", sparsity=0.4)
     handle = apply_activation_sparsity(model, thresholds)   # reference forward pre-hooks
@@ -16,7 +16,7 @@ from .activation import (
     calibrate_activation_thresholds,
     measure_activation_sparsity,
 )
-from .api import METHODS, SparsityConfig, SparsityReport, sparsify_weights, weight_sparsity
+from .api import METHODS, SparsityConfig, SparsityReport, sparsify, weight_sparsity
 from .magnitude import magnitude_mask, magnitude_scores
 from .masks import mask_sparsity, nm_mask, num_pruned, parse_pattern, unstructured_mask
 from .sparsegpt import HessianAccumulator, inverse_hessian_cholesky, sparsegpt_prune
@@ -25,7 +25,7 @@ from .wanda import wanda_mask, wanda_scores
 __all__ = [
     "SparsityConfig",
     "SparsityReport",
-    "sparsify_weights",
+    "sparsify",
     "weight_sparsity",
     "METHODS",
     "unstructured_mask",

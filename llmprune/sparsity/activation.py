@@ -14,7 +14,7 @@ calibrated on the inputs the layer sees at inference time, i.e. with all earlier
 down_proj for Llama).
 
 The thresholds are ``{full module name: float}`` (``model.layers.0.mlp.down_proj``), the format of
-``llmprune.sparse.SparsifyConfig(thresholds=...)`` whose ``ActSparseLinear`` keeps ``|x| > t``.
+``llmprune.runtime.KernelConfig(thresholds=...)`` whose ``ActSparseLinear`` keeps ``|x| > t``.
 :func:`apply_activation_sparsity` is the plain-PyTorch reference (forward pre-hooks).
 
 Example::

@@ -1,4 +1,4 @@
-"""``sparsify_weights``: unstructured / N:M weight sparsity with magnitude, Wanda or SparseGPT.
+"""``sparsify``: unstructured / N:M weight sparsity with magnitude, Wanda or SparseGPT.
 
 Weights are zeroed in place (shapes unchanged). With calibration (Wanda, SparseGPT) the model is pruned
 one decoder layer at a time: the layer's input statistics are gathered, its linear layers are pruned,
@@ -6,8 +6,8 @@ and (``sequential=True``) its *pruned* output becomes the next layer's input, as
 
 Example::
 
-    from llmprune.sparsity import SparsityConfig, sparsify_weights
-    report = sparsify_weights(model, SparsityConfig(method="sparsegpt", pattern="2:4"),
+    from llmprune.sparsity import SparsityConfig, sparsify
+    report = sparsify(model, SparsityConfig(method="sparsegpt", pattern="2:4"),
                               tokenizer=tok, calibration="calib.txt")
     report.overall_sparsity    # 0.5
     report.layers["model.layers.0.mlp.down_proj"]
@@ -35,7 +35,7 @@ from .masks import check_nm, parse_pattern
 from .sparsegpt import HessianAccumulator, sparsegpt_prune
 from .wanda import wanda_mask
 
-__all__ = ["SparsityConfig", "SparsityReport", "sparsify_weights", "METHODS", "weight_sparsity"]
+__all__ = ["SparsityConfig", "SparsityReport", "sparsify", "METHODS", "weight_sparsity"]
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 _NEEDS_DATA = ("wanda", "sparsegpt")
@@ -174,7 +174,7 @@ def _prune_module(module: nn.Module, config: SparsityConfig, stats: Any) -> None
 
 
 @torch.no_grad()
-def sparsify_weights(
+def sparsify(
     model: nn.Module,
     config: SparsityConfig | dict | None = None,
     tokenizer: Any = None,

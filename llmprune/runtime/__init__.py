@@ -1,13 +1,13 @@
 """Kernel-backed sparse modules and model conversion.
 
-``sparsify(model, SparsifyConfig(...))`` replaces target nn.Linear layers with
+``use_kernels(model, KernelConfig(...))`` replaces target nn.Linear layers with
 ``ActSparseLinear`` (dynamic activation sparsity) or ``Sparse24Linear`` (2:4 compressed weights),
 and optionally SwiGLU MLPs with ``GatherSwiGLUMLP`` (static/dynamic neuron subsets).
-``save_sparse`` / ``load_sparse`` store the compressed format (safetensors + JSON, see ``io``).
-On CUDA the modules call the Triton kernels in ``triton_kernels``; elsewhere they use the PyTorch
+``save_compressed`` / ``load_compressed`` store the compressed format (safetensors + JSON, see ``io``).
+On CUDA the modules call the Triton kernels in ``llmprune.kernels``; elsewhere they use the PyTorch
 references and warn once.
 """
-from .io import load_sparse, save_sparse
+from .io import load_compressed, save_compressed
 from .modules import (
     ActSparseLinear,
     GatherSwiGLUMLP,
@@ -16,19 +16,19 @@ from .modules import (
     reset_fallback_warning,
     set_backend,
 )
-from .sparsify import DEFAULT_TARGETS, SparsifyConfig, calibrate_thresholds, find_targets, sparsify
+from .convert import DEFAULT_TARGETS, KernelConfig, calibrate_thresholds, find_targets, use_kernels
 
 __all__ = [
     "ActSparseLinear",
     "Sparse24Linear",
     "GatherSwiGLUMLP",
-    "SparsifyConfig",
-    "sparsify",
+    "KernelConfig",
+    "use_kernels",
     "calibrate_thresholds",
     "find_targets",
     "DEFAULT_TARGETS",
-    "save_sparse",
-    "load_sparse",
+    "save_compressed",
+    "load_compressed",
     "set_backend",
     "get_backend",
     "reset_fallback_warning",

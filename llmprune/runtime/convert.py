@@ -1,4 +1,4 @@
-"""``sparsify(model, config)``: swap chosen nn.Linear layers (and optionally SwiGLU MLPs) for
+"""``use_kernels(model, config)``: swap chosen nn.Linear layers (and optionally SwiGLU MLPs) for
 kernel-backed modules in place.
 
 Per target linear (module name matched by ``fnmatch`` against ``config.targets`` and not
@@ -26,14 +26,14 @@ from torch import nn
 
 from .modules import ActSparseLinear, GatherSwiGLUMLP, Sparse24Linear
 
-__all__ = ["SparsifyConfig", "sparsify", "calibrate_thresholds", "DEFAULT_TARGETS", "find_targets"]
+__all__ = ["KernelConfig", "use_kernels", "calibrate_thresholds", "DEFAULT_TARGETS", "find_targets"]
 
 DEFAULT_TARGETS = ["*.q_proj", "*.k_proj", "*.v_proj", "*.o_proj", "*.gate_proj", "*.up_proj", "*.down_proj"]
 
 
 @dataclass
-class SparsifyConfig:
-    """What to sparsify. JSON round trip via ``to_dict`` / ``from_dict`` (or ``to_json``/``from_json``).
+class KernelConfig:
+    """Which layers become kernel-backed modules. JSON round trip via ``to_dict`` / ``from_dict`` (or ``to_json``/``from_json``).
 
     targets: fnmatch patterns of nn.Linear module names to replace.
     exclude: patterns never replaced (lm_head by default).
@@ -67,18 +67,18 @@ class SparsifyConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SparsifyConfig":
+    def from_dict(cls, d: dict) -> "KernelConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
-            raise ValueError(f"unknown SparsifyConfig fields: {sorted(unknown)}")
+            raise ValueError(f"unknown KernelConfig fields: {sorted(unknown)}")
         return cls(**d)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, s: str) -> "SparsifyConfig":
+    def from_json(cls, s: str) -> "KernelConfig":
         return cls.from_dict(json.loads(s))
 
     # -- resolution helpers -------------------------------------------------
@@ -106,12 +106,12 @@ def _lookup(d: dict, name: str, default):
     return default
 
 
-def find_targets(model: nn.Module, config: SparsifyConfig) -> list[str]:
+def find_targets(model: nn.Module, config: KernelConfig) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and config.matches(n)]
 
 
 def calibrate_thresholds(model: nn.Module, batches, sparsity, targets=None, max_samples: int = 1 << 18) -> dict[str, float]:
-    """TEAL-style thresholds for ``sparsify``: the ``sparsity``-quantile of each target's |input|.
+    """TEAL-style thresholds for ``use_kernels``: the ``sparsity``-quantile of each target's |input|.
 
     ``batches`` are token-id tensors; ``sparsity`` is a float or ``{pattern: float}``. Delegates to
     :func:`llmprune.sparsity.calibrate_activation_thresholds` (layer by layer, each layer calibrated on
@@ -130,33 +130,33 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 @torch.no_grad()
-def sparsify(model: nn.Module, config: SparsifyConfig | dict | None = None, calib_batches=None) -> nn.Module:
+def use_kernels(model: nn.Module, config: KernelConfig | dict | None = None, calib_batches=None) -> nn.Module:
     """Replace target layers of ``model`` in place with kernel-backed modules; returns ``model``.
-    The config is recorded as ``model.llmprune_sparsify_config`` (used by ``save_sparse``), and
-    ``model.save_pretrained`` is bound to ``save_sparse`` so it stores the compressed format."""
+    The config is recorded as ``model.llmprune_kernel_config`` (used by ``save_compressed``), and
+    ``model.save_pretrained`` is bound to ``save_compressed`` so it stores the compressed format."""
     if config is None:
-        config = SparsifyConfig()
+        config = KernelConfig()
     elif isinstance(config, dict):
-        config = SparsifyConfig.from_dict(config)
+        config = KernelConfig.from_dict(config)
 
     mods = dict(model.named_modules())
     replaced_mlps = []
     for mlp_name, idx in (config.ffn_neurons or {}).items():
         if mlp_name not in mods:
-            raise KeyError(f"sparsify: ffn_neurons names unknown module {mlp_name!r}")
+            raise KeyError(f"use_kernels: ffn_neurons names unknown module {mlp_name!r}")
         _set(model, mlp_name, GatherSwiGLUMLP.from_mlp(mods[mlp_name], idx))
         replaced_mlps.append(mlp_name + ".")
 
     targets = [n for n in find_targets(model, config) if not any(n.startswith(p) for p in replaced_mlps)]
     if not targets and not replaced_mlps:
-        raise ValueError(f"sparsify: no nn.Linear matches targets={config.targets}")
+        raise ValueError(f"use_kernels: no nn.Linear matches targets={config.targets}")
 
     thresholds = {n: config.threshold_for(n) for n in targets}
     need = [n for n in targets if thresholds[n] is None and config.sparsity_for(n) > 0]
     if need:
         if calib_batches is None:
             raise ValueError(
-                f"sparsify: {len(need)} layers (e.g. {need[0]}) have an activation_sparsity target but no "
+                f"use_kernels: {len(need)} layers (e.g. {need[0]}) have an activation_sparsity target but no "
                 "threshold; pass config.thresholds or calib_batches"
             )
         calib = calibrate_thresholds(model, calib_batches, config.activation_sparsity, targets=need)
@@ -168,7 +168,7 @@ def sparsify(model: nn.Module, config: SparsifyConfig | dict | None = None, cali
         t = float(thresholds[n] or 0.0)
         new = Sparse24Linear.from_linear(lin, threshold=t) if config.weight_24 else ActSparseLinear.from_linear(lin, t)
         _set(model, n, new)
-    model.llmprune_sparsify_config = config
+    model.llmprune_kernel_config = config
     from .io import bind_save_pretrained  # io imports this module
 
     bind_save_pretrained(model)

@@ -1,13 +1,13 @@
 """Save / reload a sparsified Hugging Face model (safetensors only, never pickle).
 
-Directory layout written by ``save_sparse(model, out_dir)``::
+Directory layout written by ``save_compressed(model, out_dir)``::
 
     out_dir/
       config.json              the model's transformers config (``model.config``)
       generation_config.json   if the model has one
       model.safetensors        every tensor of ``model.state_dict()`` (tied duplicates dropped)
       sparse_config.json       {"format": "llmprune-sparse", "version": 1,
-                                "sparsify_config": SparsifyConfig.to_dict() or null,
+                                "sparsify_config": KernelConfig.to_dict() or null,
                                 "modules": {module name: {"type": ..., shape fields}},
                                 "tied": {dropped key: kept key}}
 
@@ -18,13 +18,13 @@ Tensors of the kernel-backed modules in ``model.safetensors`` (``<m>`` = module 
 * ``sparse24_linear``: ``<m>.values`` [out, in/2] (model dtype), ``<m>.meta`` uint8
   [out, ceil(in/8)], ``<m>.threshold`` fp32 scalar (0 = off), ``<m>.bias`` if any.
   Value j of row n is ``W[n, 4*(j//2) + ((meta[n, j//4] >> 2*(j%4)) & 3)]`` (see
-  ``triton_kernels.sparse24_gemm``).
+  ``llmprune.kernels.sparse24_gemm``).
 * ``gather_swiglu_mlp``: ``<m>.w_gate``, ``<m>.w_up`` [I, H], ``<m>.w_down_t`` [I, H]
   (= down_proj.weight.T), ``<m>.idx`` int64 [kept].
 
 All other tensors keep their usual transformers names. The write is atomic: everything goes to a
 temporary directory next to ``out_dir`` which is renamed to ``out_dir`` at the end; an existing
-``out_dir`` is refused unless ``overwrite=True``. After ``sparsify``, ``model.save_pretrained(dir)`` writes
+``out_dir`` is refused unless ``overwrite=True``. After ``use_kernels``, ``model.save_pretrained(dir)`` writes
 this format too (``bind_save_pretrained``).
 """
 from __future__ import annotations
@@ -35,9 +35,9 @@ import os
 from torch import nn
 
 from .modules import ActSparseLinear, GatherSwiGLUMLP, Sparse24Linear
-from .sparsify import SparsifyConfig
+from .convert import KernelConfig
 
-__all__ = ["save_sparse", "load_sparse", "bind_save_pretrained", "FORMAT", "VERSION"]
+__all__ = ["save_compressed", "load_compressed", "bind_save_pretrained", "FORMAT", "VERSION"]
 
 FORMAT = "llmprune-sparse"
 VERSION = 1
@@ -78,8 +78,8 @@ def _dedupe(sd: dict) -> tuple[dict, dict]:
     return out, tied
 
 
-def save_sparse(model: nn.Module, out_dir: str | os.PathLike, overwrite: bool = False) -> str:
-    """Write ``model`` (after ``sparsify``) atomically to ``out_dir``; returns its path.
+def save_compressed(model: nn.Module, out_dir: str | os.PathLike, overwrite: bool = False) -> str:
+    """Write ``model`` (after ``use_kernels``) atomically to ``out_dir``; returns its path.
 
     An existing ``out_dir`` is refused unless ``overwrite`` (see :class:`llmprune.io.atomic_directory`).
     """
@@ -89,11 +89,11 @@ def save_sparse(model: nn.Module, out_dir: str | os.PathLike, overwrite: bool = 
 
     modules = {n: _describe(m) for n, m in model.named_modules() if type(m) in _TYPES}
     tensors, tied = _dedupe(model.state_dict())
-    cfg = getattr(model, "llmprune_sparsify_config", None)
+    cfg = getattr(model, "llmprune_kernel_config", None)
     meta = {
         "format": FORMAT,
         "version": VERSION,
-        "sparsify_config": cfg.to_dict() if isinstance(cfg, SparsifyConfig) else None,
+        "sparsify_config": cfg.to_dict() if isinstance(cfg, KernelConfig) else None,
         "modules": modules,
         "tied": tied,
     }
@@ -119,13 +119,13 @@ def bind_save_pretrained(model: nn.Module) -> None:
     def save_pretrained(save_directory: str | os.PathLike, overwrite: bool = False, **_: object) -> str:
         path = os.fspath(save_directory)
         empty = os.path.isdir(path) and not os.listdir(path)
-        return save_sparse(model, path, overwrite=overwrite or empty)
+        return save_compressed(model, path, overwrite=overwrite or empty)
 
     model.save_pretrained = save_pretrained  # instance attribute: the class is untouched
 
 
-def load_sparse(path: str | os.PathLike, device=None) -> nn.Module:
-    """Rebuild a model saved by ``save_sparse``: the transformers architecture from config.json,
+def load_compressed(path: str | os.PathLike, device=None) -> nn.Module:
+    """Rebuild a model saved by ``save_compressed``: the transformers architecture from config.json,
     the kernel-backed modules from sparse_config.json, all tensors from model.safetensors."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -134,7 +134,7 @@ def load_sparse(path: str | os.PathLike, device=None) -> nn.Module:
     with open(os.path.join(path, "sparse_config.json")) as f:
         meta = json.load(f)
     if meta.get("format") != FORMAT or int(meta.get("version", 0)) > VERSION:
-        raise ValueError(f"load_sparse: {path} is not a {FORMAT} v<= {VERSION} checkpoint")
+        raise ValueError(f"load_compressed: {path} is not a {FORMAT} v<= {VERSION} checkpoint")
     config = AutoConfig.from_pretrained(path)
     sd = load_file(os.path.join(path, "model.safetensors"))
     dtype = next((t.dtype for k, t in sd.items() if t.is_floating_point() and not k.endswith("threshold")), None)
@@ -145,13 +145,13 @@ def load_sparse(path: str | os.PathLike, device=None) -> nn.Module:
     res = model.load_state_dict(sd, strict=False, assign=True)
     missing = set(res.missing_keys) - set(meta["tied"])
     if missing or res.unexpected_keys:
-        raise ValueError(f"load_sparse: missing {sorted(missing)[:5]}, unexpected {res.unexpected_keys[:5]}")
+        raise ValueError(f"load_compressed: missing {sorted(missing)[:5]}, unexpected {res.unexpected_keys[:5]}")
     for dropped, kept in meta["tied"].items():  # re-tie (e.g. lm_head.weight -> embed_tokens.weight)
         mod_name, _, attr = dropped.rpartition(".")
         kmod, _, kattr = kept.rpartition(".")
         setattr(model.get_submodule(mod_name), attr, getattr(model.get_submodule(kmod), kattr))
     if meta.get("sparsify_config") is not None:
-        model.llmprune_sparsify_config = SparsifyConfig.from_dict(meta["sparsify_config"])
+        model.llmprune_kernel_config = KernelConfig.from_dict(meta["sparsify_config"])
     if device is not None:
         model.to(device)
     bind_save_pretrained(model)

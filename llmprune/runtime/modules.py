@@ -1,6 +1,6 @@
 """Kernel-backed replacements for nn.Linear / the Llama SwiGLU MLP.
 
-Each module runs its Triton kernel (``triton_kernels``) on CUDA for small batches (decode,
+Each module runs its Triton kernel (``llmprune.kernels``) on CUDA for small batches (decode,
 <= 8 rows per launch; more rows are chunked), a dense cuBLAS path on CUDA for large batches
 (prefill) and the plain-PyTorch reference on CPU. The CPU fallback emits a single
 ``RuntimeWarning`` per process.
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import triton_kernels as tk
+import llmprune.kernels as tk
 
 __all__ = [
     "ActSparseLinear",
@@ -61,7 +61,7 @@ def _warn_fallback(x: torch.Tensor) -> None:
         _fallback_warned = True
         why = "Triton is not installed" if not tk.HAS_TRITON else f"input is on {x.device.type}, not CUDA"
         warnings.warn(
-            f"llmprune.sparse: {why}; sparse layers use the PyTorch reference path "
+            f"llmprune.runtime: {why}; sparse layers use the PyTorch reference path "
             "(same results, no speed-up). This warning is shown once.",
             RuntimeWarning,
             stacklevel=4,
@@ -166,7 +166,7 @@ class ActSparseLinear(_ThresholdMixin, nn.Module):
 
 
 class Sparse24Linear(_ThresholdMixin, nn.Module):
-    """Linear layer with a 2:4 sparse weight stored compressed (see ``triton_kernels.sparse24_gemm``
+    """Linear layer with a 2:4 sparse weight stored compressed (see ``llmprune.kernels.sparse24_gemm``
     for the layout): ``values`` [out, in/2], ``meta`` uint8 [out, ceil(in/8)], optional ``bias``,
     and an activation ``threshold`` (0 = off) fused into the kernel."""
 
