@@ -1,6 +1,6 @@
 """``llmprune eval``: evaluate one or more saved models side by side.
 
-``llmprune/cli.py`` calls :func:`add_arguments` on its ``eval`` sub-parser and
+``llmprune/cli/evaluate.py`` calls :func:`add_arguments` on its ``eval`` sub-parser and
 :func:`run` with the parsed arguments; :func:`main` runs it standalone
 (``python -m llmprune.eval.cli ...``).
 

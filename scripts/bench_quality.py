@@ -43,7 +43,7 @@ def main() -> None:
     from llmprune.eval.perplexity import load_text, perplexity
     from llmprune import PruneConfig, load_model, prune
     from llmprune.pipeline import count_parameters
-    from llmprune.cli import block_parameters
+    from llmprune.cli.table import block_parameters
 
     text = load_text(args.ppl)
     rows = []

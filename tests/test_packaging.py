@@ -8,6 +8,7 @@ package or PyPI's ``eval``.
 from __future__ import annotations
 
 import importlib.metadata
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -43,8 +44,14 @@ def test_subpackages_import_outside_the_repository(tmp_path):
 
 def test_wheel_contains_only_llmprune(tmp_path):
     pytest.importorskip("setuptools")
+    src = tmp_path / "src"  # build from a copy: an in-tree build would leave build/ in the repository
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    for name in ("llmprune", "triton_kernels", "eval"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                          "-w", str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=600)
+                          "-w", str(tmp_path), str(src)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     wheel = next(tmp_path.glob("llmprune-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()

@@ -1,4 +1,4 @@
-"""The ``llmprune`` command: ``prune``, ``eval``, ``push`` and ``support-matrix``.
+"""``llmprune prune``: structured pruning of a model folder or Hub id, saved with a before/after table.
 
 Example::
 
@@ -9,14 +9,16 @@ Example::
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-__all__ = ["main", "build_parser"]
+from ._registry import subcommand
+from .table import block_parameters, format_table, relative_change
+
+__all__ = ["add_arguments", "run"]
 
 
-def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="local model folder or Hugging Face Hub id")
     p.add_argument("--heads", type=float, default=0.0, help="fraction of attention heads removed (default 0)")
     p.add_argument("--ffn", type=float, default=0.0, help="fraction of FFN neurons removed (default 0)")
@@ -53,53 +55,14 @@ def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llmprune", description="Prune Hugging Face LLMs and evaluate them.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_prune_arguments(sub.add_parser("prune", help="prune a model and save it"))
-    try:
-        from llmprune.eval import cli as eval_cli
-
-        eval_cli.add_arguments(sub.add_parser("eval", help="evaluate models side by side"))
-    except ImportError:  # pragma: no cover - eval harness not installed
-        pass
-    push = sub.add_parser("push", help="upload a saved model folder (with its model card) to the Hub")
-    push.add_argument("folder", help="folder written by 'llmprune prune'")
-    push.add_argument("repo_id", help="Hub repository, e.g. me/llama-pruned-25")
-    push.add_argument("--private", action="store_true")
-    push.add_argument("--revision", default=None)
-    push.add_argument("--token", default=None, help="Hub token (default: the logged-in token / HF_TOKEN)")
-    sub.add_parser("support-matrix", help="print the architecture support matrix (Markdown)")
-    return parser
-
-
-def _format_table(rows: list[tuple[str, str, str, str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = []
-    for j, r in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
-        if j == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def _rel(before: float, after: float) -> str:
-    return f"{(after - before) / before * 100:+.1f}%" if before else ""
-
-
-def block_parameters(model: Any) -> int:
-    from .arch import get_adapter
-
-    return sum(p.numel() for p in get_adapter(model).decoder_layers(model).parameters())
-
-
-def run_prune(args: argparse.Namespace) -> int:
+@subcommand("prune", "prune a model and save it", add_arguments)
+def run(args: argparse.Namespace) -> int:
     import torch
-    from llmprune.eval.efficiency import size_on_disk
+    from ..eval.efficiency import size_on_disk
 
-    from .pipeline import count_parameters, prune
-    from .config import PruneConfig
-    from .io import OutputExistsError, load_model, save_pruned
+    from ..pipeline import count_parameters, prune
+    from ..config import PruneConfig
+    from ..io import OutputExistsError, load_model, save_pruned
 
     cfg = PruneConfig(heads=args.heads, ffn=args.ffn, layers=args.layers, experts=args.experts, method=args.method,
                       allocation=args.allocation, attention_unit=args.attention_unit, rounding=args.rounding,
@@ -109,7 +72,7 @@ def run_prune(args: argparse.Namespace) -> int:
     if out.exists() and not args.overwrite:  # fail before any work
         raise OutputExistsError(f"output directory {out} already exists; pass --overwrite to replace it")
     if args.calib and not Path(args.calib).is_file():
-        from .calibrate import CalibrationError
+        from ..calibrate import CalibrationError
 
         raise CalibrationError(f"calibration file {args.calib!r} does not exist")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -117,7 +80,7 @@ def run_prune(args: argparse.Namespace) -> int:
     progress = not args.quiet
     text = None
     if args.ppl:
-        from llmprune.eval.perplexity import load_text, perplexity
+        from ..eval.perplexity import load_text, perplexity
 
         text = load_text(args.ppl)
 
@@ -141,20 +104,20 @@ def run_prune(args: argparse.Namespace) -> int:
                                            f"{', tail window scored' if args.ppl_keep_tail else ''}"} if text is not None else {})})
     after["size"] = size_on_disk(out)
     rows = [("", "before", "after", "change"),
-            ("parameters", f"{before['params']:,}", f"{after['params']:,}", _rel(before["params"], after["params"])),
-            ("decoder-block parameters", f"{before['block']:,}", f"{after['block']:,}", _rel(before["block"], after["block"]))]
+            ("parameters", f"{before['params']:,}", f"{after['params']:,}", relative_change(before["params"], after["params"])),
+            ("decoder-block parameters", f"{before['block']:,}", f"{after['block']:,}", relative_change(before["block"], after["block"]))]
     if before["size"] is not None:
         rows.append(("size on disk (MB)", f"{before['size'] / 1e6:.2f}", f"{after['size'] / 1e6:.2f}",
-                     _rel(before["size"], after["size"])))
+                     relative_change(before["size"], after["size"])))
     if text is not None:
         rows.append((f"perplexity ({Path(args.ppl).name}, L={args.ppl_seq_len})", f"{before['ppl']:.2f}",
-                     f"{after['ppl']:.2f}", _rel(before["ppl"], after["ppl"])))
+                     f"{after['ppl']:.2f}", relative_change(before["ppl"], after["ppl"])))
     print(f"\nllmprune: {args.method}, heads {args.heads:g}, ffn {args.ffn:g}, layers {args.layers}, "
           f"{f'experts {args.experts:g}, ' if args.experts else ''}"
           f"{args.allocation} allocation -> {out}")
-    print(_format_table(rows))
+    print(format_table(rows))
     if args.eval:
-        from llmprune.eval.api import evaluate
+        from ..eval.api import evaluate
 
         original, _ = load_model(args.model, dtype=args.dtype, device=device, with_tokenizer=False)
         tasks = [t for t in args.eval_tasks.split(",") if t]
@@ -164,36 +127,3 @@ def run_prune(args: argparse.Namespace) -> int:
                  limit=args.eval_limit, out_dir=str(out) + "-eval", drop_last=not args.ppl_keep_tail,
                  progress=progress)
     return 0
-
-
-def run_support_matrix(args: argparse.Namespace) -> int:
-    from .support import support_matrix_markdown
-
-    print(support_matrix_markdown())
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "prune":
-            return run_prune(args)
-        if args.command == "eval":
-            from llmprune.eval import cli as eval_cli
-
-            return eval_cli.run(args)
-        if args.command == "push":
-            from .io import push_to_hub
-
-            print(push_to_hub(args.folder, args.repo_id, private=args.private, token=args.token,
-                              revision=args.revision))
-            return 0
-        return run_support_matrix(args)
-    except (ValueError, FileNotFoundError, FileExistsError, OSError) as exc:
-        print(f"llmprune: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
