@@ -57,6 +57,10 @@ def test_wheel_contains_only_llmprune(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names}
     assert {t for t in tops if not t.endswith(".dist-info")} == {"llmprune"}
-    assert "llmprune/kernels/act_sparse_gemv.py" in names
+    # every source module is in the wheel (a new subpackage must be listed in pyproject.toml)
+    expected = {f"llmprune/{p.relative_to(REPO / 'llmprune').as_posix()}" for p in (REPO / "llmprune").rglob("*.py")}
+    for folder, target in (("triton_kernels", "kernels"), ("eval", "eval")):
+        expected |= {f"llmprune/{target}/{p.relative_to(REPO / folder).as_posix()}" for p in (REPO / folder).rglob("*.py")}
+    assert sorted(expected - set(names)) == []
     assert "llmprune/eval/tasks/llmprune_piqa.yaml" in names  # task YAMLs ship with the package
     assert "llmprune/eval/tasks/local_data.py" in names
