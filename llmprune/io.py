@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .config import RECIPE_VERSION, PruneConfig, PrunePlan
+from .verify import VerificationError, verify_saved_model
 
 __all__ = [
     "CheckpointError",
@@ -39,6 +40,8 @@ __all__ = [
     "read_plan",
     "atomic_directory",
     "push_to_hub",
+    "verify_saved_model",
+    "VerificationError",
 ]
 
 RECIPE_FILE = "llmprune_recipe.json"
@@ -195,13 +198,22 @@ def save_pruned(
     source: str | None = None,
     overwrite: bool = False,
     extra: dict[str, Any] | None = None,
+    verify: bool = True,
 ) -> Path:
-    """Save model (safetensors), tokenizer, recipe, plan and model card atomically into ``out_dir``."""
+    """Save model (safetensors), tokenizer, recipe, plan and model card atomically into ``out_dir``.
+
+    Before the folder is renamed into place it is reloaded and checked against ``model``
+    (:func:`llmprune.verify.verify_saved_model`): with ``verify=True`` (default) outputs on a short batch
+    must match; ``verify=False`` still checks every key and shape on the meta device. A failed check raises
+    :class:`~llmprune.verify.VerificationError` and leaves nothing behind.
+    """
     from . import __version__
+    from .verify import verify_saved_model
 
     extra = dict(extra or {})
     with atomic_directory(out_dir, overwrite) as tmp:
         model.save_pretrained(tmp)
+        verify_saved_model(model, tmp, full=verify)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         recipe = {

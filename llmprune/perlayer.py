@@ -89,6 +89,7 @@ def register_per_layer_classes(model_types: list[str] | None = None) -> None:
                                                                      "__module__": __name__,
                                                                      "validate": _validate_pruned})
         AutoConfig.register(PER_LAYER_PREFIX + model_type, cfg_cls, exist_ok=True)
+        _inherit_weight_conversions(model_type, PER_LAYER_PREFIX + model_type)
         _CONFIG_CLASSES[model_type] = cfg_cls
         for auto_name in _AUTO_CLASS_NAMES:
             auto = getattr(transformers, auto_name)
@@ -97,7 +98,29 @@ def register_per_layer_classes(model_types: list[str] | None = None) -> None:
             base_model = auto._model_mapping[base_cfg]
             model_cls = _MODEL_CLASSES.get(base_model) or _make_model_class(base_model, cfg_cls)
             _MODEL_CLASSES[base_model] = model_cls
+            _inherit_weight_conversions(base_model.__name__, model_cls.__name__)
             auto.register(cfg_cls, model_cls, exist_ok=True)
+
+
+def _inherit_weight_conversions(source: str, target: str) -> None:
+    """Give a per-layer type or class the checkpoint key conversions transformers keys by ``source``.
+
+    transformers 5 renames and fuses checkpoint keys on load (and reverses it on save) through mappings
+    looked up by model class name or ``model_type`` (``GPTNeoXForCausalLM``: ``embed_out`` -> ``lm_head``;
+    ``mixtral``/``qwen3_moe``: per-expert weights -> batched experts). Our ``Pruned<Class>`` /
+    ``llmprune_<type>`` names are not in those tables, so without this a checkpoint written by
+    ``save_pretrained`` reloaded with a randomly initialised output head or experts (issue #10).
+    """
+    try:
+        from transformers.conversion_mapping import (
+            get_checkpoint_conversion_mapping,
+            register_checkpoint_conversion_mapping,
+        )
+    except ImportError:  # pragma: no cover - transformers without conversion mappings
+        return
+    mapping = get_checkpoint_conversion_mapping(source)
+    if mapping is not None and get_checkpoint_conversion_mapping(target) is None:
+        register_checkpoint_conversion_mapping(target, mapping)
 
 
 def _first_heads(widths: dict[str, int], group: int) -> tuple[list[int], list[int]]:
@@ -139,8 +162,10 @@ def set_config_widths(model: nn.Module, adapter: ArchAdapter | None = None) -> N
     demand ``hidden_size % num_attention_heads == 0`` even with an explicit ``head_dim``
     (huggingface/transformers#46082), or when the adapter says a standard config cannot rebuild the
     shapes (``ArchAdapter.standard_config_ok``: GPT-2, OPT, GPT-NeoX and Falcon derive head_dim from
-    hidden_size // num_heads). Such configs, and per-layer widths, use llmprune's registered
-    classes (``model_type = "llmprune_<type>"``), which need ``import llmprune`` before loading.
+    hidden_size // num_heads). A rejected uniform config is saved as an exactly equivalent standard family when
+    the adapter declares one (``ArchAdapter.standard_equivalents``: a head-pruned Llama becomes a Mistral).
+    Otherwise, and for per-layer widths, the model uses llmprune's registered classes
+    (``model_type = "llmprune_<type>"``), which need ``import llmprune`` before loading.
     """
     adapter = adapter or get_adapter(model)
     config = model.config
@@ -162,9 +187,62 @@ def set_config_widths(model: nn.Module, adapter: ArchAdapter | None = None) -> N
     standard_cfg = _base_config_class(model_type)
     if uniform and _validates(standard_cfg, config):
         _swap_classes(model, standard_cfg, _base_model_class(type(model)), model_type)
+    elif uniform and _become_standard_equivalent(model, adapter, model_type):
+        pass
     else:
         _swap_classes(model, per_layer_config_class(model_type), _per_layer_model_class(type(model)),
                       PER_LAYER_PREFIX + model_type)
+
+
+def _become_standard_equivalent(model: nn.Module, adapter: ArchAdapter, model_type: str) -> bool:
+    """Turn ``model`` (uniform widths) into its adapter's exactly equivalent standard family, if any.
+
+    The config object is rewritten in place (submodules keep a reference to it) as the target family's
+    config class, built from the source's values: source-only fields must hold the adapter's neutral
+    values, target-only fields are set as the adapter says. Returns ``False`` (nothing changed) when there
+    is no equivalent, a source-only field differs, or the target's own validation rejects the result.
+    """
+    import dataclasses
+
+    equivalent = adapter.standard_equivalents.get(model_type)
+    config = model.config
+    if equivalent is None or not equivalent.applies_to(config):
+        return False
+    target_cfg = _base_config_class(equivalent.model_type)
+    data = {k: v for k, v in config.to_dict().items()
+            if k not in equivalent.require and k not in ("model_type", "architectures", "transformers_version")}
+    data.update(equivalent.set)
+    if dataclasses.is_dataclass(target_cfg):  # drop None-valued bookkeeping the target does not know
+        known = {f.name for f in dataclasses.fields(target_cfg)}
+        data = {k: v for k, v in data.items() if k in known or v is not None}
+    try:
+        new = target_cfg(**data)
+    except (TypeError, ValueError):
+        return False
+    if not _validates(target_cfg, new):
+        return False
+    target_model = _equivalent_model_class(type(model), _base_config_class(model_type), target_cfg)
+    if target_model is None:
+        return False
+    private = {k: v for k, v in vars(config).items() if k.startswith("_")}  # e.g. the attention implementation
+    config.__class__ = target_cfg
+    config.__dict__.clear()
+    config.__dict__.update(new.__dict__)
+    config.__dict__.update(private)
+    model.__class__ = target_model
+    return True
+
+
+def _equivalent_model_class(model_cls: type, source_cfg: type, target_cfg: type) -> type | None:
+    """The target family's class for the same head as ``model_cls`` (CausalLM -> CausalLM, ...)."""
+    import transformers
+
+    base = _base_model_class(model_cls)
+    for auto_name in _AUTO_CLASS_NAMES:
+        mapping = getattr(transformers, auto_name)._model_mapping
+        if source_cfg in mapping and mapping[source_cfg] is base and target_cfg in mapping:
+            return mapping[target_cfg]
+    return None
 
 
 def _base_config_class(model_type: str) -> type:

@@ -33,6 +33,7 @@ __all__ = [
     "ExpertParam",
     "ExpertsSpec",
     "ArchAdapter",
+    "StandardEquivalent",
     "weight_matrix",
     "set_weight_matrix",
 ]
@@ -168,6 +169,29 @@ class ExpertsSpec:
         return down.slots(expert)[0]
 
 
+@dataclass(frozen=True)
+class StandardEquivalent:
+    """Another standard transformers family that computes *exactly* what this one does for some configs.
+
+    Used when the family's own config class rejects a pruned shape (transformers 5 ``LlamaConfig`` wants
+    ``hidden_size % num_attention_heads == 0``): the checkpoint is then saved as ``model_type`` instead, with
+    the same weight names, so plain transformers loads it without llmprune.
+
+    Attributes:
+        model_type: the target family (e.g. ``"mistral"``).
+        require: fields only the source family has, with the values under which the two compute the same
+            (e.g. ``attention_bias=False``); any other value means there is no exact equivalent.
+        set: fields only the target family has, set so it computes like the source (``sliding_window=None``).
+    """
+
+    model_type: str
+    require: dict[str, Any]
+    set: dict[str, Any]
+
+    def applies_to(self, config: Any) -> bool:
+        return all(getattr(config, k, v) == v for k, v in self.require.items())
+
+
 def weight_matrix(module: nn.Module) -> torch.Tensor:
     """The module's weight as an ``[out, in]`` matrix (transposing GPT-2 style ``Conv1D``)."""
     w = module.weight
@@ -215,6 +239,8 @@ class ArchAdapter:
     layers_attr: ClassVar[str] = "num_hidden_layers"
     #: per-layer config lists that must follow layer removal (e.g. Gemma's ``layer_types``)
     per_layer_config_lists: ClassVar[tuple[str, ...]] = ("layer_types",)
+    #: source model_type -> an exactly equivalent standard family for configs its own class rejects
+    standard_equivalents: ClassVar[dict[str, StandardEquivalent]] = {}
 
     # ---- structure -------------------------------------------------------------------------------
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import ArchAdapter, AttentionSpec, FFNSpec, Slot
+from .base import ArchAdapter, AttentionSpec, FFNSpec, Slot, StandardEquivalent
 from .registry import base_model_type, register_adapter
 
 __all__ = ["LlamaAdapter"]
@@ -20,6 +20,13 @@ __all__ = ["LlamaAdapter"]
 class LlamaAdapter(ArchAdapter):
     model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
     family = "Llama / Mistral / Qwen2 / Qwen3 / Gemma 1-3"
+    # Mistral is Llama without biases plus an optional sliding window, and its config accepts any head count
+    # with an explicit head_dim: a head-pruned Llama that LlamaConfig rejects is saved as an exact Mistral.
+    # Gemma has no such twin (scaled embeddings, (1 + w) norms, soft-capping), so it keeps llmprune_<type>.
+    standard_equivalents = {
+        "llama": StandardEquivalent("mistral", require={"attention_bias": False, "mlp_bias": False, "pretraining_tp": 1},
+                                    set={"sliding_window": None}),
+    }
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         base = getattr(model, "model", model)

@@ -78,14 +78,19 @@ def _dedupe(sd: dict) -> tuple[dict, dict]:
     return out, tied
 
 
-def save_compressed(model: nn.Module, out_dir: str | os.PathLike, overwrite: bool = False) -> str:
+def save_compressed(model: nn.Module, out_dir: str | os.PathLike, overwrite: bool = False, verify: bool = True) -> str:
     """Write ``model`` (after ``use_kernels``) atomically to ``out_dir``; returns its path.
 
     An existing ``out_dir`` is refused unless ``overwrite`` (see :class:`llmprune.io.atomic_directory`).
+    Before the rename the folder is checked: every tensor's name and shape in the written file, and with
+    ``verify=True`` (default) the outputs of the model :func:`load_compressed` rebuilds on a short batch
+    (:func:`llmprune.verify.verify_saved_model`). A failed check leaves nothing behind.
     """
+    from safetensors import safe_open
     from safetensors.torch import save_file
 
     from ..io import atomic_directory
+    from ..verify import VerificationError, verify_saved_model
 
     modules = {n: _describe(m) for n, m in model.named_modules() if type(m) in _TYPES}
     tensors, tied = _dedupe(model.state_dict())
@@ -106,6 +111,12 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, overwrite: boo
         save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt", "llmprune": FORMAT})
         with open(os.path.join(tmp, "sparse_config.json"), "w") as f:
             json.dump(meta, f, indent=2, sort_keys=True)
+        with safe_open(os.path.join(tmp, "model.safetensors"), "pt") as f:
+            written = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        if written != {k: tuple(v.shape) for k, v in tensors.items()}:
+            raise VerificationError(f"{tmp}/model.safetensors does not hold the model's tensors")
+        if verify:
+            verify_saved_model(model, tmp, full=True, loader=load_compressed)
     return os.path.abspath(os.fspath(out_dir))
 
 
