@@ -18,26 +18,9 @@ from llmprune.io import read_plan, save_pruned
 from llmprune.surgery import apply_plan, layer_widths
 
 from masking import mask_model
-from tiny_models import assert_reloads_identically, tiny_causal_lm
+from tiny_models import MOE_CONFIGS, assert_reloads_identically, tiny_moe
 
-_BASE = dict(vocab_size=128, hidden_size=64, num_hidden_layers=3, max_position_embeddings=64,
-             num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts_per_tok=2)
-MOE_CONFIGS = {
-    # norm_topk_prob=False: removing an expert changes the softmax denominators of the others
-    "qwen3_moe": dict(_BASE, num_experts=8, moe_intermediate_size=32, intermediate_size=96,
-                      norm_topk_prob=False, mlp_only_layers=[1]),
-    "mixtral": dict(_BASE, num_local_experts=8, intermediate_size=32),
-}
 ATOL = 2e-5
-
-
-def tiny_moe(model_type: str, seed: int = 0):
-    model = tiny_causal_lm(model_type, seed, configs=MOE_CONFIGS)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("gate.weight"):  # spread routing so expert choice matters
-                p.normal_(0, 0.5)
-    return model
 
 
 def _ids(batch=2, seq=12, seed=1):

@@ -41,17 +41,37 @@ CAUSAL_LM_TYPES = list(TINY_CONFIGS)
 LIGHT_VARIANTS = ("opt:post_ln", "falcon:mha")
 
 
+_BASE = dict(vocab_size=128, hidden_size=64, num_hidden_layers=3, max_position_embeddings=64,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts_per_tok=2)
+MOE_CONFIGS = {
+    # norm_topk_prob=False: removing an expert changes the softmax denominators of the others
+    "qwen3_moe": dict(_BASE, num_experts=8, moe_intermediate_size=32, intermediate_size=96,
+                      norm_topk_prob=False, mlp_only_layers=[1]),
+    "mixtral": dict(_BASE, num_local_experts=8, intermediate_size=32),
+}
+
+
+def tiny_moe(model_type: str, seed: int = 0, **overrides):
+    """A tiny random MoE causal LM of ``model_type`` (a key of ``MOE_CONFIGS``) with spread-out routing."""
+    model = tiny_causal_lm(model_type, seed, configs=MOE_CONFIGS, **overrides)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gate.weight"):  # spread routing so expert choice matters
+                p.normal_(0, 0.5)
+    return model
+
+
 def base_type(key: str) -> str:
     """``"falcon:new"`` -> ``"falcon"`` (the config's model_type)."""
     return key.split(":")[0]
 
 
-def tiny_causal_lm(model_type: str, seed: int = 0, configs: dict[str, dict] | None = None):
-    """A tiny random causal LM of ``model_type`` from ``configs`` (default ``TINY_CONFIGS``)
-    (fp32, eval mode, eager attention)."""
+def tiny_causal_lm(model_type: str, seed: int = 0, configs: dict[str, dict] | None = None, **overrides):
+    """A tiny random causal LM of ``model_type`` from ``configs`` (default ``TINY_CONFIGS``) updated with
+    ``overrides`` (e.g. ``tie_word_embeddings=False``) (fp32, eval mode, eager attention)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(base_type(model_type), **(configs or TINY_CONFIGS)[model_type])
+    config = AutoConfig.for_model(base_type(model_type), **{**(configs or TINY_CONFIGS)[model_type], **overrides})
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
