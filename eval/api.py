@@ -43,13 +43,15 @@ def evaluate(
     repeats: int = 3,
     drop_last: bool = True,
     progress: bool = True,
+    verbose: bool = False,
 ) -> Report:
     """Evaluate each ``name -> (model, tokenizer, saved_dir_or_None)``; the first is the baseline.
 
     Per model: perplexity on ``ppl`` (file or alias), lm-eval ``tasks`` with ``limit``,
     parameter counts, size on disk (when a directory is given), MACs/token, and with
     ``speed`` the prefill/decode throughput and peak memory. Writes JSON/Markdown/PNG into
-    ``out_dir`` when given. Models stay on their device unless ``device`` is given.
+    ``out_dir`` when given. Models stay on their device unless ``device`` is given. ``progress=False`` hides
+    progress bars; ``verbose=True`` shows lm-eval's own warnings.
     """
     if not models:
         raise ValueError("No models to evaluate.")
@@ -69,7 +71,8 @@ def evaluate(
             from .tasks import evaluate_tasks
 
             log.info("%s: tasks %s", name, ",".join(tasks))
-            res["tasks"] = evaluate_tasks(model, tokenizer, list(tasks), limit=limit, batch_size=batch_size)
+            res["tasks"] = evaluate_tasks(model, tokenizer, list(tasks), limit=limit, batch_size=batch_size,
+                                          verbose=verbose)
         res["params"] = count_parameters(model)
         if path and Path(path).exists():
             res["size_bytes"] = size_on_disk(path)

@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         limit=args.limit, out_dir=args.out, speed=not args.no_speed, stride=args.stride,
         batch_size=args.batch_size, batch_sizes=[int(b) for b in args.speed_batch_sizes.split(",")],
         warmup=args.warmup, repeats=args.repeats, drop_last=not args.keep_tail,
+        progress=not getattr(args, "quiet", False), verbose=getattr(args, "verbose", False),
     )
     print(report.to_text())
     print(f"\nwrote {args.out}/report.json, report.md, report.png")
@@ -81,8 +82,12 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Standalone entry point: ``python -m llmprune.eval.cli MODEL [MODEL2 ...] --ppl ... --out DIR``."""
+    from llmprune.cli._common import add_global_arguments, configure_output
+
     parser = add_arguments(argparse.ArgumentParser(prog="llmprune eval", description=__doc__.splitlines()[0]))
+    add_global_arguments(parser)
     args = parser.parse_args(argv)
+    configure_output(args)
     try:
         return run(args)
     except (FileNotFoundError, ValueError) as err:

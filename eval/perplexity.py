@@ -32,19 +32,14 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
+from llmprune.text import DATASET_ALIASES, load_text as _load_text
+
 from ._checks import check_compatible, check_ids, max_positions, model_device
 
 __all__ = ["DATASET_ALIASES", "PerplexityResult", "load_text", "perplexity", "tokenize_text", "windows"]
 
 #: Default window length when the model's context is longer (or unknown).
 DEFAULT_MAX_SEQ_LEN = 2048
-
-#: Hugging Face dataset aliases accepted by :func:`load_text` (need network or a warm cache).
-DATASET_ALIASES: dict[str, str] = {
-    "wikitext2": "wikitext / wikitext-2-raw-v1, test split, rows joined with '\\n\\n'",
-    "ptb": "ptb_text_only / penn_treebank, test split, sentences joined with ' '",
-    "c4": "allenai/c4 en, first validation shard, first 1100 documents joined with ' '",
-}
 
 
 @dataclass(frozen=True)
@@ -69,35 +64,13 @@ class PerplexityResult:
         return asdict(self)
 
 
-def _load_hf_dataset(alias: str) -> str:
-    try:
-        import datasets
-    except ImportError as err:  # pragma: no cover - datasets is a dependency
-        raise ImportError("Loading a dataset by name needs the `datasets` package.") from err
-    try:
-        if alias == "wikitext2":
-            rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"]
-            return "\n\n".join(rows)
-        if alias == "ptb":
-            rows = datasets.load_dataset("ptb_text_only", "penn_treebank", split="test")["sentence"]
-            return " ".join(rows)
-        shard = "en/c4-validation.00000-of-00008.json.gz"
-        rows = datasets.load_dataset("allenai/c4", data_files={"validation": shard}, split="validation")
-        return " ".join(rows[:1100]["text"])
-    except Exception as err:  # network, offline mode, missing cache
-        raise FileNotFoundError(
-            f"Could not load the '{alias}' dataset from the Hugging Face Hub ({type(err).__name__}: "
-            f"{err}). Offline (HF_DATASETS_OFFLINE=1) only cached datasets work; pass a local text "
-            "file instead, e.g. --ppl ../shared/data/wikitext2-raw-test.txt."
-        ) from err
-
-
 def load_text(source: str | Path) -> str:
-    """Text to score: a local file (UTF-8) or a dataset alias ``wikitext2``, ``ptb``, ``c4``.
+    """Text to score: a local file (UTF-8) or a dataset name ``wikitext2``, ``ptb``, ``c4`` (test split).
 
     A local file is read with universal newlines (``\\r\\n`` becomes ``\\n``) and used as is:
     the shared ``wikitext2-raw-test.txt`` is the WikiText-2 raw test split as plain lines.
-    Aliases follow the papers (SparseGPT/Wanda): WikiText-2 rows joined with ``"\\n\\n"``.
+    Names follow the papers (SparseGPT/Wanda): WikiText-2 rows joined with ``"\\n\\n"``
+    (see :mod:`llmprune.text`, shared with ``--calib``).
 
     Raises ``FileNotFoundError`` for a missing file or an unreachable dataset and
     ``ValueError`` for an empty text.
@@ -105,24 +78,7 @@ def load_text(source: str | Path) -> str:
     Example:
         >>> text = load_text("../shared/data/wikitext2-raw-test.txt")  # doctest: +SKIP
     """
-    key = str(source).strip().lower()
-    path = Path(source).expanduser()
-    if path.is_file():
-        text = path.read_text(encoding="utf-8")
-        origin = str(path)
-    elif key in DATASET_ALIASES and not path.exists():
-        text = _load_hf_dataset(key)
-        origin = f"dataset '{key}'"
-    elif path.is_dir():
-        raise FileNotFoundError(f"Perplexity source {str(source)!r} is a directory; give a text file.")
-    else:
-        raise FileNotFoundError(
-            f"Perplexity source {str(source)!r} is neither an existing file nor one of the dataset "
-            f"aliases {sorted(DATASET_ALIASES)}. Check the path."
-        )
-    if not text.strip():
-        raise ValueError(f"Perplexity text from {origin} is empty; nothing to score.")
-    return text
+    return _load_text(source, split="test", purpose="perplexity")
 
 
 def tokenize_text(tokenizer: Any, text: str, max_tokens: int | None = None) -> torch.Tensor:

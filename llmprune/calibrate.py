@@ -21,7 +21,6 @@ from __future__ import annotations
 import inspect
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
@@ -87,15 +86,17 @@ class LayerStats:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def read_calibration_text(path: str | os.PathLike) -> str:
-    """Read a UTF-8 calibration text file, with clear errors for missing or empty files."""
-    p = Path(path)
-    if not p.is_file():
-        raise CalibrationError(f"calibration file {str(p)!r} does not exist (pass --calib with a text file)")
-    text = p.read_text(encoding="utf-8", errors="replace")
-    if not text.strip():
-        raise CalibrationError(f"calibration file {str(p)!r} is empty")
-    return text
+def read_calibration_text(source: str | os.PathLike) -> str:
+    """Calibration text from a UTF-8 file or a dataset name (``wikitext2``, ``c4``, ``ptb``: train split),
+    with clear errors for missing or empty files and unreachable datasets."""
+    from .text import TextSourceError, load_text
+
+    try:
+        return load_text(source, split="train", purpose="calibration")
+    except TextSourceError as err:
+        raise CalibrationError(str(err)) from None
+    except ValueError as err:
+        raise CalibrationError(str(err)) from None
 
 
 def calibration_batches(
@@ -143,8 +144,9 @@ def calibration_batches(
 
 def as_batches(calibration: Any, tokenizer: Any, n_samples: int, seq_len: int, seed: int,
                batch_size: int) -> list[torch.Tensor] | None:
-    """Calibration given as a text file path, raw text (``str`` containing whitespace and no such file),
-    a ``[n, seq_len]`` tensor of token ids, or a sequence of such batches."""
+    """Calibration given as a text file path, a dataset name (``wikitext2``, ``c4``, ``ptb``), raw text
+    (``str`` containing whitespace and no such file), a ``[n, seq_len]`` tensor of token ids, or a sequence
+    of such batches."""
     if calibration is None:
         return None
     if isinstance(calibration, (str, os.PathLike)):

@@ -55,8 +55,9 @@ class PruneConfig(_JsonMixin):
             (per-layer widths from globally comparable, per-layer-normalised scores).
         attention_unit: ``group`` removes whole KV groups (a KV head with its query heads; shrinks the KV
             cache) or ``query`` removes the same number of query heads from every KV group.
-        rounding: what to do when ``heads`` does not give whole units: ``error`` (default), ``down``,
-            ``up`` or ``nearest``. FFN counts are always rounded to the nearest neuron.
+        rounding: what to do when ``heads`` does not give whole units: ``nearest`` (default: the closest
+            valid count, which may be 0), ``down``, ``up``, or ``error`` (a :class:`RatioError` listing the
+            valid ratios). FFN counts are always rounded to the nearest neuron.
         multiple_of: kept FFN widths are rounded down to a multiple of this (hardware-friendly sizes).
         min_keep: in global allocation, the smallest fraction of a layer's units that is kept.
         n_samples, seq_len, seed: calibration windows drawn from the calibration text.
@@ -73,7 +74,7 @@ class PruneConfig(_JsonMixin):
     method: str = "wanda"
     allocation: Literal["uniform", "global"] = "uniform"
     attention_unit: Literal["group", "query"] = "group"
-    rounding: Literal["error", "down", "up", "nearest"] = "error"
+    rounding: Literal["error", "down", "up", "nearest"] = "nearest"
     multiple_of: int = 1
     min_keep: float = 0.1
     n_samples: int = 32

@@ -165,27 +165,42 @@ def _looks_like_hub_id(name: str) -> bool:
     return not Path(name).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
 
 
-def _model_card(source: str | None, cfg: PruneConfig | None, extra: dict[str, Any]) -> str:
+def _model_card(source: str | None, cfg: PruneConfig | None, extra: dict[str, Any], needs_llmprune: bool) -> str:
+    sparsity = extra.get("sparsity_config")
     tags = ["pruned", "llmprune"] + ([f"pruning-{cfg.method}"] if cfg else [])
+    if isinstance(sparsity, dict):
+        tags.append(f"sparsity-{sparsity.get('method')}")
     lines = ["---", "library_name: transformers"]
     if source and _looks_like_hub_id(source):  # the Hub rejects local paths as base_model
         lines.append(f"base_model: {source}")
     lines.append("tags:")
     lines += [f"- {t}" for t in tags]
+    what = "structurally pruned" if cfg is not None else "sparsified (weights set to zero, shapes unchanged)"
     lines += ["---", "", f"# Pruned {source or 'model'}", "",
-              "This model was structurally pruned with [llmprune](https://github.com/llmprune/llmprune).", ""]
-    if cfg is not None:
-        lines += ["| setting | value |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in sorted(cfg.to_dict().items())]
-        lines.append("")
-    for k, v in extra.items():
+              f"This model was {what} with [llmprune](https://github.com/llmprune/llmprune).", ""]
+    for title, settings in (("pruning", cfg.to_dict() if cfg is not None else None),
+                            ("sparsity", sparsity if isinstance(sparsity, dict) else None)):
+        if settings:
+            lines += [f"| {title} setting | value |", "|---|---|"]
+            lines += [f"| {k} | {v} |" for k, v in sorted(settings.items())]
+            lines.append("")
+    scalars = {k: v for k, v in extra.items() if isinstance(v, (int, float, str)) or v is None}
+    for k, v in scalars.items():
         lines.append(f"- {k}: {v}")
-    if extra:
+    if scalars:
         lines.append("")
-    lines += ["Load it with `transformers` (for per-layer widths, `import llmprune` first):", "",
-              "```python", "import llmprune  # registers llmprune's per-layer model classes",
-              "from transformers import AutoModelForCausalLM",
+    if needs_llmprune:
+        lines += ["Its layers have different widths, so load it after `import llmprune` (which registers "
+                  "llmprune's per-layer model classes with transformers):", "",
+                  "```python", "import llmprune  # registers llmprune's per-layer model classes"]
+    else:
+        lines += ["It is a standard checkpoint: plain `transformers` loads it.", "", "```python"]
+    lines += ["from transformers import AutoModelForCausalLM",
               "model = AutoModelForCausalLM.from_pretrained(\"<this folder or repo>\")", "```", ""]
+    if isinstance(extra.get("activation_sparsity"), dict):
+        lines += ["Dynamic activation sparsity (TEAL thresholds, stored in `llmprune_recipe.json`) is applied with:",
+                  "", "```python", "from llmprune.sparsity import apply_activation_sparsity, read_activation_thresholds",
+                  "apply_activation_sparsity(model, read_activation_thresholds(\"<this folder>\"))", "```", ""]
     return "\n".join(lines)
 
 
@@ -226,7 +241,8 @@ def save_pruned(
         (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2, sort_keys=True))
         if plan is not None:
             (tmp / PLAN_FILE).write_text(plan.to_json())
-        (tmp / "README.md").write_text(_model_card(source, config, extra))
+        needs_llmprune = str(getattr(model.config, "model_type", "")).startswith("llmprune_")
+        (tmp / "README.md").write_text(_model_card(source, config, extra, needs_llmprune))
     return Path(out_dir)
 
 

@@ -34,10 +34,10 @@ def test_ratio_out_of_range(kwargs):
 def test_ratio_incompatible_with_gqa_and_rounding():
     model = tiny_causal_lm("llama")  # 4 heads, 2 KV heads: whole groups of 2 heads
     with pytest.raises(RatioError, match=r"removes 1 of 4 heads.*2 at a time.*Valid ratios: 0.5"):
-        prune(model, PruneConfig(heads=0.25, method="magnitude"))
+        prune(model, PruneConfig(heads=0.25, method="magnitude", rounding="error"))
     # 'query' mode removes one head from each of the 2 groups at a time: 0.25 still impossible
     with pytest.raises(RatioError):
-        prune(model, PruneConfig(heads=0.25, method="magnitude", attention_unit="query"))
+        prune(model, PruneConfig(heads=0.25, method="magnitude", attention_unit="query", rounding="error"))
     result = prune(model, PruneConfig(heads=0.25, method="magnitude", rounding="up"), progress=False)
     assert model.config.num_attention_heads == 2 and model.config.num_key_value_heads == 1
     assert result.plan.layers[0].kept_kv_heads is not None
@@ -122,7 +122,7 @@ def test_pickled_weights_refused(tmp_path):
 def test_cli_errors_leave_no_output(tmp_path, ref_model_path, capsys):
     out = tmp_path / "out"
     rc = main(["prune", str(ref_model_path), "--heads", "0.3", "--out", str(out), "--quiet",
-               "--method", "magnitude"])
+               "--method", "magnitude", "--rounding", "error"])
     assert rc == 2 and "Valid ratios" in capsys.readouterr().err
     rc = main(["prune", str(ref_model_path), "--ffn", "0.25", "--calib", str(tmp_path / "missing.txt"),
                "--out", str(out), "--quiet"])

@@ -116,7 +116,7 @@ def test_window_plans():
 
 
 def test_missing_file_and_empty_text(tmp_path):
-    with pytest.raises(FileNotFoundError, match="neither an existing file"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         load_text(str(tmp_path / "nope.txt"))
     empty = tmp_path / "empty.txt"
     empty.write_text(" \n\n ")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import difflib
 import functools
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +129,7 @@ def evaluate_tasks(
     data_dir: str | Path | None = None,
     num_fewshot: int | None = None,
     samples: bool = False,
+    verbose: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Zero-shot accuracy of an in-memory model on ``tasks`` via ``lm_eval.simple_evaluate``.
 
@@ -135,7 +137,8 @@ def evaluate_tasks(
     ``acc``/``acc_norm`` are lm-eval's own metrics (``acc_norm`` is ``None`` for tasks that
     do not define it, e.g. LAMBADA; LAMBADA also reports ``perplexity``). ``limit`` takes
     the first N documents of each task. ``samples=True`` adds per-document results
-    ``[{"doc_id", "acc", "loglikelihoods"}]`` under ``"samples"``.
+    ``[{"doc_id", "acc", "loglikelihoods"}]`` under ``"samples"``. lm-eval's own log warnings and
+    Python warnings are hidden unless ``verbose``.
 
     Example:
         >>> evaluate_tasks(model, tok, ["piqa"], limit=20)["piqa"]["acc"]  # doctest: +SKIP
@@ -151,16 +154,27 @@ def evaluate_tasks(
     names = resolve_task_names(list(tasks), data_dir, tm)
     dev = str(torch.device(device)) if device is not None else str(model_device(model))
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=dev)
-    logging.getLogger("lm_eval").setLevel(logging.WARNING)
-    out = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=list(dict.fromkeys(names.values())),
-        num_fewshot=num_fewshot,
-        limit=limit,
-        task_manager=tm,
-        log_samples=samples,
-        bootstrap_iters=0,
-    )
+    loggers = [logging.getLogger(n) for n in ("lm_eval", "lm-eval")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.INFO if verbose else logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            if not verbose:
+                warnings.simplefilter("ignore")
+            out = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=list(dict.fromkeys(names.values())),
+                num_fewshot=num_fewshot,
+                limit=limit,
+                task_manager=tm,
+                log_samples=samples,
+                bootstrap_iters=0,
+                verbosity="INFO" if verbose else "ERROR",
+            )
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
     results = out["results"]
     report: dict[str, dict[str, Any]] = {}
     for user, name in names.items():

@@ -13,12 +13,14 @@ import argparse
 import sys
 from typing import Sequence
 
+from ._common import add_global_arguments, configure_output
 from ._registry import Subcommand, subcommand, subcommands
 
 __all__ = ["main", "build_parser", "subcommand", "Subcommand"]
 
 # Importing a module registers its subcommand (hence the "unused" imports); this order is --help's order.
 from . import prune as _prune  # noqa: E402,F401
+from . import sparsify as _sparsify  # noqa: E402,F401
 from . import evaluate as _evaluate  # noqa: E402,F401
 from . import push as _push  # noqa: E402,F401
 from . import support as _support  # noqa: E402,F401
@@ -28,13 +30,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmprune", description="Prune Hugging Face LLMs and evaluate them.")
     sub = parser.add_subparsers(dest="command", required=True)
     for cmd in subcommands():
-        cmd.add_arguments(sub.add_parser(cmd.name, help=cmd.help, description=cmd.help))
+        sub_parser = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        cmd.add_arguments(sub_parser)
+        add_global_arguments(sub_parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; user errors print one line and return exit code 2."""
     args = build_parser().parse_args(argv)
+    configure_output(args)
     try:
         return int(args.run(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError, OSError) as exc:

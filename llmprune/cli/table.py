@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["format_table", "relative_change", "block_parameters"]
+__all__ = ["format_table", "relative_change", "block_parameters", "unit_fraction_rows", "before_after_rows"]
 
 
 def format_table(rows: list[tuple[str, ...]]) -> str:
@@ -29,3 +29,50 @@ def block_parameters(model: Any) -> int:
     from ..arch import get_adapter
 
     return sum(p.numel() for p in get_adapter(model).decoder_layers(model).parameters())
+
+
+def unit_fraction_rows(config: Any, widths_before: list[dict[str, int]], widths_after: list[dict[str, int]],
+                       plan: Any) -> list[tuple[str, ...]]:
+    """Requested vs achieved fraction removed per unit kind (heads, KV heads, neurons, experts, layers).
+
+    Fractions are over the layers that remain (``--layers`` is reported on its own row), so rounding to
+    whole units (``--rounding``) and ``--multiple-of`` show up as a gap between the two columns.
+    """
+    kept = [widths_before[i] for i in plan.kept_layers] if plan is not None else widths_before
+    kinds = [("attention heads", "heads", config.heads), ("KV heads", "kv_heads", None),
+             ("FFN neurons", "neurons", config.ffn), ("experts", "experts", config.experts),
+             ("expert neurons", "expert_neurons", config.ffn)]
+    rows: list[tuple[str, ...]] = [("removed", "requested", "achieved", "kept / original")]
+    for label, key, requested in kinds:
+        total = sum(w.get(key, 0) for w in kept)
+        if not total:
+            continue
+        left = sum(w.get(key, 0) for w in widths_after)
+        rows.append((label, "-" if requested is None else f"{requested:.3f}", f"{1 - left / total:.3f}",
+                     f"{left:,} / {total:,}"))
+    n_layers = len(widths_before)
+    removed = n_layers - len(kept)
+    rows.append(("decoder layers", f"{config.layers}", f"{removed}", f"{n_layers - removed} / {n_layers}"))
+    return rows
+
+
+def before_after_rows(before: dict[str, Any], after: dict[str, Any], ppl_label: str | None = None
+                      ) -> list[tuple[str, ...]]:
+    """The before/after table: parameters, decoder-block parameters, size on disk, perplexity (when given)."""
+    rows = [("", "before", "after", "change"),
+            ("parameters", f"{before['params']:,}", f"{after['params']:,}", relative_change(before["params"], after["params"])),
+            ("decoder-block parameters", f"{before['block']:,}", f"{after['block']:,}",
+             relative_change(before["block"], after["block"]))]
+    for key, label in (("nonzero", "nonzero parameters"), ("sparsity", "weight sparsity (targets)")):
+        if key in before:
+            fmt = (lambda v: f"{v:,}") if key == "nonzero" else (lambda v: f"{v:.3f}")
+            rows.append((label, fmt(before[key]), fmt(after[key]),
+                         relative_change(before[key], after[key]) if key == "nonzero" else ""))
+    if before.get("size") is not None and after.get("size") is not None:
+        rows.append(("size on disk (MB)", f"{before['size'] / 1e6:.2f}", f"{after['size'] / 1e6:.2f}",
+                     relative_change(before["size"], after["size"])))
+    if ppl_label and before.get("ppl") is not None:
+        rows.append((ppl_label, f"{before['ppl']:.2f}", f"{after['ppl']:.2f}", relative_change(before["ppl"], after["ppl"])))
+    for label, value in after.get("extra_rows", []):
+        rows.append((label, "", value, ""))
+    return rows

@@ -15,6 +15,7 @@ from .activation import (
     apply_activation_sparsity,
     calibrate_activation_thresholds,
     measure_activation_sparsity,
+    read_activation_thresholds,
 )
 from .api import METHODS, SparsityConfig, SparsityReport, sparsify, weight_sparsity
 from .magnitude import magnitude_mask, magnitude_scores
@@ -44,4 +45,5 @@ __all__ = [
     "apply_activation_sparsity",
     "measure_activation_sparsity",
     "ActivationSparsityHandle",
+    "read_activation_thresholds",
 ]

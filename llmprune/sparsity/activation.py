@@ -28,6 +28,7 @@ Example::
 from __future__ import annotations
 
 import fnmatch
+import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -46,6 +47,7 @@ __all__ = [
     "measure_activation_sparsity",
     "ActivationSparsityHandle",
     "threshold_from_sample",
+    "read_activation_thresholds",
     "Reservoir",
 ]
 
@@ -313,3 +315,19 @@ def measure_activation_sparsity(model: nn.Module, thresholds: Mapping[str, float
     out = h.achieved()
     out["__overall__"] = h.overall()
     return out
+
+
+def read_activation_thresholds(folder: str | os.PathLike) -> dict[str, float]:
+    """TEAL thresholds saved by ``llmprune sparsify --activation-sparsity`` (in the folder's recipe).
+
+    Example::
+
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        apply_activation_sparsity(model, read_activation_thresholds(folder))
+    """
+    from ..io import read_recipe
+
+    entry = read_recipe(folder).get("activation_sparsity")
+    if not isinstance(entry, dict) or not isinstance(entry.get("thresholds"), dict):
+        raise ValueError(f"{folder} holds no activation-sparsity thresholds (saved without --activation-sparsity)")
+    return {str(k): float(v) for k, v in entry["thresholds"].items()}

@@ -1,0 +1,115 @@
+"""Options and steps shared by the subcommands that load, change and save a model (``prune``, ``sparsify``),
+so both take the same flags and fail the same way."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+__all__ = ["add_global_arguments", "add_calibration_arguments", "add_output_arguments", "add_ppl_arguments",
+           "add_runtime_arguments", "configure_output", "check_output", "read_calibration", "ppl_function", "ppl_protocol"]
+
+
+def add_global_arguments(p: argparse.ArgumentParser) -> None:
+    """``--quiet`` / ``--verbose``, given to every subcommand."""
+    p.add_argument("--quiet", action="store_true", help="no progress bars or library info messages")
+    p.add_argument("--verbose", action="store_true",
+                   help="show the libraries' own warnings (transformers, datasets, lm-eval), hidden by default")
+
+
+def add_calibration_arguments(p: argparse.ArgumentParser, n_samples: int, needed_by: str) -> None:
+    p.add_argument("--calib", metavar="FILE_OR_NAME",
+                   help=f"calibration text: a file, or wikitext2|c4|ptb (train split, via datasets); {needed_by}")
+    p.add_argument("--n-samples", type=int, default=n_samples, help=f"calibration windows (default {n_samples})")
+    p.add_argument("--seq-len", type=int, default=256, help="calibration window length (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default 0)")
+
+
+def add_output_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip reloading the saved model to compare outputs (for models whose second copy does not "
+                        "fit); saved keys and shapes are still checked")
+
+
+def add_ppl_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ppl", metavar="FILE_OR_NAME",
+                   help="before/after perplexity on a text file, or wikitext2|c4|ptb (test split, via datasets)")
+    p.add_argument("--ppl-seq-len", type=int, default=256, help="perplexity window length (default 256)")
+    p.add_argument("--ppl-max-tokens", type=int, default=60000, help="perplexity on the first N tokens (default 60000)")
+    p.add_argument("--ppl-keep-tail", action="store_true",
+                   help="also score the last partial window (all --ppl-max-tokens tokens are predicted)")
+
+
+def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="device for calibration and evaluation (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default=None, help="load dtype (float32, bfloat16, float16; default: the checkpoint's)")
+
+
+def configure_output(args: argparse.Namespace) -> None:
+    """Quiet the libraries: their warnings only with ``--verbose``, their progress bars not with ``--quiet``."""
+    quiet, verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
+    if verbose:
+        return
+    level = logging.ERROR
+    for name in ("lm-eval", "lm_eval", "datasets", "huggingface_hub", "accelerate"):
+        logging.getLogger(name).setLevel(level)
+    warnings.filterwarnings("ignore", module=r"(lm_eval|datasets|transformers)(\..*)?")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        if quiet:
+            hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+    if quiet:
+        try:
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()
+        except ImportError:  # pragma: no cover
+            pass
+
+
+def check_output(args: argparse.Namespace) -> Path:
+    """The output folder, refused before any work if it exists and ``--overwrite`` was not given."""
+    from ..io import OutputExistsError
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise OutputExistsError(f"output directory {out} already exists; pass --overwrite to replace it")
+    return out
+
+
+def read_calibration(args: argparse.Namespace) -> str | None:
+    """The ``--calib`` text, read before the model is loaded so a bad source fails fast."""
+    if not args.calib:
+        return None
+    from ..calibrate import read_calibration_text
+
+    return read_calibration_text(args.calib)
+
+
+def ppl_function(args: argparse.Namespace, tokenizer: Any, progress: bool) -> Callable[[Any], float | None]:
+    """``model -> perplexity`` on ``--ppl`` (``None`` without it); the text is read once, up front."""
+    if not args.ppl:
+        return lambda model: None
+    from ..eval.perplexity import load_text, perplexity
+
+    text = load_text(args.ppl)
+
+    def ppl(model: Any) -> float:
+        return perplexity(model, tokenizer, text, seq_len=args.ppl_seq_len, max_tokens=args.ppl_max_tokens,
+                          progress=progress, drop_last=not args.ppl_keep_tail).ppl
+
+    return ppl
+
+
+def ppl_protocol(args: argparse.Namespace) -> str:
+    return (f"{args.ppl}, first {args.ppl_max_tokens} tokens, {args.ppl_seq_len}-token windows"
+            f"{', tail window scored' if args.ppl_keep_tail else ''}")

@@ -1,0 +1,115 @@
+"""``llmprune sparsify``: weight sparsity (unstructured or N:M) and TEAL activation-sparsity thresholds, saved
+(verified) as a standard checkpoint with the same before/after table as ``prune``.
+
+Example::
+
+    llmprune sparsify ../shared/models/ref-llama-7m --method sparsegpt --sparsity 0.5 --pattern 2:4 \\
+        --calib ../shared/data/reference-train.txt --ppl ../shared/data/wikitext2-raw-test.txt --out runs/sparse
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ._common import (add_calibration_arguments, add_output_arguments, add_ppl_arguments, add_runtime_arguments,
+                      check_output, ppl_function, ppl_protocol, read_calibration)
+from ._registry import subcommand
+from .table import before_after_rows, format_table
+
+__all__ = ["add_arguments", "run"]
+
+_METHOD_HELP = {"magnitude": "|W|, no data", "wanda": "|W| * ||X||, needs --calib",
+                "sparsegpt": "OBS reconstruction of the kept weights, needs --calib"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..sparsity import METHODS
+
+    p.add_argument("model", help="local model folder or Hugging Face Hub id")
+    p.add_argument("--method", default="wanda", choices=METHODS,
+                   help="; ".join(f"{m}: {_METHOD_HELP.get(m, '')}" for m in METHODS) + " (default wanda)")
+    p.add_argument("--sparsity", type=float, default=0.5,
+                   help="fraction of weights zeroed in every target layer (default 0.5; 0 with only activation sparsity)")
+    p.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M such as 2:4 (sparsity 1-N/M)")
+    p.add_argument("--targets", default=None,
+                   help="comma-separated module-name patterns inside the decoder blocks (default: every linear layer)")
+    p.add_argument("--activation-sparsity", type=float, default=0.0, metavar="R",
+                   help="also calibrate TEAL thresholds zeroing a fraction R of each target layer's inputs; they are "
+                        "stored in the recipe (llmprune.sparsity.read_activation_thresholds)")
+    add_calibration_arguments(p, n_samples=128, needed_by="needed by wanda, sparsegpt and --activation-sparsity")
+    add_output_arguments(p)
+    add_ppl_arguments(p)
+    add_runtime_arguments(p)
+
+
+@subcommand("sparsify", "zero weights (unstructured or N:M) and/or calibrate activation sparsity, and save", add_arguments)
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..eval.efficiency import size_on_disk
+    from ..io import load_model, save_pruned
+    from ..pipeline import count_parameters
+    from ..sparsity import (SparsityConfig, apply_activation_sparsity, calibrate_activation_thresholds,
+                            measure_activation_sparsity, sparsify)
+    from ..sparsity._common import DEFAULT_TARGETS
+    from .table import block_parameters
+
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else list(DEFAULT_TARGETS)
+    cfg = SparsityConfig(method=args.method, sparsity=args.sparsity, pattern=args.pattern, targets=targets,
+                         n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed)
+    act = args.activation_sparsity
+    if not 0.0 <= act < 1.0:
+        raise ValueError(f"--activation-sparsity {act:g} is out of range: it is the fraction of inputs zeroed, in [0, 1)")
+    if cfg.sparsity == 0 and act == 0:
+        raise ValueError("nothing to do: give --sparsity > 0 and/or --activation-sparsity > 0")
+    out = check_output(args)
+    calibration = read_calibration(args)
+    if calibration is None and (cfg.needs_calibration or act > 0):
+        from ..calibrate import CalibrationError
+
+        needs = f"--method {cfg.method}" if cfg.needs_calibration else "--activation-sparsity"
+        raise CalibrationError(f"{needs} needs calibration data: pass --calib with a text file or wikitext2|c4|ptb")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
+    progress = not args.quiet
+    ppl_of = ppl_function(args, tokenizer, progress)
+
+    def nonzero(m: torch.nn.Module) -> int:
+        return sum(int(torch.count_nonzero(p)) for p in {id(p): p for p in m.parameters()}.values())
+
+    src = Path(args.model)
+    before = {"params": count_parameters(model), "block": block_parameters(model), "nonzero": nonzero(model),
+              "ppl": ppl_of(model), "size": size_on_disk(src) if src.is_dir() else None}
+    report = sparsify(model, cfg, tokenizer=tokenizer, calibration=calibration, progress=progress, device=device)
+    extra_rows, extra = [], {"sparsity_config": cfg.to_dict(), "weight_sparsity": report.overall_sparsity,
+                             "calibration": args.calib}
+    handle = None
+    if act > 0:
+        thresholds = calibrate_activation_thresholds(model, tokenizer, calibration, sparsity=act, targets=targets,
+                                                     n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed,
+                                                     progress=progress, device=device)
+        # measured on windows other than the calibration ones (another seed)
+        achieved = measure_activation_sparsity(model, thresholds, calibration, tokenizer,
+                                               n_samples=min(args.n_samples, 16), seq_len=args.seq_len,
+                                               seed=args.seed + 1)["__overall__"]
+        extra["activation_sparsity"] = {"target": act, "achieved": achieved, "thresholds": thresholds}
+        extra_rows.append(("activation sparsity (inputs zeroed)", f"{achieved:.3f}"))
+        handle = apply_activation_sparsity(model, thresholds)
+    after_ppl = ppl_of(model)  # with the thresholds applied, as the model runs
+    if handle is not None:
+        handle.remove()
+    after = {"params": count_parameters(model), "block": block_parameters(model), "nonzero": nonzero(model),
+             "ppl": after_ppl, "extra_rows": extra_rows}
+    before["sparsity"], after["sparsity"] = 0.0, report.overall_sparsity
+    if args.ppl:
+        extra.update(ppl_before=before["ppl"], ppl_after=after["ppl"], ppl_protocol=ppl_protocol(args))
+    save_pruned(model, out, tokenizer=tokenizer, source=str(args.model), overwrite=args.overwrite,
+                verify=not args.no_verify, extra=extra)
+    after["size"] = size_on_disk(out)
+    pattern = "" if cfg.pattern == "unstructured" else f" {cfg.pattern}"
+    print(f"\nllmprune: {cfg.method}{pattern} weight sparsity {cfg.sparsity:g}"
+          f"{f', activation sparsity {act:g}' if act else ''} -> {out}")
+    print(format_table(before_after_rows(before, after, ppl_label=args.ppl and
+                                         f"perplexity ({Path(args.ppl).name}, L={args.ppl_seq_len})")))
+    return 0
