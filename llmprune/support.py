@@ -19,21 +19,34 @@ MARKER_END = "<!-- support-matrix:end -->"
 UNIT_COLUMNS = ("heads", "kv_groups", "neurons", "layers", "experts")
 
 
+#: what per-layer (``--allocation global``) outputs need, for every family: llmprune's registered classes
+PER_LAYER_LOADING = "after `import llmprune`"
+
+
 def support_matrix() -> list[dict[str, object]]:
+    """One row per family and loading behaviour: prunable units, and which outputs plain transformers loads
+    (``uniform``: :attr:`ArchAdapter.standard_outputs`; ``per_layer``: always through llmprune's classes)."""
     rows = []
     for adapter in registered_adapters():
         d = adapter.describe()
-        rows.append({"family": d["family"], "model_types": d["model_types"],
-                     **{u: u in d["units"] for u in UNIT_COLUMNS}})
+        groups: dict[str, list[str]] = {}
+        for model_type, loads in d["standard_outputs"].items():
+            groups.setdefault(loads, []).append(model_type)
+        for loads, model_types in groups.items():
+            rows.append({"family": d["family"], "model_types": model_types,
+                         **{u: u in d["units"] for u in UNIT_COLUMNS},
+                         "uniform": loads, "per_layer": PER_LAYER_LOADING})
     return rows
 
 
 def support_matrix_markdown() -> str:
-    header = "| family | model_type | " + " | ".join(UNIT_COLUMNS) + " |"
-    lines = [header, "|" + "---|" * (2 + len(UNIT_COLUMNS))]
+    header = ("| family | model_type | " + " | ".join(UNIT_COLUMNS)
+              + " | loads without llmprune: uniform | per-layer |")
+    lines = [header, "|" + "---|" * (4 + len(UNIT_COLUMNS))]
     for r in support_matrix():
         cells = ["✓" if r[u] else "–" for u in UNIT_COLUMNS]
-        lines.append(f"| {r['family']} | {', '.join(r['model_types'])} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['family']} | {', '.join(r['model_types'])} | " + " | ".join(cells)
+                     + f" | {r['uniform']} | no: loads {r['per_layer']} |")
     return "\n".join(lines)
 
 

@@ -36,14 +36,14 @@ class _Dataset:
 def _wikitext2(split: Split) -> str:
     import datasets
 
-    rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"]
+    rows = datasets.load_dataset("Salesforce/wikitext", "wikitext-2-raw-v1", split=split)["text"]
     return "\n\n".join(rows)  # as the SparseGPT/Wanda evaluation code joins them
 
 
 def _ptb(split: Split) -> str:
     import datasets
 
-    rows = datasets.load_dataset("ptb_text_only", "penn_treebank", split=split)["sentence"]
+    rows = datasets.load_dataset("ptb-text-only/ptb_text_only", "penn_treebank", split=split)["sentence"]
     return " ".join(rows)
 
 
@@ -63,8 +63,8 @@ def _c4(split: Split) -> str:
 
 #: Dataset names accepted wherever a text source is (``--calib``, ``--ppl``), with the split each purpose uses.
 DATASET_ALIASES: dict[str, _Dataset] = {
-    "wikitext2": _Dataset("wikitext / wikitext-2-raw-v1; rows joined with '\\n\\n'", _wikitext2),
-    "ptb": _Dataset("ptb_text_only / penn_treebank; sentences joined with ' '", _ptb),
+    "wikitext2": _Dataset("Salesforce/wikitext / wikitext-2-raw-v1; rows joined with '\\n\\n'", _wikitext2),
+    "ptb": _Dataset("ptb-text-only/ptb_text_only / penn_treebank; sentences joined with ' '", _ptb),
     "c4": _Dataset("allenai/c4 en; train shard 0 for calibration, validation shard 0 (1100 documents) for "
                    "evaluation", _c4),
 }

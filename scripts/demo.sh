@@ -1,15 +1,45 @@
 #!/usr/bin/env bash
-# One command: set up (CPU torch first, then llmprune) and run the default job on the shipped reference
-# model: prune 25% of its decoder-block parameters (25% of heads as whole GQA groups + 25% of FFN neurons,
-# activation-aware), save it, and print the before/after table (params, size on disk, WikiText-2 perplexity).
+# One command: set up (CPU torch first, then llmprune) and run the default job: prune 25% of the attention
+# heads (whole GQA groups, nearest valid count) and 25% of the FFN neurons, activation-aware (Wanda), save the
+# verified result, and print the requested/achieved and before/after tables (params, size, perplexity).
+#
+#   bash scripts/demo.sh [MODEL] [more `llmprune prune` flags]
+#
+# MODEL defaults to ../shared/models/ref-llama-7m when present (calibration and perplexity text from
+# ../shared/data, fully offline), else to the Hub model HuggingFaceTB/SmolLM2-135M with WikiText-2 from
+# `datasets` (train split to calibrate, test split for perplexity). LLMPRUNE_SHARED moves ../shared;
+# LLMPRUNE_DEMO_NO_INSTALL=1 skips the pip step.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED="${LLMPRUNE_SHARED:-../shared}"
-python -m pip install -q torch==2.13.0
-python -m pip install -q -e .
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-llmprune prune "$SHARED/models/ref-llama-7m" \
+HUB_MODEL="HuggingFaceTB/SmolLM2-135M"
+if [ -z "${LLMPRUNE_DEMO_NO_INSTALL:-}" ]; then
+  python -m pip install -q torch==2.13.0
+  python -m pip install -q -e .
+fi
+MODEL=""
+if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then MODEL="$1"; shift; fi
+if [ -z "$MODEL" ] && [ -d "$SHARED/models/ref-llama-7m" ]; then MODEL="$SHARED/models/ref-llama-7m"; fi
+export TOKENIZERS_PARALLELISM=false
+if [ -f "$SHARED/data/reference-train.txt" ] && [ -f "$SHARED/data/wikitext2-raw-test.txt" ]; then
+  CALIB="$SHARED/data/reference-train.txt"; PPL="$SHARED/data/wikitext2-raw-test.txt"
+else
+  CALIB="wikitext2"; PPL="wikitext2"
+fi
+if [ -z "$MODEL" ]; then
+  MODEL="$HUB_MODEL"
+  if ! python -c "import sys; from huggingface_hub import hf_hub_download; hf_hub_download(sys.argv[1], 'config.json')" \
+      "$MODEL" >/dev/null 2>&1; then
+    echo "demo: $SHARED/models/ref-llama-7m is not here and $MODEL cannot be downloaded (offline?); pass a local model folder: bash scripts/demo.sh PATH/TO/MODEL" >&2
+    exit 2
+  fi
+fi
+if [ -d "$MODEL" ] && [ "$CALIB" != "wikitext2" ]; then  # everything is local: never touch the network
+  export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+fi
+OUT="runs/$(basename "$MODEL")-pruned"
+exec python -m llmprune prune "$MODEL" \
   --heads 0.25 --ffn 0.25 --method wanda \
-  --calib "$SHARED/data/reference-train.txt" --n-samples 64 --seq-len 256 \
-  --ppl "$SHARED/data/wikitext2-raw-test.txt" --ppl-seq-len 256 --ppl-max-tokens 60000 --ppl-keep-tail \
-  --out runs/ref-llama-7m-pruned --overwrite "$@"
+  --calib "$CALIB" --n-samples 64 --seq-len 256 \
+  --ppl "$PPL" --ppl-seq-len 256 --ppl-max-tokens 60000 --ppl-keep-tail \
+  --out "$OUT" --overwrite "$@"

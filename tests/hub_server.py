@@ -1,8 +1,9 @@
 """A minimal Hugging Face Hub-compatible HTTP server on 127.0.0.1 for offline tests.
 
-Serves model repos from local folders (download: resolve, repo info, tree) and accepts uploads
+Serves model and dataset repos from local folders (download: resolve, repo info, tree) and accepts uploads
 (create repo, preupload, ndjson commit) into memory-backed folders. Only what huggingface_hub's client
-calls for from_pretrained / snapshot_download / upload_folder is implemented.
+calls for from_pretrained / snapshot_download / upload_folder and what ``datasets.load_dataset`` calls for a
+parquet dataset repo (README.md configs, tree listing, resolve) is implemented.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ class HubState:
         self.root = root
         self.requests: list[str] = []
 
-    def repo_dir(self, repo: str) -> Path:
-        return self.root / repo
+    def repo_dir(self, repo: str, kind: str = "model") -> Path:
+        return self.root / repo if kind == "model" else self.root / "_datasets" / repo
 
 
 def _handler(state: HubState):
@@ -52,11 +53,11 @@ def _handler(state: HubState):
             return self.rfile.read(n) if n else b""
 
         def _resolve(self, head: bool):
-            m = re.match(r"^/(?:models/)?([^/]+/[^/]+)/resolve/([^/]+)/(.+)$", self.path.split("?")[0])
+            m = re.match(r"^/(models/|datasets/)?([^/]+/[^/]+)/resolve/([^/]+)/(.+)$", self.path.split("?")[0])
             if not m:
                 return False
-            repo, _rev, path = m.groups()
-            f = state.repo_dir(repo) / path
+            kind, repo, _rev, path = m.groups()
+            f = state.repo_dir(repo, "dataset" if kind == "datasets/" else "model") / path
             if not f.is_file():
                 self._send(404, b"", {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": COMMIT}, head)
                 return True
@@ -76,15 +77,22 @@ def _handler(state: HubState):
             if self._resolve(head=False):
                 return
             path = self.path.split("?")[0]
-            m = re.match(r"^/api/models/([^/]+/[^/]+)(?:/revision/[^/]+)?$", path)
+            m = re.match(r"^/api/(models|datasets)/([^/]+/[^/]+)(?:/revision/[^/]+)?$", path)
             if m:
-                d = state.repo_dir(m.group(1))
+                d = state.repo_dir(m.group(2), m.group(1)[:-1])
                 if not d.is_dir():
                     return self._json(404, {"error": "Repository not found"})
                 files = sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
-                return self._json(200, {"id": m.group(1), "sha": COMMIT, "siblings": [{"rfilename": f} for f in files]})
-            if re.match(r"^/api/models/[^/]+/[^/]+/tree/", path):
-                return self._json(200, [])
+                return self._json(200, {"id": m.group(2), "sha": COMMIT, "siblings": [{"rfilename": f} for f in files]})
+            m = re.match(r"^/api/(models|datasets)/([^/]+/[^/]+)/tree/[^/]+/?(.*)$", path)
+            if m:
+                d = state.repo_dir(m.group(2), m.group(1)[:-1])
+                base, entries = d / m.group(3), []
+                for p in sorted(base.iterdir()) if base.is_dir() else []:
+                    rel = str(p.relative_to(d))
+                    entries.append({"type": "directory", "path": rel, "oid": COMMIT} if p.is_dir() else
+                                   {"type": "file", "path": rel, "size": p.stat().st_size, "oid": COMMIT})
+                return self._json(200, entries)
             self._json(404, {"error": "not found"})
 
         def do_POST(self):
@@ -135,6 +143,10 @@ class LocalHub:
 
     def add_repo(self, repo: str, folder: Path) -> None:
         shutil.copytree(folder, self.state.repo_dir(repo))
+
+    def add_dataset(self, repo: str, folder: Path) -> None:
+        """Serve ``folder`` (a README.md with ``configs:`` and parquet files) as dataset repo ``repo``."""
+        shutil.copytree(folder, self.state.repo_dir(repo, "dataset"))
 
     def __enter__(self) -> "LocalHub":
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self.state))

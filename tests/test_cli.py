@@ -159,4 +159,5 @@ def test_calib_dataset_name_uses_train_split(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", fake)
     assert read_calibration_text("wikitext2") == "train row one\n\ntrain row two"
     assert load_text("wikitext2") == "test row one\n\ntest row two"
-    assert calls == [("wikitext", "wikitext-2-raw-v1", "train"), ("wikitext", "wikitext-2-raw-v1", "test")]
+    assert calls == [("Salesforce/wikitext", "wikitext-2-raw-v1", "train"),
+                     ("Salesforce/wikitext", "wikitext-2-raw-v1", "test")]

@@ -169,6 +169,12 @@ class ExpertsSpec:
         return down.slots(expert)[0]
 
 
+#: support-matrix wording (:attr:`ArchAdapter.standard_outputs`)
+ALL_UNIFORM = "all"
+NO_HEAD_PRUNING = "all but head-pruned"
+HEADS_DIVIDING_HIDDEN = "all but heads not dividing hidden_size"
+
+
 @dataclass(frozen=True)
 class StandardEquivalent:
     """Another standard transformers family that computes *exactly* what this one does for some configs.
@@ -241,6 +247,9 @@ class ArchAdapter:
     per_layer_config_lists: ClassVar[tuple[str, ...]] = ("layer_types",)
     #: source model_type -> an exactly equivalent standard family for configs its own class rejects
     standard_equivalents: ClassVar[dict[str, StandardEquivalent]] = {}
+    #: model_type -> which *uniform* outputs plain transformers loads (support matrix; checked by
+    #: tests/test_support_matrix.py). Unlisted types: every uniform output. Per-layer widths always need llmprune.
+    standard_outputs: ClassVar[dict[str, str]] = {}
 
     # ---- structure -------------------------------------------------------------------------------
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
@@ -334,5 +343,6 @@ class ArchAdapter:
     # ---- support matrix --------------------------------------------------------------------------
     @classmethod
     def describe(cls) -> dict[str, Any]:
-        return {"family": cls.family or cls.__name__, "model_types": list(cls.model_types), "units": list(cls.units)}
+        return {"family": cls.family or cls.__name__, "model_types": list(cls.model_types), "units": list(cls.units),
+                "standard_outputs": {t: cls.standard_outputs.get(t, ALL_UNIFORM) for t in cls.model_types}}
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from .base import ArchAdapter, AttentionSpec, FFNSpec, Slot, heads_span_hidden
+from .base import NO_HEAD_PRUNING, ArchAdapter, AttentionSpec, FFNSpec, Slot, heads_span_hidden
 from .registry import register_adapter
 
 __all__ = ["BertAdapter"]
@@ -29,6 +29,7 @@ __all__ = ["BertAdapter"]
 @register_adapter
 class BertAdapter(ArchAdapter):
     model_types = ("bert",)
+    standard_outputs = {t: NO_HEAD_PRUNING for t in model_types}
     family = "BERT (encoder)"
     units = ("heads", "kv_groups", "neurons", "layers")
     kv_heads_attr = None

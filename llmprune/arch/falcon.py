@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from .base import ArchAdapter, AttentionSpec, FFNSpec, Slot, heads_span_hidden
+from .base import NO_HEAD_PRUNING, ArchAdapter, AttentionSpec, FFNSpec, Slot, heads_span_hidden
 from .registry import register_adapter
 
 __all__ = ["FalconAdapter"]
@@ -28,6 +28,8 @@ __all__ = ["FalconAdapter"]
 @register_adapter
 class FalconAdapter(ArchAdapter):
     model_types = ("falcon",)
+    # head_dim = hidden_size // num_heads in the modules: head-pruned shapes need the per-layer classes
+    standard_outputs = {t: NO_HEAD_PRUNING for t in model_types}
     family = "Falcon"
     kv_heads_attr = "num_kv_heads"
     ffn_attr = "ffn_hidden_size"

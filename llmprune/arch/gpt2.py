@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from .base import ArchAdapter, AttentionSpec, FFNSpec, Slot, heads_span_hidden, weight_matrix
+from .base import NO_HEAD_PRUNING, ArchAdapter, AttentionSpec, FFNSpec, Slot, heads_span_hidden, weight_matrix
 from .registry import register_adapter
 
 __all__ = ["GPT2Adapter"]
@@ -21,6 +21,8 @@ __all__ = ["GPT2Adapter"]
 @register_adapter
 class GPT2Adapter(ArchAdapter):
     model_types = ("gpt2",)
+    # head_dim = hidden_size // num_heads in the modules: head-pruned shapes need the per-layer classes
+    standard_outputs = {t: NO_HEAD_PRUNING for t in model_types}
     family = "GPT-2"
     heads_attr = "n_head"
     kv_heads_attr = None

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from .base import ArchAdapter, AttentionSpec, FFNSpec, Slot, heads_span_hidden
+from .base import NO_HEAD_PRUNING, ArchAdapter, AttentionSpec, FFNSpec, Slot, heads_span_hidden
 from .registry import register_adapter
 
 __all__ = ["GPTNeoXAdapter"]
@@ -22,6 +22,8 @@ __all__ = ["GPTNeoXAdapter"]
 @register_adapter
 class GPTNeoXAdapter(ArchAdapter):
     model_types = ("gpt_neox",)
+    # head_dim = hidden_size // num_heads in the modules: head-pruned shapes need the per-layer classes
+    standard_outputs = {t: NO_HEAD_PRUNING for t in model_types}
     family = "GPT-NeoX / Pythia"
     kv_heads_attr = None
     per_layer_config_lists = ()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import ArchAdapter, AttentionSpec, FFNSpec, Slot, StandardEquivalent
+from .base import HEADS_DIVIDING_HIDDEN, ArchAdapter, AttentionSpec, FFNSpec, Slot, StandardEquivalent
 from .registry import base_model_type, register_adapter
 
 __all__ = ["LlamaAdapter"]
@@ -27,6 +27,8 @@ class LlamaAdapter(ArchAdapter):
         "llama": StandardEquivalent("mistral", require={"attention_bias": False, "mlp_bias": False, "pretraining_tp": 1},
                                     set={"sliding_window": None}),
     }
+    standard_outputs = {"llama": "all (head-pruned: as mistral)",
+                        **{t: HEADS_DIVIDING_HIDDEN for t in ("gemma", "gemma2", "gemma3_text")}}
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         base = getattr(model, "model", model)

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from .base import ArchAdapter, AttentionSpec, FFNSpec, Slot, heads_span_hidden
+from .base import NO_HEAD_PRUNING, ArchAdapter, AttentionSpec, FFNSpec, Slot, heads_span_hidden
 from .registry import register_adapter
 
 __all__ = ["OPTAdapter"]
@@ -21,6 +21,8 @@ __all__ = ["OPTAdapter"]
 @register_adapter
 class OPTAdapter(ArchAdapter):
     model_types = ("opt",)
+    # head_dim = hidden_size // num_heads in the modules: head-pruned shapes need the per-layer classes
+    standard_outputs = {t: NO_HEAD_PRUNING for t in model_types}
     family = "OPT"
     kv_heads_attr = None
     ffn_attr = "ffn_dim"
