@@ -251,3 +251,40 @@ def test_verification_failure_keeps_existing_output(tmp_path):
         save_pruned(model, out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+_ROPE = [None,
+         {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 16, "rope_theta": 500000.0},
+         {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+         {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0},
+         {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}]
+
+
+@pytest.mark.parametrize("rope", _ROPE, ids=lambda r: r["rope_type"] if r else "default")
+def test_mistral_twin_computes_what_the_masked_llama_does(tmp_path, rope):
+    """The standard twin is exact, rope scaling included: the saved Mistral's logits equal the *original Llama*
+    with the removed heads masked, at positions beyond the original context (where scaling matters)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from masking import mask_model
+
+    kwargs = dict(num_attention_heads=8, num_key_value_heads=4, head_dim=8)
+    if rope:
+        kwargs["rope_parameters"] = rope
+    original = tiny_causal_lm("llama", **kwargs)
+    model = copy.deepcopy(original)
+    result = prune(model, PruneConfig(heads=0.25, ffn=0.25, method="magnitude"), progress=False)
+    out = save_pruned(model, tmp_path / "m")
+    reloaded = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    assert type(reloaded).__name__ == "MistralForCausalLM"
+    ids = torch.randint(0, 128, (2, 60), generator=torch.Generator().manual_seed(4))
+    handles = mask_model(original, result.plan)
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded(ids).logits, original(ids).logits, atol=2e-5, rtol=1e-4)
+    finally:
+        for h in handles:
+            h.remove()
