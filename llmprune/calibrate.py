@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .arch import ArchAdapter
+from .arch.base import weight_matrix
 from .progress import progress_bar
 
 __all__ = [
@@ -84,6 +85,9 @@ class LayerStats:
     block_influence: float = 0.0
     #: adapter-specific statistics from :meth:`ArchAdapter.calibration_hooks` (e.g. ``"router_mass"``)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: input Gram matrices (``layerwise_statistics(grams_of=...)``), for reconstruction; a
+    #: :class:`llmprune.sparsity.HessianAccumulator` per module
+    grams: dict[nn.Module, Any] = field(default_factory=dict)
 
 
 def read_calibration_text(source: str | os.PathLike) -> str:
@@ -265,6 +269,7 @@ def layerwise_statistics(
     device: torch.device | str | None = None,
     progress: bool = True,
     on_layer: Callable[[int, nn.Module, LayerStats], None] | None = None,
+    grams_of: Callable[[nn.Module], Iterable[nn.Module]] | None = None,
 ) -> list[LayerStats]:
     """Input statistics of each layer's projections, gathered one decoder layer at a time.
 
@@ -274,7 +279,11 @@ def layerwise_statistics(
         device: where each layer runs (defaults to the model's device); the layer is moved back after.
         on_layer: called after a layer's statistics are complete and before its output is computed,
             so sequential methods can modify the layer (its pruned output then feeds the next layer).
+        grams_of: modules of a layer whose input Gram matrix ``Σ x xᵀ`` is accumulated into
+            ``LayerStats.grams`` (float64 on CPU, float32 on GPU); ``on_layer`` may free them.
     """
+    from .sparsity.sparsegpt import HessianAccumulator  # local: sparsity imports this module
+
     if not batches:
         raise CalibrationError("no calibration batches")
     layers = adapter.decoder_layers(model)
@@ -291,6 +300,9 @@ def layerwise_statistics(
         for module in modules_of(layer):
             s = stats.inputs.setdefault(module, InputStats())
             handles.append(module.register_forward_pre_hook(lambda m, a, s=s: s.update(a[0])))
+        for module in (grams_of(layer) if grams_of is not None else ()):
+            g = stats.grams.setdefault(module, HessianAccumulator(weight_matrix(module).shape[1], device=device))
+            handles.append(module.register_forward_pre_hook(lambda m, a, g=g: g.update(a[0])))
         handles += adapter.calibration_hooks(layer, stats)
         try:
             outs = [run_layer(layer, h, *captured.layer_args[i][b], device) for b, h in enumerate(hidden)]

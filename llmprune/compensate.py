@@ -28,7 +28,7 @@ from .calibrate import LayerStats
 from .config import PrunePlan
 from .surgery import _complement
 
-__all__ = ["Delta", "compensation_deltas", "enable_biases", "add_deltas"]
+__all__ = ["Delta", "compensation_deltas", "zero_deltas", "enable_biases", "add_deltas"]
 
 
 @dataclass
@@ -63,6 +63,19 @@ def compensation_deltas(adapter: ArchAdapter, model: nn.Module, plan: PrunePlan,
             mean = stats[i].inputs[slot.module].mean.index_select(0, cols)
             w = weight_matrix(slot.module).detach().double().index_select(1, cols.to(slot.module.weight.device))
             deltas.append(Delta(slot.module, kind, (w @ mean.to(w.device)).to(slot.module.weight.dtype)))
+    return deltas
+
+
+def zero_deltas(adapter: ArchAdapter, model: nn.Module) -> list[Delta]:
+    """A zero delta for every layer's attention and FFN output projection: with :func:`enable_biases`,
+    gives each of them a bias for reconstruction to refit (``PruneConfig(reconstruct=True,
+    bias_compensation=True)``)."""
+    deltas = []
+    for layer in adapter.decoder_layers(model):
+        for kind, spec in (("attention", adapter.attention(layer)), ("ffn", adapter.ffn(layer))):
+            if spec is not None and isinstance(spec.output.module, nn.Module):
+                out = weight_matrix(spec.output.module).shape[0]
+                deltas.append(Delta(spec.output.module, kind, torch.zeros(out)))
     return deltas
 
 

@@ -51,20 +51,30 @@ class PruneConfig(_JsonMixin):
             weight on the calibration tokens); without, by the L2 norm of their weights. In MoE layers
             ``ffn`` prunes neurons inside each expert (each expert its own, the same count in all).
         method: importance criterion name (see ``llmprune.criteria.available_criteria()``).
-        allocation: ``uniform`` (same widths in every layer -> a standard checkpoint) or ``global``
-            (per-layer widths from globally comparable, per-layer-normalised scores).
+        allocation: ``uniform`` (same widths in every layer -> a standard checkpoint), ``global``
+            (per-layer widths from globally comparable, per-layer-normalised scores), ``error`` (the
+            parameters that ``heads``/``ffn`` remove uniformly go where each layer's output reconstruction
+            error per parameter is lowest, heads and FFN neurons competing for the same budget) or
+            ``block_influence`` (each layer's ratios move within ``±spread`` of ``heads``/``ffn``, less
+            pruning where the layer's Block Influence is higher). See :mod:`llmprune.allocate`.
         attention_unit: ``group`` removes whole KV groups (a KV head with its query heads; shrinks the KV
             cache) or ``query`` removes the same number of query heads from every KV group.
         rounding: what to do when ``heads`` does not give whole units: ``nearest`` (default: the closest
             valid count, which may be 0), ``down``, ``up``, or ``error`` (a :class:`RatioError` listing the
             valid ratios). FFN counts are always rounded to the nearest neuron.
         multiple_of: kept FFN widths are rounded down to a multiple of this (hardware-friendly sizes).
-        min_keep: in global allocation, the smallest fraction of a layer's units that is kept.
+        min_keep: in non-uniform allocations, the smallest fraction of a layer's units that is kept.
         n_samples, seq_len, seed: calibration windows drawn from the calibration text.
         batch_size: calibration batch size.
         bias_compensation: add the removed heads' / neurons' mean contribution over the calibration
             tokens to the bias of o_proj / down_proj (FLAP); biases are created where the family's config
-            can declare them.
+            can declare them. With ``reconstruct`` the bias is refitted jointly with the weights.
+        reconstruct: after removing heads / neurons, refit the projection that consumes them (the
+            adapter's ``output`` slot: o_proj, down_proj, GPT-2 ``c_proj``, ...) by damped least squares on
+            calibration inputs, layer by layer with the inputs of the already pruned layers
+            (:mod:`llmprune.reconstruct`).
+        percdamp: damping of the reconstruction, as a fraction of the mean diagonal of the Gram matrix.
+        spread: ``block_influence`` allocation: layer ratios span ``2 * spread`` around the target.
     """
 
     heads: float = 0.0
@@ -72,7 +82,7 @@ class PruneConfig(_JsonMixin):
     layers: int = 0
     experts: float = 0.0
     method: str = "wanda"
-    allocation: Literal["uniform", "global"] = "uniform"
+    allocation: Literal["uniform", "global", "error", "block_influence"] = "uniform"
     attention_unit: Literal["group", "query"] = "group"
     rounding: Literal["error", "down", "up", "nearest"] = "nearest"
     multiple_of: int = 1
@@ -82,6 +92,9 @@ class PruneConfig(_JsonMixin):
     seed: int = 0
     batch_size: int = 8
     bias_compensation: bool = False
+    reconstruct: bool = False
+    percdamp: float = 0.01
+    spread: float = 0.1
 
     def __post_init__(self) -> None:
         self.validate()
@@ -93,7 +106,7 @@ class PruneConfig(_JsonMixin):
                 raise ValueError(f"{name}={value!r} is out of range: it is the fraction removed and must be in [0, 1)")
         if not isinstance(self.layers, int) or self.layers < 0:
             raise ValueError(f"layers={self.layers!r} must be a non-negative number of blocks to remove")
-        choices = {"allocation": ("uniform", "global"), "attention_unit": ("group", "query"),
+        choices = {"allocation": ("uniform", "global", "error", "block_influence"), "attention_unit": ("group", "query"),
                    "rounding": ("error", "down", "up", "nearest")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -105,6 +118,10 @@ class PruneConfig(_JsonMixin):
         for name in ("n_samples", "seq_len", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if not 0.0 <= self.percdamp < 1.0:
+            raise ValueError(f"percdamp={self.percdamp!r} must be in [0, 1)")
+        if not 0.0 <= self.spread <= 0.5:
+            raise ValueError(f"spread={self.spread!r} must be in [0, 0.5]")
 
 
 @dataclass

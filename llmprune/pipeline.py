@@ -1,6 +1,9 @@
 """The one-call entry point of structured pruning, in the order a reader follows it:
-calibrate (:mod:`.calibrate`) -> score (:mod:`.score`) -> select (:mod:`.select`) -> compensate
-(:mod:`.compensate`) -> cut (:mod:`.surgery`); saving is :mod:`.io`.
+calibrate (:mod:`.calibrate`) -> score (:mod:`.score`) -> select (:mod:`.select`, with the ``error`` /
+``block_influence`` counts from :mod:`.allocate`) -> compensate (:mod:`.compensate`) -> cut
+(:mod:`.surgery`); saving is :mod:`.io`. With ``reconstruct`` the cut happens layer by layer in
+:mod:`.sequential`, each layer re-scored on the already pruned model's activations and its output
+projections refitted (:mod:`.reconstruct`).
 
 Example::
 
@@ -22,11 +25,12 @@ from torch import nn
 
 from .arch import get_adapter
 from .calibrate import CalibrationError, as_batches, layerwise_statistics
-from .compensate import add_deltas, compensation_deltas, enable_biases
+from .compensate import add_deltas, compensation_deltas, enable_biases, zero_deltas
 from .config import PruneConfig, PrunePlan
 from .criteria import get_criterion
-from .score import LayerScores, score_layers
+from .score import LayerScores, score_layer, score_layers
 from .select import check_ratios, plan_pruning
+from .sequential import block_influence_counts, error_counts, layer_cost_curves, output_modules, prune_sequential
 from .surgery import apply_plan
 
 __all__ = ["prune", "PruneResult", "count_parameters"]
@@ -80,12 +84,15 @@ def prune(
     adapter = get_adapter(model)
     criterion = get_criterion(config.method)
     check_ratios(model, adapter, config)
-    needs_data = ((criterion.needs_calibration or config.bias_compensation) and (config.heads > 0 or config.ffn > 0)) \
-        or config.layers > 0
+    prunes_units = config.heads > 0 or config.ffn > 0
+    needs_data = ((criterion.needs_calibration or config.bias_compensation or config.reconstruct
+                   or config.allocation in ("error", "block_influence")) and prunes_units) or config.layers > 0
     batches = as_batches(calibration, tokenizer, config.n_samples, config.seq_len, config.seed, config.batch_size)
     if needs_data and batches is None:
+        why = ("bias compensation" if config.bias_compensation else "reconstruction" if config.reconstruct
+               else f"{config.allocation} allocation" if config.allocation in ("error", "block_influence") else "")
         raise CalibrationError(
-            f"method {config.method!r}{' with bias compensation' if config.bias_compensation else ''}"
+            f"method {config.method!r}{f' with {why}' if why else ''}"
             f"{' (and layer removal)' if config.layers else ''} needs calibration data: "
             "pass calibration=<text file> (CLI: --calib FILE)"
         )
@@ -94,12 +101,39 @@ def prune(
     model.eval()
     # Expert removal uses routing statistics whenever calibration data is given (weight norms otherwise).
     use_data = needs_data or (config.experts > 0 and batches is not None)
-    stats = layerwise_statistics(model, adapter, batches, device=device, progress=progress) if use_data else None
-    scores = score_layers(model, adapter, config, stats)
-    plan = plan_pruning(model, adapter, config, scores)
-    deltas = compensation_deltas(adapter, model, plan, stats) if config.bias_compensation and stats else []
-    enable_biases(adapter, model, deltas)
-    apply_plan(model, plan, adapter)
-    add_deltas(deltas)
+    reconstruct = config.reconstruct and prunes_units
+    # A first, dense pass decides the counts unless reconstruction alone (uniform counts) needs none.
+    first_pass = not (reconstruct and config.allocation == "uniform" and not config.layers and not config.experts
+                      and not any(adapter.experts(layer) is not None for layer in adapter.decoder_layers(model)))
+    stats = scores = plan = None
+    counts = None
+    if first_pass:
+        curves: list = []
+        error_alloc = config.allocation == "error" and prunes_units
+
+        def price_layer(i: int, layer: nn.Module, layer_stats: Any) -> None:  # error allocation: cost curves
+            curves.append(layer_cost_curves(adapter, layer, config, score_layer(adapter, layer, config, layer_stats),
+                                            layer_stats))
+            layer_stats.grams.clear()
+
+        if use_data:
+            stats = layerwise_statistics(model, adapter, batches, device=device, progress=progress,
+                                         on_layer=price_layer if error_alloc else None,
+                                         grams_of=(lambda layer: output_modules(adapter, layer)) if error_alloc else None)
+        scores = score_layers(model, adapter, config, stats)
+        if error_alloc:
+            counts = error_counts(model, adapter, config, curves)
+        elif config.allocation == "block_influence" and prunes_units:
+            counts = block_influence_counts(model, adapter, config, [s.block_influence for s in stats])
+        plan = plan_pruning(model, adapter, config, scores, counts)
+    if reconstruct:
+        if config.bias_compensation:  # biases are created here and refitted with the weights
+            enable_biases(adapter, model, zero_deltas(adapter, model))
+        plan = prune_sequential(model, adapter, config, batches, plan, device=device, progress=progress)
+    else:
+        deltas = compensation_deltas(adapter, model, plan, stats) if config.bias_compensation and stats else []
+        enable_biases(adapter, model, deltas)
+        apply_plan(model, plan, adapter)
+        add_deltas(deltas)
     model.train(was_training)
-    return PruneResult(model, plan, config, params_before, count_parameters(model), scores)
+    return PruneResult(model, plan, config, params_before, count_parameters(model), scores or [])

@@ -20,7 +20,7 @@ from .calibrate import LayerStats
 from .config import PruneConfig
 from .criteria import get_criterion
 
-__all__ = ["LayerScores", "score_layers", "expert_scores"]
+__all__ = ["LayerScores", "score_layers", "score_layer", "expert_scores"]
 
 
 @dataclass
@@ -40,26 +40,29 @@ def score_layers(
     model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig, stats: Sequence[LayerStats] | None
 ) -> list[LayerScores]:
     """Per-layer unit scores with the configured criterion (pure given weights and statistics)."""
+    return [score_layer(adapter, layer, cfg, stats[i] if stats is not None else None)
+            for i, layer in enumerate(adapter.decoder_layers(model))]
+
+
+def score_layer(adapter: ArchAdapter, layer: nn.Module, cfg: PruneConfig, stats: LayerStats | None) -> LayerScores:
+    """Unit scores of one layer (used alone by the sequential reconstruction pass)."""
     criterion = get_criterion(cfg.method)
-    out = []
-    for i, layer in enumerate(adapter.decoder_layers(model)):
-        layer_stats = stats[i].inputs if stats is not None else None
-        attn, ffn = adapter.attention(layer), adapter.ffn(layer)
-        s = LayerScores(block_influence=stats[i].block_influence if stats is not None else None)
-        if attn is not None and cfg.heads > 0:
-            s.q_heads = criterion.fn(attn.q_slots, attn.num_heads, layer_stats)
-            s.kv_heads = criterion.fn(attn.kv_slots, attn.num_kv_heads, layer_stats)
-            s.group_size = attn.group_size
-        if ffn is not None and cfg.ffn > 0:
-            s.neurons = criterion.fn(ffn.slots, ffn.num_neurons, layer_stats)
-        moe = adapter.experts(layer)
-        if moe is not None and cfg.ffn > 0:
-            s.expert_neurons = torch.stack([criterion.fn(moe.neuron_slots(e), moe.num_neurons, layer_stats)
-                                            for e in range(moe.num_experts)])
-        if moe is not None and cfg.experts > 0:
-            s.experts = expert_scores(moe, stats[i] if stats is not None else None)
-        out.append(s)
-    return out
+    layer_stats = stats.inputs if stats is not None else None
+    attn, ffn = adapter.attention(layer), adapter.ffn(layer)
+    s = LayerScores(block_influence=stats.block_influence if stats is not None else None)
+    if attn is not None and cfg.heads > 0:
+        s.q_heads = criterion.fn(attn.q_slots, attn.num_heads, layer_stats)
+        s.kv_heads = criterion.fn(attn.kv_slots, attn.num_kv_heads, layer_stats)
+        s.group_size = attn.group_size
+    if ffn is not None and cfg.ffn > 0:
+        s.neurons = criterion.fn(ffn.slots, ffn.num_neurons, layer_stats)
+    moe = adapter.experts(layer)
+    if moe is not None and cfg.ffn > 0:
+        s.expert_neurons = torch.stack([criterion.fn(moe.neuron_slots(e), moe.num_neurons, layer_stats)
+                                        for e in range(moe.num_experts)])
+    if moe is not None and cfg.experts > 0:
+        s.experts = expert_scores(moe, stats)
+    return s
 
 
 def expert_scores(moe: ExpertsSpec, stats: LayerStats | None) -> torch.Tensor:

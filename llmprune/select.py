@@ -1,5 +1,8 @@
 """From importance scores to kept indices: uniform or global allocation under GQA constraints.
 
+The per-layer counts of the other allocations (``error``, ``block_influence``) come from
+:mod:`llmprune.allocate` and are applied with the same :func:`plan_layer`.
+
 Attention is pruned in *attention units* so that every layer stays a valid GQA/MQA layout:
 
 - ``group`` mode: a unit is one KV head with all the query heads that read it (removes KV cache too);
@@ -42,6 +45,9 @@ __all__ = [
     "check_ratios",
     "experts_to_remove",
     "plan_pruning",
+    "plan_layer",
+    "removal_counts",
+    "LayerCounts",
     "EXPERT_WIDTH_MULTIPLE",
 ]
 
@@ -198,48 +204,72 @@ def experts_to_remove(ratio: float, num_experts: int) -> int:
     return n
 
 
-def plan_pruning(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig, scores: list[LayerScores]) -> PrunePlan:
-    """Turn scores into kept indices (uniform or global allocation; GQA-consistent)."""
-    layers = adapter.decoder_layers(model)
-    plans = [LayerPlan() for _ in layers]
+@dataclass(frozen=True)
+class LayerCounts:
+    """How many units one layer loses: attention units (whole KV groups in ``group`` mode, one query
+    head of every KV group in ``query`` mode) and FFN neurons (dense MLP only)."""
+
+    attention_units: int = 0
+    neurons: int = 0
+
+
+def removal_counts(cfg: PruneConfig, scores: list[LayerScores]) -> list[LayerCounts]:
+    """Per-layer removal counts of the ``uniform`` and ``global`` allocations (``error`` and
+    ``block_influence`` counts come from :mod:`llmprune.allocate`)."""
+    head_counts = [0] * len(scores)
+    heads = [i for i, s in enumerate(scores) if s.q_heads is not None]
+    if cfg.heads > 0 and heads:
+        unit_scores = [attention_units(scores[i].q_heads, scores[i].kv_heads, scores[i].group_size,
+                                       cfg.attention_unit) for i in heads]
+        unit_sizes = [len(units[0].q_heads) for units, _ in unit_scores]
+        if cfg.allocation == "global":
+            total = units_to_remove(cfg.heads, sum(scores[i].q_heads.numel() for i in heads), unit_sizes[0], cfg.rounding)
+            per = allocate_global([us for _, us in unit_scores], total, cfg.min_keep)
+        else:
+            per = [units_to_remove(cfg.heads, scores[i].q_heads.numel(), size, cfg.rounding)
+                   for i, size in zip(heads, unit_sizes)]
+        for i, n in zip(heads, per):
+            head_counts[i] = n
+    neuron_counts = [0] * len(scores)
+    dense = [i for i, s in enumerate(scores) if s.neurons is not None]  # MoE layers have no dense MLP
+    if cfg.ffn > 0 and dense:
+        neuron_scores = [scores[i].neurons for i in dense]
+        if cfg.allocation == "global":
+            total = sum(round(cfg.ffn * n.numel()) for n in neuron_scores)
+            per = allocate_global(neuron_scores, total, cfg.min_keep)
+            if cfg.multiple_of > 1:
+                per = [n.numel() - max(cfg.multiple_of, round((n.numel() - c) / cfg.multiple_of) * cfg.multiple_of)
+                       for n, c in zip(neuron_scores, per)]
+        else:
+            per = [neurons_to_remove(cfg.ffn, n.numel(), cfg.multiple_of) for n in neuron_scores]
+        for i, n in zip(dense, per):
+            neuron_counts[i] = n
+    return [LayerCounts(h, n) for h, n in zip(head_counts, neuron_counts)]
+
+
+def plan_layer(s: LayerScores, cfg: PruneConfig, counts: LayerCounts) -> LayerPlan:
+    """Kept heads and neurons of one layer: its ``counts`` lowest-scoring units go (GQA-consistent)."""
+    plan = LayerPlan()
+    if cfg.heads > 0 and s.q_heads is not None:
+        units, us = attention_units(s.q_heads, s.kv_heads, s.group_size, cfg.attention_unit)
+        kept_units = keep_after_removing(us, counts.attention_units)
+        plan.kept_heads, plan.kept_kv_heads = kept_heads_from_units(units, kept_units, s.q_heads.numel(),
+                                                                    s.kv_heads.numel())
+    if cfg.ffn > 0 and s.neurons is not None:
+        plan.kept_neurons = keep_after_removing(s.neurons, counts.neurons)
+    return plan
+
+
+def plan_pruning(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig, scores: list[LayerScores],
+                 counts: list[LayerCounts] | None = None) -> PrunePlan:
+    """Turn scores into kept indices (GQA-consistent); ``counts`` (one per layer) override the
+    allocation's own (uniform or global) counts."""
     removed_layers: list[int] = []
     if cfg.layers:
         bi = torch.tensor([s.block_influence for s in scores], dtype=torch.float64)
         removed_layers = sorted(torch.sort(bi, stable=True).indices[: cfg.layers].tolist())
-
-    if cfg.heads > 0:
-        units_per_layer, unit_scores = [], []
-        for s in scores:
-            mode = cfg.attention_unit
-            units, us = attention_units(s.q_heads, s.kv_heads, s.group_size, mode)
-            units_per_layer.append(units)
-            unit_scores.append(us)
-        if cfg.allocation == "uniform":
-            counts = [units_to_remove(cfg.heads, s.q_heads.numel(), len(u[0].q_heads), cfg.rounding)
-                      for s, u in zip(scores, units_per_layer)]
-        else:
-            total_heads = sum(s.q_heads.numel() for s in scores)
-            unit_size = len(units_per_layer[0][0].q_heads)
-            total = units_to_remove(cfg.heads, total_heads, unit_size, cfg.rounding)
-            counts = allocate_global(unit_scores, total, cfg.min_keep)
-        for i, (s, units, us, n) in enumerate(zip(scores, units_per_layer, unit_scores, counts)):
-            kept_units = keep_after_removing(us, n)
-            plans[i].kept_heads, plans[i].kept_kv_heads = kept_heads_from_units(
-                units, kept_units, s.q_heads.numel(), s.kv_heads.numel())
-
-    dense = [i for i, s in enumerate(scores) if s.neurons is not None]  # MoE layers have no dense MLP
-    if cfg.ffn > 0 and dense:
-        neuron_scores = [scores[i].neurons for i in dense]
-        if cfg.allocation == "uniform":
-            counts = [neurons_to_remove(cfg.ffn, n.numel(), cfg.multiple_of) for n in neuron_scores]
-        else:
-            total = sum(round(cfg.ffn * n.numel()) for n in neuron_scores)
-            counts = allocate_global(neuron_scores, total, cfg.min_keep)
-            if cfg.multiple_of > 1:
-                counts = [n.numel() - max(cfg.multiple_of, round((n.numel() - c) / cfg.multiple_of) * cfg.multiple_of)
-                          for n, c in zip(neuron_scores, counts)]
-        for i, n, c in zip(dense, neuron_scores, counts):
-            plans[i].kept_neurons = keep_after_removing(n, c)
+    counts = counts if counts is not None else removal_counts(cfg, scores)
+    plans = [plan_layer(s, cfg, c) for s, c in zip(scores, counts)]
     _plan_experts(cfg, scores, plans)
     return PrunePlan(layers=plans, removed_layers=removed_layers)
 
@@ -259,7 +289,7 @@ def _plan_experts(cfg: PruneConfig, scores: list[LayerScores], plans: list[Layer
     if cfg.ffn <= 0 or not moe:
         return
     multiple = math.lcm(cfg.multiple_of, EXPERT_WIDTH_MULTIPLE)
-    if cfg.allocation == "uniform":
+    if cfg.allocation != "global":  # expert widths are uniform under the error / block_influence allocations
         per_expert = [neurons_to_remove(cfg.ffn, n.shape[1], multiple) for _, n in moe]
     else:
         # Global: rank all expert neurons of all MoE layers (per-layer normalised), then give every expert

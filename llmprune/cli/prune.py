@@ -32,17 +32,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="wanda",
                    help=f"importance criterion: {', '.join(available_criteria())} (default wanda; "
                         "activation-aware ones need --calib)")
-    p.add_argument("--allocation", choices=("uniform", "global"), default="uniform")
+    p.add_argument("--allocation", choices=("uniform", "global", "error", "block_influence"), default="uniform",
+                   help="per-layer widths: uniform (standard config), global (normalised scores), error (the uniform "
+                        "setting's parameters removed where the output reconstruction error is lowest; heads and FFN "
+                        "compete), block_influence (ratios within +-spread, less pruning in high-influence layers)")
     p.add_argument("--attention-unit", choices=("group", "query"), default="group",
                    help="group: remove whole KV groups; query: remove query heads evenly from every KV group")
     p.add_argument("--rounding", choices=("nearest", "down", "up", "error"), default="nearest",
                    help="when --heads does not give whole units: round to the nearest valid count (default), "
                         "down, up, or stop with an error listing the valid ratios")
     p.add_argument("--multiple-of", type=int, default=1, help="round kept FFN widths to a multiple of this")
-    p.add_argument("--min-keep", type=float, default=0.1, help="global allocation: smallest fraction kept per layer")
+    p.add_argument("--min-keep", type=float, default=0.1,
+                   help="non-uniform allocation: smallest fraction of a layer's heads / neurons kept")
+    p.add_argument("--spread", type=float, default=0.1, help="block_influence allocation: ratios span 2*spread")
     p.add_argument("--bias-compensation", action="store_true",
                    help="add removed units' mean output to the o_proj/down_proj bias (FLAP)")
-    add_calibration_arguments(p, n_samples=32, needed_by="needed by wanda, flap and --layers")
+    p.add_argument("--reconstruct", action="store_true",
+                   help="refit the projections that consume removed heads/neurons (o_proj, down_proj, ...) by least "
+                        "squares on calibration inputs, layer by layer on the pruned model's activations")
+    p.add_argument("--percdamp", type=float, default=0.01,
+                   help="reconstruction damping, fraction of the mean Gram diagonal (default 0.01)")
+    add_calibration_arguments(p, n_samples=32, needed_by="needed by wanda, flap, --reconstruct and --layers")
     add_output_arguments(p)
     add_ppl_arguments(p)
     add_runtime_arguments(p)
@@ -65,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = PruneConfig(heads=args.heads, ffn=args.ffn, layers=args.layers, experts=args.experts, method=args.method,
                       allocation=args.allocation, attention_unit=args.attention_unit, rounding=args.rounding,
                       multiple_of=args.multiple_of, bias_compensation=args.bias_compensation,
-                      min_keep=args.min_keep, n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed)
+                      min_keep=args.min_keep, n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed,
+                      reconstruct=args.reconstruct, percdamp=args.percdamp, spread=args.spread)
     out = check_output(args)  # fail before any work
     calibration = read_calibration(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
