@@ -1,5 +1,5 @@
-"""Weight sparsity (unstructured and N:M; magnitude, Wanda, SparseGPT) and dynamic activation sparsity
-(TEAL-style per-layer thresholds).
+"""Weight sparsity (unstructured and N:M; magnitude, Wanda, SparseGPT, ALPS, RIA; uniform or OWL per-layer
+sparsity) and dynamic activation sparsity (TEAL-style per-layer thresholds).
 
 Example::
 
@@ -17,9 +17,12 @@ from .activation import (
     measure_activation_sparsity,
     read_activation_thresholds,
 )
-from .api import METHODS, SparsityConfig, SparsityReport, sparsify, weight_sparsity
+from .alps import alps_prune, masked_least_squares
+from .api import ALLOCATIONS, METHODS, SparsityConfig, SparsityReport, sparsify, weight_sparsity
 from .magnitude import magnitude_mask, magnitude_scores
 from .masks import mask_sparsity, nm_mask, num_pruned, parse_pattern, unstructured_mask
+from .owl import outlier_ratio, owl_ratios
+from .ria import ria_mask, ria_scores
 from .sparsegpt import HessianAccumulator, inverse_hessian_cholesky, sparsegpt_prune
 from .wanda import wanda_mask, wanda_scores
 
@@ -29,6 +32,13 @@ __all__ = [
     "sparsify",
     "weight_sparsity",
     "METHODS",
+    "ALLOCATIONS",
+    "alps_prune",
+    "masked_least_squares",
+    "ria_scores",
+    "ria_mask",
+    "outlier_ratio",
+    "owl_ratios",
     "unstructured_mask",
     "nm_mask",
     "num_pruned",

@@ -33,12 +33,19 @@ from ._common import DEFAULT_TARGETS, layer_targets
 from .magnitude import magnitude_mask
 from .masks import check_nm, parse_pattern
 from .sparsegpt import HessianAccumulator, sparsegpt_prune
+from .alps import alps_prune
+from .owl import DEFAULT_SPREAD, DEFAULT_THRESHOLD, outlier_ratio, owl_ratios
+from .ria import ria_mask
 from .wanda import wanda_mask
 
-__all__ = ["SparsityConfig", "SparsityReport", "sparsify", "METHODS", "weight_sparsity"]
+__all__ = ["SparsityConfig", "SparsityReport", "sparsify", "METHODS", "ALLOCATIONS", "weight_sparsity"]
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
-_NEEDS_DATA = ("wanda", "sparsegpt")
+METHODS = ("magnitude", "wanda", "sparsegpt", "alps", "ria")
+_NEEDS_DATA = ("wanda", "sparsegpt", "alps", "ria")
+#: per-layer sparsity rules (``SparsityConfig.allocation``)
+ALLOCATIONS = ("uniform", "owl")
+#: methods that need the full input Gram matrix (the others use per-feature statistics)
+_NEEDS_HESSIAN = ("sparsegpt", "alps")
 
 
 @dataclass
@@ -46,7 +53,9 @@ class SparsityConfig:
     """What weight sparsity to apply, round-tripping through JSON.
 
     Attributes:
-        method: ``magnitude`` (|W|), ``wanda`` (|W|*||X||) or ``sparsegpt`` (OBS reconstruction).
+        method: ``magnitude`` (|W|), ``wanda`` (|W|*||X||), ``sparsegpt`` (OBS reconstruction), ``alps``
+            (ADMM with a penalty schedule, then the exact weight update on the chosen support; Meng et al.
+            2024) or ``ria`` (relative importance and activations; Zhang et al. 2024).
         sparsity: fraction of weights zeroed in each target layer, in [0, 1). For an N:M pattern it must
             equal ``1 - n/m`` (0.5 for 2:4 and 4:8).
         pattern: ``unstructured`` or ``N:M`` (``n`` kept in every ``m`` consecutive inputs: ``2:4``, ``4:8``).
@@ -57,7 +66,12 @@ class SparsityConfig:
         sequential: feed each layer's pruned output to the next layer (otherwise the dense output).
         per: unstructured comparison group of magnitude/Wanda: ``row`` (each output row, Wanda) or
             ``layer``. SparseGPT always selects adaptively per column block.
-        blocksize, percdamp: SparseGPT column block width and Hessian dampening (fraction of mean diag).
+        blocksize, percdamp: SparseGPT column block width and Hessian dampening (fraction of mean diag;
+            ALPS uses the same dampening).
+        allocation: ``uniform`` (every layer at ``sparsity``) or ``owl`` (per-block sparsity from the
+            block's outlier ratio, within ``±spread``, parameter-weighted mean exactly ``sparsity``;
+            unstructured only; Yin et al. 2024).
+        spread, outlier_threshold: OWL's λ and M.
     """
 
     method: str = "wanda"
@@ -72,6 +86,9 @@ class SparsityConfig:
     per: Literal["row", "layer"] = "row"
     blocksize: int = 128
     percdamp: float = 0.01
+    allocation: Literal["uniform", "owl"] = "uniform"
+    spread: float = DEFAULT_SPREAD
+    outlier_threshold: float = DEFAULT_THRESHOLD
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
@@ -101,6 +118,13 @@ class SparsityConfig:
             raise ValueError(f"per={self.per!r}; choose 'row' or 'layer'")
         if not 0.0 <= float(self.percdamp) < 1.0:
             raise ValueError(f"percdamp={self.percdamp!r} must be in [0, 1)")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation={self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+        if self.allocation == "owl" and nm is not None:
+            raise ValueError("allocation 'owl' varies the sparsity per layer, which an N:M pattern fixes; "
+                             "use pattern='unstructured'")
+        if not 0.0 <= float(self.spread) <= 0.5 or not float(self.outlier_threshold) > 0:
+            raise ValueError("spread must be in [0, 0.5] and outlier_threshold > 0")
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -108,7 +132,7 @@ class SparsityConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method in _NEEDS_DATA and self.sparsity > 0
+        return (self.method in _NEEDS_DATA or self.allocation == "owl") and self.sparsity > 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -156,20 +180,26 @@ def weight_sparsity(module: nn.Module) -> float:
 
 
 @torch.no_grad()
-def _prune_module(module: nn.Module, config: SparsityConfig, stats: Any) -> None:
+def _prune_module(module: nn.Module, config: SparsityConfig, stats: Any, sparsity: float | None = None) -> None:
     w = weight_matrix(module)  # [out, in] view in the module's own storage
     nm = config.nm
+    sparsity = config.sparsity if sparsity is None else sparsity
+    if config.method == "alps":
+        new_w, _ = alps_prune(w, stats.hessian(), sparsity, nm=nm, per="layer", percdamp=config.percdamp)
+        w.copy_(new_w)
+        return
     if config.method == "sparsegpt":
-        new_w, _ = sparsegpt_prune(w, stats.hessian(), config.sparsity, nm=nm,
+        new_w, _ = sparsegpt_prune(w, stats.hessian(), sparsity, nm=nm,
                                    blocksize=config.blocksize, percdamp=config.percdamp)
         w.copy_(new_w)
         return
-    if config.method == "wanda":
+    if config.method in ("wanda", "ria"):
         if stats.count == 0:
             raise CalibrationError(f"no calibration inputs reached {type(module).__name__}")
-        keep = wanda_mask(w, stats.norm, config.sparsity, nm=nm, per=config.per)
+        mask_fn = wanda_mask if config.method == "wanda" else ria_mask
+        keep = mask_fn(w, stats.norm, sparsity, nm=nm, per=config.per)
     else:
-        keep = magnitude_mask(w, config.sparsity, nm=nm, per=config.per)
+        keep = magnitude_mask(w, sparsity, nm=nm, per=config.per)
     w.mul_(keep.to(w.device, w.dtype))
 
 
@@ -219,12 +249,15 @@ def sparsify(
                                    "text or token-id batches> (and tokenizer= for text)")
 
     if config.sparsity > 0:
-        if batches is None:  # magnitude: no data, layer order irrelevant
-            for group in progress_bar(targets, desc=f"{config.method} pruning", disable=not progress):
+        layer_sparsity = _owl_sparsity(model, adapter, targets, batches, config, device) \
+            if config.allocation == "owl" else [config.sparsity] * len(layers)
+        if config.method not in _NEEDS_DATA:  # magnitude: no data, layer order irrelevant
+            for group, s in zip(progress_bar(targets, desc=f"{config.method} pruning", disable=not progress),
+                                layer_sparsity):
                 for _, mod in group:
-                    _prune_module(mod, config, None)
+                    _prune_module(mod, config, None, s)
         else:
-            _sequential(model, adapter, layers, targets, batches, config, progress, device)
+            _sequential(model, adapter, layers, targets, batches, config, progress, device, layer_sparsity)
 
     report = SparsityReport(config=config)
     for group in targets:
@@ -239,7 +272,23 @@ def sparsify(
     return report
 
 
-def _sequential(model, adapter, layers, targets, batches, config, progress, device) -> None:
+def _owl_sparsity(model, adapter, targets, batches, config, device) -> list[float]:
+    """OWL: per-block sparsity from the blocks' outlier ratios on the dense model's activations."""
+    from ..calibrate import layerwise_statistics
+
+    mods = {id(layer): [m for _, m in group] for layer, group in zip(adapter.decoder_layers(model), targets)}
+    stats = layerwise_statistics(model, adapter, batches, modules_of=lambda layer: mods[id(layer)],
+                                 device=device, progress=False)
+    ratios, sizes = [], []
+    for group, st in zip(targets, stats):
+        ws = [weight_matrix(m) for _, m in group]
+        ratios.append(outlier_ratio(ws, [st.inputs[m].norm for _, m in group], config.outlier_threshold)
+                      if group else 0.0)
+        sizes.append(sum(w.numel() for w in ws))
+    return owl_ratios(ratios, config.sparsity, sizes, config.spread)
+
+
+def _sequential(model, adapter, layers, targets, batches, config, progress, device, layer_sparsity) -> None:
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
     captured = capture_layer_inputs(model, adapter, batches)
@@ -251,7 +300,7 @@ def _sequential(model, adapter, layers, targets, batches, config, progress, devi
         for _, mod in targets[i]:
             if mod in stats:
                 continue
-            if config.method == "sparsegpt":
+            if config.method in _NEEDS_HESSIAN:
                 s = HessianAccumulator(weight_matrix(mod).shape[1], device=device)
             else:
                 s = InputStats()
@@ -263,7 +312,7 @@ def _sequential(model, adapter, layers, targets, batches, config, progress, devi
             for h in handles:
                 h.remove()
         for _, mod in targets[i]:
-            _prune_module(mod, config, stats[mod])
+            _prune_module(mod, config, stats[mod], layer_sparsity[i])
         del stats
         if config.sequential and targets[i]:
             outs = [run_layer(layer, h, *captured.layer_args[i][b], device) for b, h in enumerate(hidden)]
