@@ -13,22 +13,29 @@ import argparse
 from pathlib import Path
 
 from ._common import (add_calibration_arguments, add_output_arguments, add_ppl_arguments, add_runtime_arguments,
-                      check_output, ppl_function, ppl_protocol, read_calibration)
+                      check_output, is_main_process, ppl_function, ppl_protocol, read_calibration,
+                      wait_for_everyone)
 from ._registry import subcommand
 from .table import before_after_rows, format_table
 
 __all__ = ["add_arguments", "run"]
 
-_METHOD_HELP = {"magnitude": "|W|, no data", "wanda": "|W| * ||X||, needs --calib",
-                "sparsegpt": "OBS reconstruction of the kept weights, needs --calib"}
+_METHOD_HELP = {"magnitude": "|W|, no data", "wanda": "|W| * ||X||",
+                "sparsegpt": "OBS reconstruction of the kept weights",
+                "alps": "ADMM mask search then the exact least-squares update on the mask (best measured)",
+                "ria": "relative importance |W| over its row and column sums, times ||X||^0.5"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..sparsity import METHODS
+    from ..sparsity import ALLOCATIONS, METHODS
 
     p.add_argument("model", help="local model folder or Hugging Face Hub id")
     p.add_argument("--method", default="wanda", choices=METHODS,
-                   help="; ".join(f"{m}: {_METHOD_HELP.get(m, '')}" for m in METHODS) + " (default wanda)")
+                   help="; ".join(f"{m}: {_METHOD_HELP.get(m, '')}" for m in METHODS)
+                   + " (default wanda; all but magnitude need --calib)")
+    p.add_argument("--allocation", default="uniform", choices=ALLOCATIONS,
+                   help="uniform: every layer at --sparsity; owl: per-block sparsity from the block's activation "
+                        "outliers (within +-0.08, exact mean; unstructured only)")
     p.add_argument("--sparsity", type=float, default=0.5,
                    help="fraction of weights zeroed in every target layer (default 0.5; 0 with only activation sparsity)")
     p.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M such as 2:4 (sparsity 1-N/M)")
@@ -57,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
     targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else list(DEFAULT_TARGETS)
     cfg = SparsityConfig(method=args.method, sparsity=args.sparsity, pattern=args.pattern, targets=targets,
-                         n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed)
+                         n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed, allocation=args.allocation)
     act = args.activation_sparsity
     if not 0.0 <= act < 1.0:
         raise ValueError(f"--activation-sparsity {act:g} is out of range: it is the fraction of inputs zeroed, in [0, 1)")
@@ -72,8 +79,9 @@ def run(args: argparse.Namespace) -> int:
         raise CalibrationError(f"{needs} needs calibration data: pass --calib with a text file or wikitext2|c4|ptb")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
-    progress = not args.quiet
-    ppl_of = ppl_function(args, tokenizer, progress)
+    main = is_main_process()  # under accelerate launch: every process calibrates, the main one evaluates and saves
+    progress = not args.quiet and main
+    ppl_of = ppl_function(args, tokenizer, progress) if main else (lambda m: None)
 
     def nonzero(m: torch.nn.Module) -> int:
         return sum(int(torch.count_nonzero(p)) for p in {id(p): p for p in m.parameters()}.values())
@@ -102,6 +110,9 @@ def run(args: argparse.Namespace) -> int:
     after = {"params": count_parameters(model), "block": block_parameters(model), "nonzero": nonzero(model),
              "ppl": after_ppl, "extra_rows": extra_rows}
     before["sparsity"], after["sparsity"] = 0.0, report.overall_sparsity
+    if not main:
+        wait_for_everyone()
+        return 0
     if args.ppl:
         extra.update(ppl_before=before["ppl"], ppl_after=after["ppl"], ppl_protocol=ppl_protocol(args))
     save_pruned(model, out, tokenizer=tokenizer, source=str(args.model), overwrite=args.overwrite,
@@ -112,4 +123,5 @@ def run(args: argparse.Namespace) -> int:
           f"{f', activation sparsity {act:g}' if act else ''} -> {out}")
     print(format_table(before_after_rows(before, after, ppl_label=args.ppl and
                                          f"perplexity ({Path(args.ppl).name}, L={args.ppl_seq_len})")))
+    wait_for_everyone()
     return 0

@@ -311,6 +311,8 @@ def _sequential(model, adapter, layers, targets, batches, config, progress, devi
         finally:
             for h in handles:
                 h.remove()
+        for s in stats.values():  # accelerate launch: statistics of every process's windows
+            s.all_reduce()
         for _, mod in targets[i]:
             _prune_module(mod, config, stats[mod], layer_sparsity[i])
         del stats

@@ -46,6 +46,17 @@ class HessianAccumulator:
         self.H.addmm_(x.t(), x, alpha=2.0 / total)
         self.count = total
 
+    def all_reduce(self) -> None:
+        """Combine the running means of all processes (``accelerate launch``) into the mean over all tokens."""
+        from ..calibrate import all_reduce_sum, world
+
+        if world()[1] == 1:
+            return
+        weighted, count = all_reduce_sum(self.H * self.count, torch.tensor([float(self.count)], dtype=torch.float64,
+                                                                            device=self.H.device))
+        self.count = int(count.item())
+        self.H = weighted / max(self.count, 1)
+
     def hessian(self) -> torch.Tensor:
         if self.count == 0:
             raise ValueError("HessianAccumulator saw no inputs")
