@@ -12,6 +12,7 @@ Example::
 """
 
 from .pipeline import PruneResult, prune
+from .recover import RecoveryConfig, RecoveryResult, recover
 from .arch import UnsupportedArchitectureError, get_adapter, supported_model_types
 from .calibrate import CalibrationError
 from .config import LayerPlan, PruneConfig, PrunePlan
@@ -25,7 +26,7 @@ from .surgery import apply_plan
 __version__ = "0.1.0"
 
 __all__ = [
-    "prune", "PruneResult", "load_model", "save_pruned", "sparsify", "SparsityConfig", "CheckpointError",
+    "prune", "PruneResult", "recover", "RecoveryConfig", "RecoveryResult", "load_model", "save_pruned", "sparsify", "SparsityConfig", "CheckpointError",
     "OutputExistsError",
     "PruneConfig", "PrunePlan", "LayerPlan", "apply_plan", "get_adapter", "supported_model_types",
     "available_criteria", "UnsupportedArchitectureError", "CalibrationError", "RatioError", "__version__",

@@ -47,6 +47,29 @@ class CalibrationError(ValueError):
     """Calibration data is missing, empty or too short."""
 
 
+def world() -> tuple[int, int]:
+    """``(rank, world size)`` of the running ``torch.distributed`` group (``accelerate launch``), else ``(0, 1)``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_sum(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Element-wise sums over processes (identity in one process); float64 kept, devices kept."""
+    import torch.distributed as dist
+
+    if world()[1] == 1:
+        return list(tensors)
+    out = []
+    for t in tensors:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        out.append(t)
+    return out
+
+
 @dataclass
 class InputStats:
     """Running sums over calibration tokens of one module's input features (float64)."""
@@ -61,6 +84,14 @@ class InputStats:
         self.sum = s if self.sum is None else self.sum + s
         self.sq_sum = q if self.sq_sum is None else self.sq_sum + q
         self.count += x.shape[0]
+
+    def all_reduce(self) -> None:
+        """Sum the statistics over processes: N processes on N shards == one process on all the data."""
+        if world()[1] == 1 or self.sum is None:
+            return
+        count, self.sum, self.sq_sum = all_reduce_sum(torch.tensor([float(self.count)], dtype=torch.float64),
+                                                      self.sum, self.sq_sum)
+        self.count = int(count.item())
 
     @property
     def norm(self) -> torch.Tensor:
@@ -161,7 +192,13 @@ def as_batches(calibration: Any, tokenizer: Any, n_samples: int, seq_len: int, s
             text = read_calibration_text(path)
         else:
             text = path
-        return calibration_batches(tokenizer, text, n_samples, seq_len, seed, batch_size)
+        rank, size = world()
+        if size == 1:
+            return calibration_batches(tokenizer, text, n_samples, seq_len, seed, batch_size)
+        # under accelerate launch each process calibrates on its own n_samples windows: the same windows one
+        # process would draw with n_samples * processes, so the reduced statistics equal that run's
+        windows = torch.cat(calibration_batches(tokenizer, text, n_samples * size, seq_len, seed, batch_size))
+        return list(windows[rank::size].split(batch_size))
     if isinstance(calibration, torch.Tensor):
         if calibration.dim() == 1:
             calibration = calibration.unsqueeze(0)
@@ -310,6 +347,7 @@ def layerwise_statistics(
             for h in handles:
                 h.remove()
         stats.block_influence = _block_influence(hidden, outs)
+        _all_reduce_layer(stats, sum(h.shape[0] * h.shape[1] for h in hidden))
         if on_layer is not None:
             on_layer(i, layer, stats)
             outs = [run_layer(layer, h, *captured.layer_args[i][b], device) for b, h in enumerate(hidden)]
@@ -327,6 +365,25 @@ def _slot_modules(adapter: ArchAdapter, layer: nn.Module) -> list[nn.Module]:
     for slot in slots:
         modules.setdefault(id(slot.module), slot.module)
     return list(modules.values())
+
+
+def _all_reduce_layer(stats: LayerStats, tokens: int) -> None:
+    """Under ``accelerate launch``, make a layer's statistics those of all processes' data together."""
+    if world()[1] == 1:
+        return
+    for s in stats.inputs.values():
+        s.all_reduce()
+    for g in stats.grams.values():
+        g.all_reduce()
+    bi, n = all_reduce_sum(torch.tensor([stats.block_influence * tokens], dtype=torch.float64),
+                           torch.tensor([float(tokens)], dtype=torch.float64))
+    stats.block_influence = float(bi / n)
+    for key, value in stats.extra.items():  # adapter statistics are sums over tokens (router mass, tokens)
+        if torch.is_tensor(value):
+            stats.extra[key] = all_reduce_sum(value)[0]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            total = float(all_reduce_sum(torch.tensor([float(value)], dtype=torch.float64))[0])
+            stats.extra[key] = type(value)(total)
 
 
 def _block_influence(inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> float:

@@ -13,7 +13,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from ._common import add_global_arguments, configure_output
+from ._common import add_global_arguments, configure_output, init_distributed
 from ._registry import Subcommand, subcommand, subcommands
 
 __all__ = ["main", "build_parser", "subcommand", "Subcommand"]
@@ -21,6 +21,7 @@ __all__ = ["main", "build_parser", "subcommand", "Subcommand"]
 # Importing a module registers its subcommand (hence the "unused" imports); this order is --help's order.
 from . import prune as _prune  # noqa: E402,F401
 from . import sparsify as _sparsify  # noqa: E402,F401
+from . import recover as _recover  # noqa: E402,F401
 from . import evaluate as _evaluate  # noqa: E402,F401
 from . import push as _push  # noqa: E402,F401
 from . import support as _support  # noqa: E402,F401
@@ -40,6 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; user errors print one line and return exit code 2."""
     args = build_parser().parse_args(argv)
     configure_output(args)
+    init_distributed()
     try:
         return int(args.run(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError, OSError) as exc:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 __all__ = ["add_global_arguments", "add_calibration_arguments", "add_output_arguments", "add_ppl_arguments",
-           "add_runtime_arguments", "configure_output", "check_output", "read_calibration", "ppl_function", "ppl_protocol"]
+           "add_runtime_arguments", "configure_output", "init_distributed", "is_main_process", "wait_for_everyone", "check_output", "read_calibration", "ppl_function", "ppl_protocol"]
 
 
 def add_global_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,6 +48,38 @@ def add_ppl_arguments(p: argparse.ArgumentParser) -> None:
 def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="device for calibration and evaluation (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, help="load dtype (float32, bfloat16, float16; default: the checkpoint's)")
+
+
+def init_distributed() -> None:
+    """Under ``accelerate launch`` / ``torchrun`` (``WORLD_SIZE`` > 1) join the process group, so calibration
+    statistics are reduced across processes and only the main process writes. Nothing happens in a plain run.
+
+    Without CUDA the group uses gloo on CPU. (accelerate 1.x's ``launch --cpu`` starts a single process unless
+    given an MPI hostfile; on a CPU-only machine ``accelerate launch --multi_gpu --num_processes N`` or
+    ``torchrun --nproc_per_node N`` start N CPU processes.)
+    """
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch
+        from accelerate import PartialState
+
+        PartialState(cpu=not torch.cuda.is_available())
+
+
+def is_main_process() -> bool:
+    from ..calibrate import world
+
+    return world()[0] == 0
+
+
+def wait_for_everyone() -> None:
+    from ..calibrate import world
+
+    if world()[1] > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def configure_output(args: argparse.Namespace) -> None:

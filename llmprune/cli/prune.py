@@ -12,7 +12,8 @@ import argparse
 from pathlib import Path
 
 from ._common import (add_calibration_arguments, add_output_arguments, add_ppl_arguments, add_runtime_arguments,
-                      check_output, ppl_function, ppl_protocol, read_calibration)
+                      check_output, is_main_process, ppl_function, ppl_protocol, read_calibration,
+                      wait_for_everyone)
 from ._registry import subcommand
 from .table import before_after_rows, format_table, unit_fraction_rows
 
@@ -81,8 +82,9 @@ def run(args: argparse.Namespace) -> int:
     calibration = read_calibration(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
-    progress = not args.quiet
-    ppl_of = ppl_function(args, tokenizer, progress)
+    main = is_main_process()  # under accelerate launch: every process calibrates, the main one evaluates and saves
+    progress = not args.quiet and main
+    ppl_of = ppl_function(args, tokenizer, progress) if main else (lambda m: None)
 
     src = Path(args.model)
     before = {"params": count_parameters(model), "block": block_parameters(model), "ppl": ppl_of(model),
@@ -90,6 +92,9 @@ def run(args: argparse.Namespace) -> int:
     widths_before = layer_widths(model)
     result = prune(model, cfg, tokenizer=tokenizer, calibration=calibration, device=device, progress=progress)
     after = {"params": result.params_after, "block": block_parameters(model), "ppl": ppl_of(model)}
+    if not main:
+        wait_for_everyone()
+        return 0
     ppl_extra = ({"ppl_before": before["ppl"], "ppl_after": after["ppl"], "ppl_protocol": ppl_protocol(args)}
                  if args.ppl else {})
     save_pruned(model, out, tokenizer=tokenizer, config=cfg, plan=result.plan, source=str(args.model),
@@ -112,4 +117,5 @@ def run(args: argparse.Namespace) -> int:
                  ppl=args.ppl, seq_len=args.ppl_seq_len, max_tokens=args.ppl_max_tokens, tasks=tasks,
                  limit=args.eval_limit, out_dir=str(out) + "-eval", drop_last=not args.ppl_keep_tail,
                  progress=progress, verbose=args.verbose)
+    wait_for_everyone()
     return 0
