@@ -53,6 +53,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "squares on calibration inputs, layer by layer on the pruned model's activations")
     p.add_argument("--percdamp", type=float, default=0.01,
                    help="reconstruction damping, fraction of the mean Gram diagonal (default 0.01)")
+    p.add_argument("--iterative-steps", type=int, default=1,
+                   help="reach the target in K steps, recalibrating on the current model each time (default 1)")
+    p.add_argument("--recover-steps", type=int, default=0,
+                   help="with --iterative-steps: recovery steps (LoRA defaults) after every step but the last")
+    p.add_argument("--data", metavar="FILE_OR_NAME", help="training text for --recover-steps")
+    p.add_argument("--teacher", help="with --recover-steps: distil from this model ('source': the input model)")
     add_calibration_arguments(p, n_samples=32, needed_by="needed by wanda, flap, --reconstruct and --layers")
     add_output_arguments(p)
     add_ppl_arguments(p)
@@ -69,7 +75,9 @@ def run(args: argparse.Namespace) -> int:
 
     from ..config import PruneConfig
     from ..io import load_model, save_pruned
-    from ..pipeline import count_parameters, prune
+    from ..calibrate import read_calibration_text
+    from ..pipeline import PruneResult, count_parameters, prune
+    from ..recipe import Recipe
     from ..surgery import layer_widths
     from .table import block_parameters
 
@@ -78,6 +86,10 @@ def run(args: argparse.Namespace) -> int:
                       multiple_of=args.multiple_of, bias_compensation=args.bias_compensation,
                       min_keep=args.min_keep, n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed,
                       reconstruct=args.reconstruct, percdamp=args.percdamp, spread=args.spread)
+    if args.recover_steps and not args.data:
+        from ..calibrate import CalibrationError
+
+        raise CalibrationError("--recover-steps needs training text: pass --data with a file or a dataset name")
     out = check_output(args)  # fail before any work
     calibration = read_calibration(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -90,7 +102,24 @@ def run(args: argparse.Namespace) -> int:
     before = {"params": count_parameters(model), "block": block_parameters(model), "ppl": ppl_of(model),
               "size": size_on_disk(src) if src.is_dir() else None}
     widths_before = layer_widths(model)
-    result = prune(model, cfg, tokenizer=tokenizer, calibration=calibration, device=device, progress=progress)
+    if args.iterative_steps > 1:
+        from ..iterative import prune_iteratively
+        from ..recover import RecoveryConfig
+
+        data = read_calibration_text(args.data) if args.data else None
+        teacher = None
+        if args.teacher:
+            teacher = load_model(args.model if args.teacher == "source" else args.teacher, dtype=args.dtype,
+                                 with_tokenizer=False)[0]
+        it = prune_iteratively(model, cfg, args.iterative_steps,
+                               recovery=RecoveryConfig(steps=args.recover_steps) if args.recover_steps else None,
+                               data=data, tokenizer=tokenizer, calibration=calibration, teacher=teacher,
+                               progress=progress, device=device)
+        model = it.model
+        result = PruneResult(model=model, plan=None, config=cfg, params_before=it.params_before,
+                             params_after=it.params_after)
+    else:
+        result = prune(model, cfg, tokenizer=tokenizer, calibration=calibration, device=device, progress=progress)
     after = {"params": result.params_after, "block": block_parameters(model), "ppl": ppl_of(model)}
     if not main:
         wait_for_everyone()
@@ -100,7 +129,10 @@ def run(args: argparse.Namespace) -> int:
     save_pruned(model, out, tokenizer=tokenizer, config=cfg, plan=result.plan, source=str(args.model),
                 overwrite=args.overwrite, verify=not args.no_verify,
                 extra={"params_before": before["params"], "params_after": after["params"],
-                       "calibration": args.calib, **ppl_extra})
+                       "calibration": args.calib, **ppl_extra,
+                       "run": Recipe(model=str(args.model), prune=cfg, calibration=args.calib, dtype=args.dtype,
+                                     iterative_steps=args.iterative_steps, recover_between=args.recover_steps,
+                                     data=args.data, teacher=args.teacher).to_dict()})
     after["size"] = size_on_disk(out)
     print(f"\nllmprune: {args.method}, {args.allocation} allocation -> {out}")
     print(format_table(unit_fraction_rows(cfg, widths_before, layer_widths(model), result.plan)))

@@ -100,7 +100,11 @@ def run(args: argparse.Namespace) -> int:
             recipe = read_recipe(src)
             prune_cfg = PruneConfig.from_dict(recipe["config"]) if recipe.get("config") else None
             plan = read_plan(src) if (src / "llmprune_plan.json").is_file() else None
-        extra = {"recovery": cfg.to_dict(), "recovery_history": result.history, "recovered_from": str(args.model),
+        from ..recipe import Recipe
+
+        extra = {"run": Recipe(model=str(args.model), recover=cfg, data=args.data, teacher=args.teacher,
+                               dtype=args.dtype).to_dict(),
+                 "recovery": cfg.to_dict(), "recovery_history": result.history, "recovered_from": str(args.model),
                  "teacher": args.teacher, "training_data": args.data, "training_tokens": result.tokens,
                  "best_step": result.best_step, "best_eval_ppl": result.best_eval_ppl}
         if args.ppl:

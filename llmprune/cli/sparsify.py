@@ -90,8 +90,12 @@ def run(args: argparse.Namespace) -> int:
     before = {"params": count_parameters(model), "block": block_parameters(model), "nonzero": nonzero(model),
               "ppl": ppl_of(model), "size": size_on_disk(src) if src.is_dir() else None}
     report = sparsify(model, cfg, tokenizer=tokenizer, calibration=calibration, progress=progress, device=device)
+    from ..recipe import Recipe
+
     extra_rows, extra = [], {"sparsity_config": cfg.to_dict(), "weight_sparsity": report.overall_sparsity,
-                             "calibration": args.calib}
+                             "calibration": args.calib,
+                             "run": Recipe(model=str(args.model), sparsify=cfg, calibration=args.calib,
+                                           dtype=args.dtype).to_dict()}
     handle = None
     if act > 0:
         thresholds = calibrate_activation_thresholds(model, tokenizer, calibration, sparsity=act, targets=targets,
