@@ -77,6 +77,9 @@ class InputStats:
     count: int = 0
     sum: torch.Tensor | None = None
     sq_sum: torch.Tensor | None = None
+    #: row / column sums of the first-order Taylor importance |W * dL/dW| (``llmprune.gradients``), if gathered
+    grad_rows: torch.Tensor | None = None
+    grad_cols: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
@@ -92,6 +95,8 @@ class InputStats:
         count, self.sum, self.sq_sum = all_reduce_sum(torch.tensor([float(self.count)], dtype=torch.float64),
                                                       self.sum, self.sq_sum)
         self.count = int(count.item())
+        if self.grad_rows is not None:
+            self.grad_rows, self.grad_cols = all_reduce_sum(self.grad_rows, self.grad_cols)
 
     @property
     def norm(self) -> torch.Tensor:

@@ -25,6 +25,7 @@ from torch import nn
 
 from .arch import get_adapter
 from .calibrate import CalibrationError, as_batches, layerwise_statistics
+from .gradients import taylor_statistics
 from .compensate import add_deltas, compensation_deltas, enable_biases, zero_deltas
 from .config import PruneConfig, PrunePlan
 from .criteria import get_criterion
@@ -53,6 +54,15 @@ class PruneResult:
         return save_pruned(self.model, out_dir, tokenizer=tokenizer, config=self.config, plan=self.plan,
                            source=source, overwrite=overwrite,
                            extra={"params_before": self.params_before, "params_after": self.params_after})
+
+
+def _adopt_gradients(stats: Any, grad_stats: list | None, i: int) -> None:
+    """Copy layer ``i``'s Taylor sums (gathered on the dense model) into the layer-wise pass's statistics."""
+    if grad_stats is None:
+        return
+    for module, s in grad_stats[i].inputs.items():
+        target = stats.inputs.setdefault(module, type(s)())
+        target.grad_rows, target.grad_cols = s.grad_rows, s.grad_cols
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -103,8 +113,9 @@ def prune(
     use_data = needs_data or (config.experts > 0 and batches is not None)
     reconstruct = config.reconstruct and prunes_units
     # A first, dense pass decides the counts unless reconstruction alone (uniform counts) needs none.
-    first_pass = not (reconstruct and config.allocation == "uniform" and not config.layers and not config.experts
-                      and not any(adapter.experts(layer) is not None for layer in adapter.decoder_layers(model)))
+    first_pass = criterion.needs_gradients or not (
+        reconstruct and config.allocation == "uniform" and not config.layers and not config.experts
+        and not any(adapter.experts(layer) is not None for layer in adapter.decoder_layers(model)))
     stats = scores = plan = None
     counts = None
     if first_pass:
@@ -116,10 +127,20 @@ def prune(
                                             layer_stats))
             layer_stats.grams.clear()
 
+        if use_data and criterion.needs_gradients and prunes_units:  # gradients before the layer-wise pass
+            stats = taylor_statistics(model, adapter, batches, progress=progress)
         if use_data:
+            grad_stats = stats
+
+            def priced(i: int, layer: nn.Module, layer_stats: Any) -> None:
+                _adopt_gradients(layer_stats, grad_stats, i)
+                price_layer(i, layer, layer_stats)
+
             stats = layerwise_statistics(model, adapter, batches, device=device, progress=progress,
-                                         on_layer=price_layer if error_alloc else None,
+                                         on_layer=priced if error_alloc else None,
                                          grams_of=(lambda layer: output_modules(adapter, layer)) if error_alloc else None)
+            for i, layer_stats in enumerate(stats):
+                _adopt_gradients(layer_stats, grad_stats, i)
         scores = score_layers(model, adapter, config, stats)
         if error_alloc:
             counts = error_counts(model, adapter, config, curves)
@@ -129,7 +150,8 @@ def prune(
     if reconstruct:
         if config.bias_compensation:  # biases are created here and refitted with the weights
             enable_biases(adapter, model, zero_deltas(adapter, model))
-        plan = prune_sequential(model, adapter, config, batches, plan, device=device, progress=progress)
+        plan = prune_sequential(model, adapter, config, batches, plan, device=device, progress=progress,
+                                fixed_scores=scores if criterion.needs_gradients else None)
     else:
         deltas = compensation_deltas(adapter, model, plan, stats) if config.bias_compensation and stats else []
         enable_biases(adapter, model, deltas)

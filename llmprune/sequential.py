@@ -220,13 +220,16 @@ def _refit(module: nn.Module, original: torch.Tensor, kept: torch.Tensor, stats:
 
 
 def prune_sequential(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig, batches: list[torch.Tensor],
-                     plan: PrunePlan | None = None, device: Any = None, progress: bool = True) -> PrunePlan:
+                     plan: PrunePlan | None = None, device: Any = None, progress: bool = True,
+                     fixed_scores: list[LayerScores] | None = None) -> PrunePlan:
     """Prune and reconstruct layer by layer, in place; returns the plan that was applied (original layer
     indices). ``model.config`` describes the new widths afterwards, as after :func:`~llmprune.surgery.apply_plan`.
 
     ``plan`` (from a first, dense calibration pass) fixes how many units each layer loses, which layers
     are removed and the expert choices; the kept heads and neurons are chosen again here on the
-    sequential inputs. Without ``plan`` every layer loses the uniform counts of ``cfg``.
+    sequential inputs. Without ``plan`` every layer loses the uniform counts of ``cfg``. ``fixed_scores``
+    (per original layer) are used instead of re-scoring: gradient criteria (``taylor``) are scored once, on
+    the dense model, since their gradients cannot be taken one layer at a time.
     Layers removed by the plan are dropped first, so the stream skips them as the pruned model will.
     """
     from .perlayer import set_config_widths  # local import: perlayer imports surgery
@@ -239,7 +242,7 @@ def prune_sequential(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig, b
 
     def on_layer(j: int, layer: nn.Module, stats: LayerStats) -> None:
         i = kept_layers[j]
-        scores = score_layer(adapter, layer, cfg, stats)
+        scores = fixed_scores[i] if fixed_scores is not None else score_layer(adapter, layer, cfg, stats)
         counts = (_counts_from_plan(adapter, layer, cfg, plan.layers[i]) if plan is not None
                   else removal_counts(cfg, [scores])[0])
         lp = plan_layer(scores, cfg, counts)

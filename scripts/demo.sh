@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command: set up (CPU torch first, then llmprune) and run the default job: prune 25% of the attention
-# heads (whole GQA groups, nearest valid count) and 25% of the FFN neurons, activation-aware (Wanda), save the
+# heads (whole GQA groups, nearest valid count) and 25% of the FFN neurons, activation-aware (Wanda), refit
+# o_proj/down_proj by least squares (--reconstruct; the output stays a standard checkpoint), save the
 # verified result, and print the requested/achieved and before/after tables (params, size, perplexity).
 #
 #   bash scripts/demo.sh [MODEL] [more `llmprune prune` flags]
@@ -39,7 +40,7 @@ if [ -d "$MODEL" ] && [ "$CALIB" != "wikitext2" ]; then  # everything is local: 
 fi
 OUT="runs/$(basename "$MODEL")-pruned"
 exec python -m llmprune prune "$MODEL" \
-  --heads 0.25 --ffn 0.25 --method wanda \
+  --heads 0.25 --ffn 0.25 --method wanda --reconstruct \
   --calib "$CALIB" --n-samples 64 --seq-len 256 \
   --ppl "$PPL" --ppl-seq-len 256 --ppl-max-tokens 60000 --ppl-keep-tail \
   --out "$OUT" --overwrite "$@"

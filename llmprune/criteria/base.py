@@ -31,16 +31,19 @@ class Criterion:
     fn: ScoreFn
     needs_calibration: bool
     description: str
+    #: the pipeline gathers first-order Taylor statistics (``llmprune.gradients``) before scoring
+    needs_gradients: bool = False
 
 
 _CRITERIA: dict[str, Criterion] = {}
 
 
-def register_criterion(name: str, needs_calibration: bool, description: str) -> Callable[[ScoreFn], ScoreFn]:
+def register_criterion(name: str, needs_calibration: bool, description: str,
+                       needs_gradients: bool = False) -> Callable[[ScoreFn], ScoreFn]:
     def wrap(fn: ScoreFn) -> ScoreFn:
         if name in _CRITERIA:
             raise ValueError(f"criterion {name!r} is already registered")
-        _CRITERIA[name] = Criterion(name, fn, needs_calibration, description)
+        _CRITERIA[name] = Criterion(name, fn, needs_calibration, description, needs_gradients)
         return fn
 
     return wrap
