@@ -80,6 +80,11 @@ class InputStats:
     #: row / column sums of the first-order Taylor importance |W * dL/dW| (``llmprune.gradients``), if gathered
     grad_rows: torch.Tensor | None = None
     grad_cols: torch.Tensor | None = None
+    #: single-unit performance (``llmprune.single_unit``): per-label input sums [in, K], label counts [K],
+    #: readout logits per input feature [K, in]
+    label_sums: torch.Tensor | None = None
+    label_counts: torch.Tensor | None = None
+    readout: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)

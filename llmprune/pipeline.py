@@ -25,7 +25,6 @@ from torch import nn
 
 from .arch import get_adapter
 from .calibrate import CalibrationError, as_batches, layerwise_statistics
-from .gradients import taylor_statistics
 from .compensate import add_deltas, compensation_deltas, enable_biases, zero_deltas
 from .config import PruneConfig, PrunePlan
 from .criteria import get_criterion
@@ -56,13 +55,18 @@ class PruneResult:
                            extra={"params_before": self.params_before, "params_after": self.params_after})
 
 
+_PREPARED_FIELDS = ("grad_rows", "grad_cols", "label_sums", "label_counts", "readout")
+
+
 def _adopt_gradients(stats: Any, grad_stats: list | None, i: int) -> None:
-    """Copy layer ``i``'s Taylor sums (gathered on the dense model) into the layer-wise pass's statistics."""
+    """Copy layer ``i``'s statistics from a criterion's own pass (``Criterion.prepare``: Taylor sums, per-label
+    readouts, gathered on the dense model) into the layer-wise pass's statistics."""
     if grad_stats is None:
         return
     for module, s in grad_stats[i].inputs.items():
         target = stats.inputs.setdefault(module, type(s)())
-        target.grad_rows, target.grad_cols = s.grad_rows, s.grad_cols
+        for name in _PREPARED_FIELDS:
+            setattr(target, name, getattr(s, name))
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -113,7 +117,7 @@ def prune(
     use_data = needs_data or (config.experts > 0 and batches is not None)
     reconstruct = config.reconstruct and prunes_units
     # A first, dense pass decides the counts unless reconstruction alone (uniform counts) needs none.
-    first_pass = criterion.needs_gradients or not (
+    first_pass = criterion.prepare is not None or not (
         reconstruct and config.allocation == "uniform" and not config.layers and not config.experts
         and not any(adapter.experts(layer) is not None for layer in adapter.decoder_layers(model)))
     stats = scores = plan = None
@@ -127,8 +131,8 @@ def prune(
                                             layer_stats))
             layer_stats.grams.clear()
 
-        if use_data and criterion.needs_gradients and prunes_units:  # gradients before the layer-wise pass
-            stats = taylor_statistics(model, adapter, batches, progress=progress)
+        if use_data and criterion.prepare is not None and prunes_units:  # e.g. gradients, before the layer pass
+            stats = criterion.prepare(model, adapter, batches, progress)
         if use_data:
             grad_stats = stats
 
@@ -151,7 +155,7 @@ def prune(
         if config.bias_compensation:  # biases are created here and refitted with the weights
             enable_biases(adapter, model, zero_deltas(adapter, model))
         plan = prune_sequential(model, adapter, config, batches, plan, device=device, progress=progress,
-                                fixed_scores=scores if criterion.needs_gradients else None)
+                                fixed_scores=scores if criterion.prepare is not None else None)
     else:
         deltas = compensation_deltas(adapter, model, plan, stats) if config.bias_compensation and stats else []
         enable_biases(adapter, model, deltas)

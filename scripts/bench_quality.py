@@ -224,15 +224,25 @@ def main() -> int:
                     help="virtual environment with llmcompressor (created when missing)")
     ap.add_argument("--no-peer", dest="peer", action="store_false", help="skip llm-compressor")
     ap.add_argument("--quick", action="store_true", help="wanda/sparsegpt only, 25% / 50% / 2:4 (smoke test)")
+    ap.add_argument("--structured-methods", default=None, help="comma-separated criteria (default magnitude,wanda,flap)")
+    ap.add_argument("--variants", default=None, help=f"comma-separated of {','.join(STRUCTURED_VARIANTS)}")
+    ap.add_argument("--no-sparsity", action="store_true", help="structured rows only")
     ap.add_argument("--replot", action="store_true", help="rewrite results.md and the plot from OUT/results.json")
     ap.add_argument("--run", help=argparse.SUPPRESS)  # child mode: one row as JSON
     args = ap.parse_args()
     args.structured_ratios = [0.25] if args.quick else [0.25, 0.5]
+    chosen_methods, chosen_variants = args.structured_methods, args.variants
     args.structured_methods = ["wanda"] if args.quick else ["magnitude", "wanda", "flap"]
     args.variants = ["plain", "reconstruct+error"] if args.quick else list(STRUCTURED_VARIANTS)
     args.sparsity_settings = ["2:4"] if args.quick else list(SPARSITY_SETTINGS)
     args.sparsity_methods = ["sparsegpt"] if args.quick else ["magnitude", "wanda", "ria", "sparsegpt", "alps"]
     args.owl_methods = [] if args.quick else ["wanda", "sparsegpt", "alps"]
+    if chosen_methods:
+        args.structured_methods = chosen_methods.split(",")
+    if chosen_variants:
+        args.variants = chosen_variants.split(",")
+    if args.no_sparsity:
+        args.sparsity_settings, args.peer = [], False
     if args.run:
         print("RESULT " + json.dumps(run_row(json.loads(args.run), args)), flush=True)
         return 0

@@ -124,3 +124,47 @@ def test_cli_recover_end_to_end(tmp_path, ref_model_path, shared_dir, capsys):
     (tmp_path / ("rec2" + STATE_DIR_SUFFIX)).mkdir()
     assert main(args[:-3] + ["--out", str(tmp_path / "rec2")]) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_cli_killed_run_resumes_to_the_uninterrupted_result(tmp_path, ref_model_path, shared_dir):
+    """A real kill (SIGKILL of the process after a checkpoint), then --resume: same weights as a straight run."""
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    calib = str(shared_dir / "data" / "reference-train.txt")
+
+    def cmd(out, *extra):
+        return [sys.executable, "-m", "llmprune", "recover", str(ref_model_path), "--data", calib, "--steps", "40",
+                "--batch-size", "2", "--seq-len", "32", "--eval-every", "4", "--eval-windows", "2", "--lora-r", "4",
+                "--out", str(out), "--quiet", *extra]
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run(cmd(tmp_path / "straight"), check=True, env=env, capture_output=True)
+    out = tmp_path / "killed"
+    state = tmp_path / ("killed" + STATE_DIR_SUFFIX)
+    proc = subprocess.Popen(cmd(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed_at = None
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if (state / "state.json").is_file():
+            try:
+                step = json.loads((state / "state.json").read_text())["step"]
+            except (ValueError, OSError):
+                step = 0
+            if step >= 8:
+                proc.send_signal(signal.SIGKILL)
+                killed_at = step
+                break
+        time.sleep(0.02)
+    proc.wait()
+    if killed_at is None:
+        pytest.skip("the run finished before it could be killed (machine too fast for this timing)")
+    assert not out.exists() and 8 <= killed_at < 40
+    assert subprocess.run(cmd(out), env=env, capture_output=True).returncode == 2  # refuses without --resume
+    subprocess.run(cmd(out, "--resume"), check=True, env=env, capture_output=True)
+    a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(out / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+    assert not state.exists()

@@ -31,19 +31,21 @@ class Criterion:
     fn: ScoreFn
     needs_calibration: bool
     description: str
-    #: the pipeline gathers first-order Taylor statistics (``llmprune.gradients``) before scoring
-    needs_gradients: bool = False
+    #: ``(model, adapter, batches, progress) -> list[LayerStats]``: a whole-model pass the criterion needs before
+    #: scoring (gradients, per-label readouts); its statistics are merged into the layer-wise ones, and such
+    #: criteria are scored once on the dense model (they cannot be re-taken one layer at a time)
+    prepare: Callable | None = None
 
 
 _CRITERIA: dict[str, Criterion] = {}
 
 
 def register_criterion(name: str, needs_calibration: bool, description: str,
-                       needs_gradients: bool = False) -> Callable[[ScoreFn], ScoreFn]:
+                       prepare: Callable | None = None) -> Callable[[ScoreFn], ScoreFn]:
     def wrap(fn: ScoreFn) -> ScoreFn:
         if name in _CRITERIA:
             raise ValueError(f"criterion {name!r} is already registered")
-        _CRITERIA[name] = Criterion(name, fn, needs_calibration, description, needs_gradients)
+        _CRITERIA[name] = Criterion(name, fn, needs_calibration, description, prepare)
         return fn
 
     return wrap

@@ -23,7 +23,13 @@ from .base import register_criterion
 __all__ = ["taylor"]
 
 
-@register_criterion("taylor", needs_calibration=True, needs_gradients=True,
+def _prepare(model: nn.Module, adapter, batches, progress: bool):
+    from ..gradients import taylor_statistics
+
+    return taylor_statistics(model, adapter, batches, progress=progress)
+
+
+@register_criterion("taylor", needs_calibration=True, prepare=_prepare,
                     description="sum of |w * dL/dw| over the unit (first-order Taylor, LLM-Pruner)")
 def taylor(slots: list[Slot], n_units: int, stats: Mapping[nn.Module, InputStats] | None) -> torch.Tensor:
     if stats is None:
