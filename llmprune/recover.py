@@ -254,6 +254,7 @@ def recover(
     progress: bool = True,
     accelerator: Any = None,
     stop_after: int | None = None,
+    callback: Any = None,
 ) -> RecoveryResult:
     """Train ``model`` (pruned, in place) back towards the dense model; returns the best held-out checkpoint.
 
@@ -264,11 +265,17 @@ def recover(
             ``resume=True`` continues from it. Nothing in it is unpickled.
         accelerator: an ``accelerate.Accelerator`` (default: a new one with ``grad_accum``).
         stop_after: stop (without the final merge) after this many steps, as a kill would (tests).
+        callback: an object with ``on_step_end(step, lr) -> plan | None`` called after every optimizer step
+            (e.g. :class:`llmprune.one_cycle.OneCycle`); when it returns a plan the model's shapes changed, so
+            the optimizer is rebuilt on the same schedule. Needs ``full=True``; runs with a callback are not
+            resumable and keep the best step only among those after the last structural change.
     """
     from accelerate import Accelerator
 
     config = config or RecoveryConfig()
     config.validate()
+    if callback is not None and not config.full:
+        raise ValueError("pruning during training changes parameter shapes: use full fine-tuning (--full)")
     if data is None:
         raise CalibrationError("recovery needs training data: pass data=<text file, text or token ids>")
     stream = _token_stream(data, tokenizer)
@@ -342,6 +349,17 @@ def recover(
             loss_value = float(loss.detach())
         done = step + 1
         record = {"step": done, "loss": loss_value}
+        if callback is not None and callback.on_step_end(done, scheduler.get_last_lr()[0]) is not None:
+            # the structure changed: a fresh optimizer over the new parameters, the same schedule position
+            params = list(_trainable(work).values())
+            optimizer = accelerator.prepare(torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay))
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+            for _ in range(done):
+                optimizer.step()  # no gradients yet: only advances the schedule without a warning
+                scheduler.step()
+            best.update(ppl=float("inf"), step=0, params=None)
+            record["committed"] = True
+            state_path = None
         if done % config.eval_every == 0 or done == config.steps:
             ppl = math.exp(_eval_nll(work, eval_windows, accelerator, config.batch_size))
             record["eval_ppl"] = ppl

@@ -1,0 +1,75 @@
+"""Stability-driven one-cycle pruning: Jaccard stability, commit, physical removal mid-training, training
+continues, the result reloads identically; the penalty shrinks the units about to go; the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from llmprune.io import save_pruned
+from llmprune.one_cycle import OneCycle, OneCycleConfig, jaccard
+from llmprune.recover import RecoveryConfig, recover
+from llmprune.surgery import layer_widths
+
+from tiny_models import assert_reloads_identically, tiny_causal_lm
+
+DATA = torch.randint(0, 128, (30000,), generator=torch.Generator().manual_seed(0))
+
+
+def test_jaccard():
+    assert jaccard([1, 2, 3], [2, 3, 4]) == 0.5
+    assert jaccard([], []) == 1.0 and jaccard(None, [1]) == 1.0
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_one_cycle_commits_removes_and_keeps_training(tmp_path, model_type):
+    model = tiny_causal_lm(model_type)
+    cb = OneCycle(model, OneCycleConfig(heads=0.5, ffn=0.5, select_every=2), total_steps=24)
+    cfg = RecoveryConfig(steps=24, batch_size=2, seq_len=16, eval_every=6, eval_windows=4, full=True, lr=1e-3)
+    result = recover(model, cfg, data=DATA, progress=False, callback=cb)
+    assert cb.committed_at is not None and cb.committed_at < 24
+    assert cb.stability and (cb.stability[-1] >= 0.999 or cb.committed_at >= 0.6 * 24)
+    widths = layer_widths(result.model)
+    assert all(w["heads"] == 2 and w["neurons"] == (96 if model_type == "llama" else 256) // 2 for w in widths)
+    steps_after = [r["step"] for r in result.history if r["step"] > cb.committed_at]
+    assert steps_after and max(steps_after) == 24  # training went on after the commit
+    out = save_pruned(result.model, tmp_path / "m")
+    assert_reloads_identically(result.model, out, torch.randint(0, 128, (2, 8)))
+    cb.plot(str(tmp_path / "s.png"))
+    assert (tmp_path / "s.png").stat().st_size > 0
+
+
+def test_penalty_shrinks_the_units_about_to_go():
+    model = tiny_causal_lm("llama")
+    cb = OneCycle(model, OneCycleConfig(ffn=0.5), total_steps=100)
+    cb.plans.append(cb._select())
+    cb.reg = 0.5
+    down = model.model.layers[0].mlp.down_proj.weight
+    kept = cb.plans[-1].layers[0].kept_neurons
+    gone = sorted(set(range(96)) - set(kept))
+    before = down.detach().clone()
+    cb._penalise(lr=1.0)
+    torch.testing.assert_close(down[:, gone], before[:, gone] * 0.5)
+    torch.testing.assert_close(down[:, kept], before[:, kept])
+
+
+def test_one_cycle_needs_full_fine_tuning():
+    model = tiny_causal_lm("llama")
+    with pytest.raises(ValueError, match="full"):
+        recover(model, RecoveryConfig(steps=2), data=DATA, callback=OneCycle(model, OneCycleConfig(ffn=0.5), 2))
+
+
+def test_cli_train_one_cycle(tmp_path, ref_model_path, shared_dir, capsys):
+    from llmprune.cli import main
+
+    out = tmp_path / "oc"
+    assert main(["train", str(ref_model_path), "--data", str(shared_dir / "data" / "reference-train.txt"),
+                 "--heads", "0.25", "--ffn", "0.5", "--steps", "12", "--select-every", "2", "--batch-size", "2",
+                 "--seq-len", "32", "--eval-every", "6", "--out", str(out), "--quiet"]) == 0
+    assert "structure committed at step" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_attention_heads"] == 6 and config["intermediate_size"] == 384
+    assert (tmp_path / "oc.stability.png").is_file()
+    assert json.loads((out / "llmprune_recipe.json").read_text())["one_cycle"]["committed_at"] is not None
