@@ -89,8 +89,11 @@ class Recipe:
         """The run behind a saved ``llmprune_recipe.json`` (its ``run`` entry, or rebuilt from older keys)."""
         if isinstance(saved.get("run"), dict):
             return cls.from_dict(saved["run"])
+        if isinstance(saved.get("one_cycle"), dict):
+            raise ValueError("this model was made by 'llmprune train' (one-cycle); recipes do not describe one-cycle "
+                             "runs yet: rerun llmprune train with the settings under 'one_cycle' and 'recovery'")
         if isinstance(saved.get("recovery"), dict):
-            return cls(model=saved["recovered_from"], recover=saved["recovery"], data=saved.get("training_data"),
+            return cls(model=saved.get("recovered_from") or saved.get("source_model"), recover=saved["recovery"], data=saved.get("training_data"),
                        teacher=saved.get("teacher"))
         if isinstance(saved.get("sparsity_config"), dict):
             return cls(model=saved["source_model"], sparsify=saved["sparsity_config"],

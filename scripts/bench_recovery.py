@@ -9,6 +9,8 @@ For 25%, 50% and 75% of decoder-block parameters removed (heads + FFN): one-shot
 - ``iterative``: 3 pruning steps with 100 recovery steps after each of the first two and 100 after the last
   (300 steps in all);
 - at 50% also the plain one-shot wanda (uniform, no refit: the issue's 1019 baseline) and its ``+LoRA``;
+- ``one-cycle`` (only when asked with ``--rows``): OCSPruner, the structure chosen during 300 steps of full
+  fine-tuning from the dense model (uniform per layer), committed when stable, training continued;
 - ``scratch``: the same shape, randomly initialised, fully trained for the same 300 steps (Minitron's question).
 
 Every trained row sees 300 x 8 x 256 = 614,400 tokens of ``reference-train.txt`` (its held-out tail excluded).
@@ -116,6 +118,16 @@ def main() -> int:
             res = recover(it.model, third, data=args.data, tokenizer=tok, progress=False)
             used = sum(r.tokens for r in it.recoveries) + res.tokens
             record("iterative", ratio, res.model, time.perf_counter() - t0, used)
+        if "one-cycle" in wanted:  # structure chosen during full fine-tuning (OCSPruner), same budget
+            from llmprune.one_cycle import OneCycle, OneCycleConfig
+
+            model = copy.deepcopy(dense)
+            callback = OneCycle(model, OneCycleConfig(heads=ratio, ffn=ratio), total_steps=args.steps)
+            t0 = time.perf_counter()
+            res = recover(model, RecoveryConfig(steps=args.steps, full=True, lr=5e-4), data=args.data, tokenizer=tok,
+                          progress=False, callback=callback)
+            record(f"one-cycle (commit @{callback.committed_at})", ratio, res.model, time.perf_counter() - t0,
+                   res.tokens)
         if "scratch" in wanted:
             model = type(oneshot)(oneshot.config)  # the pruned shape, random weights
             model.eval()
