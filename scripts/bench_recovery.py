@@ -6,6 +6,8 @@ For 25%, 50% and 75% of decoder-block parameters removed (heads + FFN): one-shot
 
 - ``+LoRA``: ``llmprune recover`` defaults (LoRA r=64 on every block Linear, 300 steps of 8 x 256 tokens);
 - ``+LoRA+KD``: the same with distillation from the dense model (alpha 0.5, T 2);
+- ``+full FT`` (only when asked with ``--rows full``): the one-shot model fully fine-tuned (lr 5e-4), the
+  like-for-like baseline for one-cycle;
 - ``iterative``: 3 pruning steps with 100 recovery steps after each of the first two and 100 after the last
   (300 steps in all);
 - at 50% also the plain one-shot wanda (uniform, no refit: the issue's 1019 baseline) and its ``+LoRA``;
@@ -109,6 +111,12 @@ def main() -> int:
                               progress=False)
                 record("+LoRA" if teacher is None else "+LoRA+KD", ratio, res.model, t_prune + time.perf_counter() - t0,
                        res.tokens)
+        if "full" in wanted:  # prune-then-recover with full fine-tuning: one-cycle's like-for-like baseline
+            model = copy.deepcopy(oneshot)
+            t0 = time.perf_counter()
+            res = recover(model, RecoveryConfig(steps=args.steps, full=True, lr=5e-4), data=args.data, tokenizer=tok,
+                          progress=False)
+            record("+full FT", ratio, res.model, t_prune + time.perf_counter() - t0, res.tokens)
         if "iterative" in wanted:
             model = copy.deepcopy(dense)
             third = RecoveryConfig(steps=args.steps // 3)
