@@ -2,8 +2,8 @@
 """Peak memory of the ``taylor`` statistics pass vs a plain backward that keeps every gradient, on a random
 Llama of about 0.47B parameters (hidden 1024, 24 layers, 16 query / 4 KV heads, SwiGLU 4096, vocab 32k).
 
-Each mode runs in its own process; reported: peak RSS above the RSS right after building the model (so the
-model itself is excluded), one decoder layer's weights + gradients (fp32) for scale, and wall time. Modes:
+Each mode runs in its own process; reported: peak RSS (VmHWM, reset after the model is built, so neither the
+model nor its construction's temporaries count) above the RSS right after building the model, one decoder layer's weights + gradients (fp32) for scale, and wall time. Modes:
 ``activations`` (a backward where only the inputs need gradients: the activations alone), ``taylor``
 (:func:`llmprune.gradients.taylor_statistics`) and ``plain-backward`` (every ``.grad`` kept).
 
@@ -25,12 +25,22 @@ CONFIG = dict(vocab_size=32000, hidden_size=1024, intermediate_size=4096, num_hi
               tie_word_embeddings=False)
 
 
-def _rss_mb() -> float:
+def _status_mb(field: str) -> float:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
+
+
+def _rss_mb() -> float:
+    return _status_mb("VmRSS")
+
+
+def _reset_peak() -> None:
+    """Reset the kernel's peak-RSS counter (VmHWM), so model construction's temporaries do not count."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def child(mode: str, tokens: int) -> dict:
@@ -47,6 +57,10 @@ def child(mode: str, tokens: int) -> dict:
     params = sum(p.numel() for p in model.parameters())
     layer = sum(p.numel() for p in model.model.layers[0].parameters())
     ids = torch.randint(0, CONFIG["vocab_size"], (2, tokens // 2))
+    import gc
+
+    gc.collect()
+    _reset_peak()
     base = _rss_mb()
     t0 = time.perf_counter()
     if mode == "taylor":
@@ -62,7 +76,7 @@ def child(mode: str, tokens: int) -> dict:
         F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).backward()
         _ = [(p.detach() * p.grad).abs().sum() for p in model.parameters() if p.grad is not None]
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _status_mb("VmHWM")  # peak since _reset_peak()
     return {"mode": mode, "params": params, "layer_params": layer, "tokens": tokens, "seconds": round(seconds, 1),
             "extra_peak_mb": round(peak - base, 1), "layer_weights_and_grads_mb": round(2 * layer * 4 / 2**20, 1)}
 
