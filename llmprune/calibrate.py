@@ -40,6 +40,7 @@ __all__ = [
     "capture_layer_inputs",
     "run_layer",
     "layerwise_statistics",
+    "LayerIO",
 ]
 
 
@@ -307,6 +308,24 @@ def run_layer(layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict,
     return out[0] if isinstance(out, tuple) else out
 
 
+class LayerIO:
+    """Hooks around each decoder layer of a layer-by-layer pass. The in-memory path uses this no-op base;
+    the streaming path (:mod:`llmprune.streaming`) reads a layer's weights from the checkpoint on
+    :meth:`enter`, and on :meth:`leave` writes it if asked, frees it and saves the hidden states that feed
+    the next layer (the resume point). ``start`` > 0 resumes a pass at that layer from ``initial_hidden``."""
+
+    start: int = 0
+
+    def initial_hidden(self, captured: list[torch.Tensor]) -> list[torch.Tensor]:
+        return captured
+
+    def enter(self, i: int, layer: nn.Module) -> None:
+        pass
+
+    def leave(self, i: int, layer: nn.Module, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        return hidden
+
+
 @torch.no_grad()
 def layerwise_statistics(
     model: nn.Module,
@@ -317,6 +336,8 @@ def layerwise_statistics(
     progress: bool = True,
     on_layer: Callable[[int, nn.Module, LayerStats], None] | None = None,
     grams_of: Callable[[nn.Module], Iterable[nn.Module]] | None = None,
+    layer_io: LayerIO | None = None,
+    rerun: bool = True,
 ) -> list[LayerStats]:
     """Input statistics of each layer's projections, gathered one decoder layer at a time.
 
@@ -328,6 +349,9 @@ def layerwise_statistics(
             so sequential methods can modify the layer (its pruned output then feeds the next layer).
         grams_of: modules of a layer whose input Gram matrix ``Σ x xᵀ`` is accumulated into
             ``LayerStats.grams`` (float64 on CPU, float32 on GPU); ``on_layer`` may free them.
+        layer_io: hooks around each layer (streaming: load / write / free weights, resume point); the
+            returned list then starts at ``layer_io.start``.
+        rerun: recompute the layer's output after ``on_layer`` (False when ``on_layer`` only reads it).
     """
     from .sparsity.sparsegpt import HessianAccumulator  # local: sparsity imports this module
 
@@ -336,11 +360,14 @@ def layerwise_statistics(
     layers = adapter.decoder_layers(model)
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
+    io = layer_io or LayerIO()
     captured = capture_layer_inputs(model, adapter, batches)
-    hidden = captured.hidden
+    hidden = io.initial_hidden(captured.hidden)
     modules_of = modules_of or (lambda layer: _slot_modules(adapter, layer))
     results: list[LayerStats] = []
-    for i in progress_bar(range(len(layers)), desc="calibrating layers", disable=not progress):
+    for i in progress_bar(range(io.start, len(layers)), desc="calibrating layers", disable=not progress,
+                          total=len(layers), initial=io.start):
+        io.enter(i, layers[i])
         layer = layers[i].to(device)
         stats = LayerStats()
         handles = []
@@ -360,10 +387,12 @@ def layerwise_statistics(
         _all_reduce_layer(stats, sum(h.shape[0] * h.shape[1] for h in hidden))
         if on_layer is not None:
             on_layer(i, layer, stats)
-            outs = [run_layer(layer, h, *captured.layer_args[i][b], device) for b, h in enumerate(hidden)]
+            if rerun:
+                outs = [run_layer(layer, h, *captured.layer_args[i][b], device) for b, h in enumerate(hidden)]
         hidden = [o.to(home) if device != home else o for o in outs]
         if device != home:
             layers[i].to(home)
+        hidden = io.leave(i, layers[i], hidden)
         results.append(stats)
     return results
 

@@ -25,10 +25,10 @@ from torch import nn
 from .arch import ArchAdapter
 from .arch.base import weight_matrix
 from .calibrate import LayerStats
-from .config import PrunePlan
+from .config import LayerPlan, PrunePlan
 from .surgery import _complement
 
-__all__ = ["Delta", "compensation_deltas", "zero_deltas", "enable_biases", "add_deltas"]
+__all__ = ["Delta", "compensation_deltas", "layer_deltas", "zero_deltas", "enable_biases", "add_deltas"]
 
 
 @dataclass
@@ -48,21 +48,28 @@ def compensation_deltas(adapter: ArchAdapter, model: nn.Module, plan: PrunePlan,
     """Mean contribution of every removed head / neuron, per output projection (computed before surgery)."""
     deltas = []
     for i, (layer, lp) in enumerate(zip(adapter.decoder_layers(model), plan.layers)):
-        if i in plan.removed_layers:
+        if i not in plan.removed_layers:
+            deltas += layer_deltas(adapter, layer, lp, stats[i])
+    return deltas
+
+
+@torch.no_grad()
+def layer_deltas(adapter: ArchAdapter, layer: nn.Module, lp: LayerPlan, stats: LayerStats) -> list[Delta]:
+    """:func:`compensation_deltas` of one layer (the streaming path holds one layer at a time)."""
+    deltas = []
+    attn, ffn = adapter.attention(layer), adapter.ffn(layer)
+    todo = []
+    if attn is not None:
+        todo.append(("attention", attn.output, _removed(lp.kept_heads, attn.num_heads)))
+    if ffn is not None:
+        todo.append(("ffn", ffn.output, _removed(lp.kept_neurons, ffn.num_neurons)))
+    for kind, slot, units in todo:
+        if not units:
             continue
-        attn, ffn = adapter.attention(layer), adapter.ffn(layer)
-        todo = []
-        if attn is not None:
-            todo.append(("attention", attn.output, _removed(lp.kept_heads, attn.num_heads)))
-        if ffn is not None:
-            todo.append(("ffn", ffn.output, _removed(lp.kept_neurons, ffn.num_neurons)))
-        for kind, slot, units in todo:
-            if not units:
-                continue
-            cols = slot.indices(units)
-            mean = stats[i].inputs[slot.module].mean.index_select(0, cols)
-            w = weight_matrix(slot.module).detach().double().index_select(1, cols.to(slot.module.weight.device))
-            deltas.append(Delta(slot.module, kind, (w @ mean.to(w.device)).to(slot.module.weight.dtype)))
+        cols = slot.indices(units)
+        mean = stats.inputs[slot.module].mean.index_select(0, cols)
+        w = weight_matrix(slot.module).detach().double().index_select(1, cols.to(slot.module.weight.device))
+        deltas.append(Delta(slot.module, kind, (w @ mean.to(w.device)).to(slot.module.weight.dtype)))
     return deltas
 
 

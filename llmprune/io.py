@@ -36,6 +36,7 @@ __all__ = [
     "check_safetensors",
     "load_model",
     "save_pruned",
+    "write_metadata",
     "read_recipe",
     "read_plan",
     "atomic_directory",
@@ -222,28 +223,37 @@ def save_pruned(
     must match; ``verify=False`` still checks every key and shape on the meta device. A failed check raises
     :class:`~llmprune.verify.VerificationError` and leaves nothing behind.
     """
-    from . import __version__
     from .verify import verify_saved_model
 
-    extra = dict(extra or {})
     with atomic_directory(out_dir, overwrite) as tmp:
         model.save_pretrained(tmp)
         verify_saved_model(model, tmp, full=verify)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        recipe = {
-            "llmprune_recipe_version": RECIPE_VERSION,
-            "llmprune_version": __version__,
-            "source_model": source,
-            "config": config.to_dict() if config else None,
-            **extra,
-        }
-        (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2, sort_keys=True))
-        if plan is not None:
-            (tmp / PLAN_FILE).write_text(plan.to_json())
-        needs_llmprune = str(getattr(model.config, "model_type", "")).startswith("llmprune_")
-        (tmp / "README.md").write_text(_model_card(source, config, extra, needs_llmprune))
+        write_metadata(tmp, model, config=config, plan=plan, source=source, extra=extra)
     return Path(out_dir)
+
+
+def write_metadata(folder: str | os.PathLike, model: nn.Module, config: PruneConfig | None = None,
+                   plan: PrunePlan | None = None, source: str | None = None,
+                   extra: dict[str, Any] | None = None) -> None:
+    """Write the recipe, the plan (if any) and the model card of a saved model into ``folder``."""
+    from . import __version__
+
+    tmp = Path(folder)
+    extra = dict(extra or {})
+    recipe = {
+        "llmprune_recipe_version": RECIPE_VERSION,
+        "llmprune_version": __version__,
+        "source_model": source,
+        "config": config.to_dict() if config else None,
+        **extra,
+    }
+    (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2, sort_keys=True))
+    if plan is not None:
+        (tmp / PLAN_FILE).write_text(plan.to_json())
+    needs_llmprune = str(getattr(model.config, "model_type", "")).startswith("llmprune_")
+    (tmp / "README.md").write_text(_model_card(source, config, extra, needs_llmprune))
 
 
 def read_recipe(path: str | os.PathLike) -> dict[str, Any]:

@@ -15,7 +15,9 @@ Instead of train -> prune -> fine-tune, the structure is chosen *while* the mode
    physically and training continues on the same learning-rate schedule.
 
 Use it through ``recover(..., callback=OneCycle(...))`` (full fine-tuning: parameter shapes change at the
-commit) or ``llmprune train``; :meth:`OneCycle.on_step_end` can be called from any training loop.
+commit), ``llmprune train``, ``transformers.Trainer(callbacks=[OneCycleCallback(cb)])``, or your own
+(accelerate) loop: call :meth:`OneCycle.on_step_end` after every optimizer step and, when it returns a plan,
+:func:`rebind_optimizer` (the pruned weights are new, smaller parameters).
 
 Example::
 
@@ -36,7 +38,7 @@ from .arch import get_adapter
 from .arch.base import weight_matrix
 from .config import PrunePlan, PruneConfig
 
-__all__ = ["OneCycleConfig", "OneCycle", "jaccard"]
+__all__ = ["OneCycleConfig", "OneCycle", "OneCycleCallback", "jaccard", "rebind_optimizer", "optimizer_names"]
 
 
 @dataclass
@@ -149,3 +151,48 @@ class OneCycle:
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(path, dpi=130)
+
+
+def optimizer_names(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[list[str]]:
+    """The model parameter names in each of the optimizer's groups (call before the commit)."""
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    return [[name_of[id(p)] for p in g["params"] if id(p) in name_of] for g in optimizer.param_groups]
+
+
+def rebind_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, names: list[list[str]]) -> None:
+    """After a commit, point each optimizer group (``names`` from :func:`optimizer_names`) at the model's
+    current parameters; moments of replaced (pruned) parameters are dropped, the others and the groups'
+    learning rates (the schedule) are kept."""
+    current = dict(model.named_parameters())
+    for group, group_names in zip(optimizer.param_groups, names):
+        group["params"] = [current[n] for n in group_names if n in current]
+    live = {id(p) for p in current.values()}
+    state = optimizer.state
+    for p in list(state.keys()):
+        if id(p) not in live:
+            del state[p]
+
+
+def _trainer_callback_base() -> type:
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+class OneCycleCallback(_trainer_callback_base()):
+    """:class:`OneCycle` as a ``transformers.Trainer`` callback (full fine-tuning)::
+
+        cb = OneCycle(model, OneCycleConfig(heads=0.25, ffn=0.5), total_steps=args.max_steps)
+        Trainer(model=model, args=args, train_dataset=ds, callbacks=[OneCycleCallback(cb)]).train()
+    """
+
+    def __init__(self, one_cycle: OneCycle):
+        self.one_cycle = one_cycle
+
+    def on_step_end(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        model = self.one_cycle.model
+        lr = lr_scheduler.get_last_lr()[0] if lr_scheduler is not None else args.learning_rate
+        names = optimizer_names(optimizer, model) if optimizer is not None else None
+        if self.one_cycle.on_step_end(state.global_step, lr) is not None and optimizer is not None:
+            rebind_optimizer(optimizer, model, names)
+        return control

@@ -221,7 +221,7 @@ def _refit(module: nn.Module, original: torch.Tensor, kept: torch.Tensor, stats:
 
 def prune_sequential(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig, batches: list[torch.Tensor],
                      plan: PrunePlan | None = None, device: Any = None, progress: bool = True,
-                     fixed_scores: list[LayerScores] | None = None) -> PrunePlan:
+                     fixed_scores: list[LayerScores] | None = None, layer_io: Any = None) -> PrunePlan:
     """Prune and reconstruct layer by layer, in place; returns the plan that was applied (original layer
     indices). ``model.config`` describes the new widths afterwards, as after :func:`~llmprune.surgery.apply_plan`.
 
@@ -231,6 +231,8 @@ def prune_sequential(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig, b
     (per original layer) are used instead of re-scoring: gradient criteria (``taylor``) are scored once, on
     the dense model, since their gradients cannot be taken one layer at a time.
     Layers removed by the plan are dropped first, so the stream skips them as the pruned model will.
+    ``layer_io`` (:class:`llmprune.calibrate.LayerIO`, streaming) sees each layer's plan in its ``plans``
+    dict before the layer is cut; on resume, its ``plans`` already hold the finished layers'.
     """
     from .perlayer import set_config_widths  # local import: perlayer imports surgery
 
@@ -239,6 +241,8 @@ def prune_sequential(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig, b
     kept_layers = [i for i in range(n_layers) if i not in set(removed)]
     remove_layers(model, adapter, removed)
     final = PrunePlan(layers=[LayerPlan() for _ in range(n_layers)], removed_layers=removed)
+    for i, lp in (getattr(layer_io, "plans", None) or {}).items():  # resumed: layers already finished
+        final.layers[i] = lp
 
     def on_layer(j: int, layer: nn.Module, stats: LayerStats) -> None:
         i = kept_layers[j]
@@ -249,6 +253,8 @@ def prune_sequential(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig, b
         if plan is not None:
             lp.kept_experts = plan.layers[i].kept_experts
             lp.kept_expert_neurons = plan.layers[i].kept_expert_neurons
+        if layer_io is not None:
+            layer_io.plans[i] = lp
         jobs = [(m, weight_matrix(m).detach().clone(), kept) for m, kept in _refit_jobs(adapter, layer, lp)]
         prune_layer(adapter, layer, lp)
         for module, original, kept in jobs:
@@ -257,6 +263,6 @@ def prune_sequential(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig, b
         final.layers[i] = lp
 
     layerwise_statistics(model, adapter, batches, device=device, progress=progress, on_layer=on_layer,
-                         grams_of=lambda layer: output_modules(adapter, layer))
+                         grams_of=lambda layer: output_modules(adapter, layer), layer_io=layer_io)
     set_config_widths(model, adapter)
     return final

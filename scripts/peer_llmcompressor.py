@@ -27,6 +27,8 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, required=True)
     ap.add_argument("--pattern", default="unstructured")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--dtype", default="float32", help="load dtype (bench_scale.py: bfloat16, as stored)")
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 
     import torch
@@ -36,11 +38,11 @@ def main() -> None:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     ids = load_file(args.calib)["input_ids"]
     data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
     structure = "0:0" if args.pattern == "unstructured" else args.pattern
     modifier = SparseGPTModifier if args.method == "sparsegpt" else WandaPruningModifier
     recipe = modifier(sparsity=args.sparsity, mask_structure=structure, targets=["Linear"], ignore=["re:.*lm_head"])

@@ -73,3 +73,29 @@ def test_cli_train_one_cycle(tmp_path, ref_model_path, shared_dir, capsys):
     assert config["num_attention_heads"] == 6 and config["intermediate_size"] == 384
     assert (tmp_path / "oc.stability.png").is_file()
     assert json.loads((out / "llmprune_recipe.json").read_text())["one_cycle"]["committed_at"] is not None
+
+
+def test_one_cycle_as_a_trainer_callback(tmp_path):
+    """transformers.Trainer drives the schedule; the commit prunes mid-run and training continues."""
+    from transformers import Trainer, TrainingArguments
+
+    from llmprune.one_cycle import OneCycleCallback
+
+    model = tiny_causal_lm("llama")
+    windows = DATA[: 64 * 16].reshape(64, 16)
+    dataset = [{"input_ids": w, "labels": w} for w in windows]
+    steps = 20
+    cb = OneCycle(model, OneCycleConfig(heads=0.5, ffn=0.5, select_every=2), total_steps=steps)
+    args = TrainingArguments(output_dir=str(tmp_path / "t"), max_steps=steps, per_device_train_batch_size=4,
+                             learning_rate=1e-3, logging_steps=5, save_strategy="no", report_to=[], use_cpu=True,
+                             disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[OneCycleCallback(cb)])
+    before = model.model.layers[0].mlp.down_proj.weight.shape
+    out = trainer.train()
+    assert cb.committed_at is not None and cb.committed_at < steps and out.global_step == steps
+    assert model.model.layers[0].mlp.down_proj.weight.shape == (before[0], before[1] // 2)
+    assert all(w["heads"] == 2 for w in layer_widths(model))
+    ids = torch.randint(0, 128, (2, 8))
+    assert torch.isfinite(model(ids).logits).all()
+    folder = save_pruned(model, tmp_path / "m")
+    assert_reloads_identically(model.eval(), folder, ids)

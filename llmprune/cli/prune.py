@@ -15,6 +15,7 @@ from ._common import (add_calibration_arguments, add_output_arguments, add_ppl_a
                       check_output, is_main_process, ppl_function, ppl_protocol, read_calibration,
                       wait_for_everyone)
 from ._registry import subcommand
+from ._streaming import add_streaming_arguments, refuse_with_streaming, streaming_rows, wants_streaming
 from .table import before_after_rows, format_table, unit_fraction_rows
 
 __all__ = ["add_arguments", "run"]
@@ -63,6 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_output_arguments(p)
     add_ppl_arguments(p)
     add_runtime_arguments(p)
+    add_streaming_arguments(p)
     p.add_argument("--eval", action="store_true", help="run the eval harness on the original and pruned model at the end")
     p.add_argument("--eval-tasks", default="", help="tasks for --eval, e.g. lambada,piqa")
     p.add_argument("--eval-limit", type=int, default=None, help="documents per task for --eval")
@@ -90,8 +92,10 @@ def run(args: argparse.Namespace) -> int:
         from ..calibrate import CalibrationError
 
         raise CalibrationError("--recover-steps needs training text: pass --data with a file or a dataset name")
-    out = check_output(args)  # fail before any work
+    out = check_output(args) if not args.resume else Path(args.out)  # fail before any work
     calibration = read_calibration(args)
+    if wants_streaming(args):
+        return _run_streaming(args, cfg, calibration, out)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
     main = is_main_process()  # under accelerate launch: every process calibrates, the main one evaluates and saves
@@ -119,8 +123,15 @@ def run(args: argparse.Namespace) -> int:
         result = PruneResult(model=model, plan=None, config=cfg, params_before=it.params_before,
                              params_after=it.params_after)
     else:
+        import time
+
+        t0 = time.perf_counter()
         result = prune(model, cfg, tokenizer=tokenizer, calibration=calibration, device=device, progress=progress)
+        seconds = time.perf_counter() - t0
     after = {"params": result.params_after, "block": block_parameters(model), "ppl": ppl_of(model)}
+    if args.iterative_steps <= 1 and calibration is not None:
+        after["extra_rows"] = [("calibration tokens/s (through pruning)",
+                                f"{cfg.n_samples * cfg.seq_len / max(seconds, 1e-9):,.0f}")]
     if not main:
         wait_for_everyone()
         return 0
@@ -150,4 +161,34 @@ def run(args: argparse.Namespace) -> int:
                  limit=args.eval_limit, out_dir=str(out) + "-eval", drop_last=not args.ppl_keep_tail,
                  progress=progress, verbose=args.verbose)
     wait_for_everyone()
+    return 0
+
+
+def _run_streaming(args: argparse.Namespace, cfg, calibration, out: Path) -> int:
+    """``--streaming``: the same pruning, one layer in memory at a time (:func:`llmprune.streaming.prune_streaming`)."""
+    from ..eval.efficiency import size_on_disk
+    from ..recipe import Recipe
+    from ..streaming import parse_memory, prune_streaming
+    from ._streaming import local_folder
+
+    refuse_with_streaming(args, **{"--ppl": args.ppl, "--eval": args.eval,
+                                   "--iterative-steps": args.iterative_steps > 1})
+    from transformers import AutoTokenizer
+
+    src = local_folder(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(str(src), trust_remote_code=False)
+    budget = parse_memory(args.max_memory)
+    result = prune_streaming(src, cfg, out, tokenizer=tokenizer, calibration=calibration, device=args.device,
+                             dtype=args.dtype, resume=args.resume, overwrite=args.overwrite, max_memory=budget,
+                             progress=not args.quiet,
+                             extra={"calibration": args.calib,
+                                    "run": Recipe(model=str(args.model), prune=cfg, calibration=args.calib,
+                                                  dtype=args.dtype).to_dict()})
+    before = {"params": result.params_before, "block": None, "size": size_on_disk(src)}
+    after = {"params": result.params_after, "block": None, "size": size_on_disk(out),
+             "extra_rows": streaming_rows(budget, cfg.n_samples * cfg.seq_len if calibration else 0,
+                                          result.seconds)}
+    print(f"\nllmprune: {args.method}, {args.allocation} allocation, streamed -> {out}")
+    rows = [r for r in before_after_rows({**before, "block": 0}, {**after, "block": 0}) if "decoder-block" not in r[0]]
+    print(format_table(rows))
     return 0

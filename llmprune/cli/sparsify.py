@@ -16,6 +16,7 @@ from ._common import (add_calibration_arguments, add_output_arguments, add_ppl_a
                       check_output, is_main_process, ppl_function, ppl_protocol, read_calibration,
                       wait_for_everyone)
 from ._registry import subcommand
+from ._streaming import add_streaming_arguments, refuse_with_streaming, streaming_rows, wants_streaming
 from .table import before_after_rows, format_table
 
 __all__ = ["add_arguments", "run"]
@@ -48,6 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_output_arguments(p)
     add_ppl_arguments(p)
     add_runtime_arguments(p)
+    add_streaming_arguments(p)
 
 
 @subcommand("sparsify", "zero weights (unstructured or N:M) and/or calibrate activation sparsity, and save", add_arguments)
@@ -70,13 +72,15 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--activation-sparsity {act:g} is out of range: it is the fraction of inputs zeroed, in [0, 1)")
     if cfg.sparsity == 0 and act == 0:
         raise ValueError("nothing to do: give --sparsity > 0 and/or --activation-sparsity > 0")
-    out = check_output(args)
+    out = check_output(args) if not args.resume else Path(args.out)
     calibration = read_calibration(args)
     if calibration is None and (cfg.needs_calibration or act > 0):
         from ..calibrate import CalibrationError
 
         needs = f"--method {cfg.method}" if cfg.needs_calibration else "--activation-sparsity"
         raise CalibrationError(f"{needs} needs calibration data: pass --calib with a text file or wikitext2|c4|ptb")
+    if wants_streaming(args):
+        return _run_streaming(args, cfg, calibration, out)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
     main = is_main_process()  # under accelerate launch: every process calibrates, the main one evaluates and saves
@@ -111,6 +115,9 @@ def run(args: argparse.Namespace) -> int:
     after_ppl = ppl_of(model)  # with the thresholds applied, as the model runs
     if handle is not None:
         handle.remove()
+    if calibration is not None and cfg.needs_calibration:
+        extra_rows.insert(0, ("calibration tokens/s (through pruning)",
+                              f"{cfg.n_samples * cfg.seq_len / max(report.seconds, 1e-9):,.0f}"))
     after = {"params": count_parameters(model), "block": block_parameters(model), "nonzero": nonzero(model),
              "ppl": after_ppl, "extra_rows": extra_rows}
     before["sparsity"], after["sparsity"] = 0.0, report.overall_sparsity
@@ -128,4 +135,36 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(before_after_rows(before, after, ppl_label=args.ppl and
                                          f"perplexity ({Path(args.ppl).name}, L={args.ppl_seq_len})")))
     wait_for_everyone()
+    return 0
+
+
+def _run_streaming(args: argparse.Namespace, cfg, calibration, out: Path) -> int:
+    """``--streaming``: the same weight sparsity, one layer in memory at a time."""
+    from transformers import AutoTokenizer
+
+    from ..eval.efficiency import size_on_disk
+    from ..recipe import Recipe
+    from ..streaming import parse_memory, sparsify_streaming
+    from ._streaming import local_folder
+
+    refuse_with_streaming(args, **{"--ppl": args.ppl, "--activation-sparsity": args.activation_sparsity > 0})
+    src = local_folder(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(str(src), trust_remote_code=False)
+    budget = parse_memory(args.max_memory)
+    result = sparsify_streaming(src, cfg, out, tokenizer=tokenizer, calibration=calibration, device=args.device,
+                                dtype=args.dtype, resume=args.resume, overwrite=args.overwrite, max_memory=budget,
+                                progress=not args.quiet,
+                                extra={"calibration": args.calib,
+                                       "run": Recipe(model=str(args.model), sparsify=cfg, calibration=args.calib,
+                                                     dtype=args.dtype).to_dict()})
+    rep = result.report
+    rows = [("", "before", "after", ""),
+            ("parameters", f"{result.params_before:,}", f"{result.params_after:,}", ""),
+            ("weight sparsity (targets)", "0.000", f"{rep['overall_sparsity']:.3f}", ""),
+            ("size on disk (MB)", f"{size_on_disk(src) / 1e6:.2f}", f"{size_on_disk(out) / 1e6:.2f}", "")]
+    rows += [(label, "", value, "") for label, value in
+             streaming_rows(budget, cfg.n_samples * cfg.seq_len if calibration else 0, result.seconds)]
+    pattern = "" if cfg.pattern == "unstructured" else f" {cfg.pattern}"
+    print(f"\nllmprune: {cfg.method}{pattern} weight sparsity {cfg.sparsity:g}, streamed -> {out}")
+    print(format_table(rows))
     return 0

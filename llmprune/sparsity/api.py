@@ -288,12 +288,20 @@ def _owl_sparsity(model, adapter, targets, batches, config, device) -> list[floa
     return owl_ratios(ratios, config.sparsity, sizes, config.spread)
 
 
-def _sequential(model, adapter, layers, targets, batches, config, progress, device, layer_sparsity) -> None:
+def _sequential(model, adapter, layers, targets, batches, config, progress, device, layer_sparsity,
+                layer_io=None) -> None:
+    """Calibrate and prune one decoder layer at a time; ``layer_io`` (:class:`llmprune.calibrate.LayerIO`)
+    loads / writes / frees layers when streaming."""
+    from ..calibrate import LayerIO
+
+    io = layer_io or LayerIO()
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
     captured = capture_layer_inputs(model, adapter, batches)
-    hidden = captured.hidden
-    for i in progress_bar(range(len(layers)), desc=f"{config.method} pruning layers", disable=not progress):
+    hidden = io.initial_hidden(captured.hidden)
+    for i in progress_bar(range(io.start, len(layers)), desc=f"{config.method} pruning layers",
+                          disable=not progress, total=len(layers), initial=io.start):
+        io.enter(i, layers[i])
         layer = layers[i].to(device)
         stats: dict[nn.Module, Any] = {}
         handles = []
@@ -321,3 +329,4 @@ def _sequential(model, adapter, layers, targets, batches, config, progress, devi
         hidden = [o.to(home) if device != home else o for o in outs]
         if device != home:
             layers[i].to(home)
+        hidden = io.leave(i, layers[i], hidden)
