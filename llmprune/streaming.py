@@ -588,7 +588,7 @@ def prune_streaming(source: str | os.PathLike, config: PruneConfig, out: str | o
     import time
 
     from .criteria import get_criterion
-    from .select import check_ratios, plan_pruning
+    from .select import check_ratios
 
     t0 = time.perf_counter()
     config.validate()
@@ -662,7 +662,7 @@ def _scoring_pass(model, adapter, config, batches, stream, part, device, progres
     from safetensors.torch import load_file, save_file
 
     from .allocate import CostCurve
-    from .calibrate import InputStats, LayerStats
+    from .calibrate import LayerStats
     from .score import LayerScores, score_layer
     from .select import plan_pruning
     from .sequential import block_influence_counts, error_counts, layer_cost_curves, output_modules

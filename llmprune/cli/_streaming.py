@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_streaming_arguments", "wants_streaming", "local_folder", "streaming_rows"]
+__all__ = ["add_streaming_arguments", "wants_streaming", "local_folder", "streaming_rows", "layer_device",
+           "refuse_with_streaming"]
 
 
 def add_streaming_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,6 +48,13 @@ def wants_streaming(args: argparse.Namespace) -> bool:
         print(f"llmprune: {path.name} does not fit the memory budget; streaming it one layer at a time")
         return True
     return False
+
+
+def layer_device(args: argparse.Namespace) -> str:
+    """Where each streamed layer runs: ``--device``, else the GPU when there is one (the model stays on CPU)."""
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def refuse_with_streaming(args: argparse.Namespace, **options: Any) -> None:

@@ -15,7 +15,8 @@ from ._common import (add_calibration_arguments, add_output_arguments, add_ppl_a
                       check_output, is_main_process, ppl_function, ppl_protocol, read_calibration,
                       wait_for_everyone)
 from ._registry import subcommand
-from ._streaming import add_streaming_arguments, refuse_with_streaming, streaming_rows, wants_streaming
+from ._streaming import (add_streaming_arguments, layer_device, refuse_with_streaming, streaming_rows,
+                         wants_streaming)
 from .table import before_after_rows, format_table, unit_fraction_rows
 
 __all__ = ["add_arguments", "run"]
@@ -178,7 +179,8 @@ def _run_streaming(args: argparse.Namespace, cfg, calibration, out: Path) -> int
     src = local_folder(args.model)
     tokenizer = AutoTokenizer.from_pretrained(str(src), trust_remote_code=False)
     budget = parse_memory(args.max_memory)
-    result = prune_streaming(src, cfg, out, tokenizer=tokenizer, calibration=calibration, device=args.device,
+    result = prune_streaming(src, cfg, out, tokenizer=tokenizer, calibration=calibration,
+                             device=layer_device(args),
                              dtype=args.dtype, resume=args.resume, overwrite=args.overwrite, max_memory=budget,
                              progress=not args.quiet,
                              extra={"calibration": args.calib,
