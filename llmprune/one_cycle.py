@@ -14,8 +14,9 @@ Instead of train -> prune -> fine-tune, the structure is chosen *while* the mode
 4. at stability ``>= threshold`` (or at the step cap) the structure is committed: the units are removed
    physically and training continues on the same learning-rate schedule.
 
-Use it through ``recover(..., callback=OneCycle(...))`` (full fine-tuning: parameter shapes change at the
-commit), ``llmprune train``, ``transformers.Trainer(callbacks=[OneCycleCallback(cb)])``, or your own
+Use it through ``recover(..., callback=OneCycle(...))`` (full fine-tuning, or LoRA: scores and penalty then
+act on the effective weights ``W + BA``, and the commit merges the adapters, cuts, and training goes on with
+fresh adapters on the smaller model), ``llmprune train``, ``transformers.Trainer(callbacks=[OneCycleCallback(cb)])``, or your own
 (accelerate) loop: call :meth:`OneCycle.on_step_end` after every optimizer step and, when it returns a plan,
 :func:`rebind_optimizer` (the pruned weights are new, smaller parameters).
 
@@ -29,7 +30,9 @@ Example::
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -75,6 +78,21 @@ class OneCycle:
     raw: list[float] = field(default_factory=list)
     reg: float = 0.0
     committed_at: int | None = None
+    #: the peft model wrapping ``model`` when training with LoRA (``recover`` sets it): selection and penalty
+    #: then act on the effective weights (adapters merged for the moment), and the commit merges the adapters
+    #: for good before cutting (``recover`` wraps the smaller model in fresh adapters)
+    peft: Any = None
+
+    @contextmanager
+    def _effective_weights(self):
+        if self.peft is None:
+            yield
+            return
+        self.peft.merge_adapter()
+        try:
+            yield
+        finally:
+            self.peft.unmerge_adapter()
 
     def _select(self) -> PrunePlan:
         from .score import score_layers
@@ -110,10 +128,12 @@ class OneCycle:
         """Call after every optimizer step; returns the committed plan (units now removed) once, else ``None``."""
         if self.committed_at is not None:
             return None
-        self._penalise(lr)
+        with self._effective_weights():  # decaying merged weights, then unmerging, decays W + BA exactly
+            self._penalise(lr)
         if step % self.config.select_every and step < self.total_steps:
             return None
-        self.plans.append(self._select())
+        with self._effective_weights():
+            self.plans.append(self._select())
         if len(self.plans) >= 3:
             old, new = self.plans[-3], self.plans[-1]
             sims = [jaccard(a.kept_heads, b.kept_heads) for a, b in zip(old.layers, new.layers)]
@@ -127,6 +147,9 @@ class OneCycle:
             from .surgery import apply_plan
 
             plan = self.plans[-1]
+            if self.peft is not None:
+                self.peft.merge_and_unload()  # adapters into the weights, LoRA modules back to plain ones
+                self.peft = None
             apply_plan(self.model, plan)
             self.committed_at = step
             return plan

@@ -267,15 +267,17 @@ def recover(
         stop_after: stop (without the final merge) after this many steps, as a kill would (tests).
         callback: an object with ``on_step_end(step, lr) -> plan | None`` called after every optimizer step
             (e.g. :class:`llmprune.one_cycle.OneCycle`); when it returns a plan the model's shapes changed, so
-            the optimizer is rebuilt on the same schedule. Needs ``full=True``; runs with a callback are not
+            the optimizer is rebuilt on the same schedule. Needs ``full=True`` or a callback that merges LoRA
+            adapters itself (``OneCycle``: training continues with fresh adapters); runs with a callback are not
             resumable and keep the best step only among those after the last structural change.
     """
     from accelerate import Accelerator
 
     config = config or RecoveryConfig()
     config.validate()
-    if callback is not None and not config.full:
-        raise ValueError("pruning during training changes parameter shapes: use full fine-tuning (--full)")
+    if callback is not None and not config.full and not hasattr(callback, "peft"):
+        raise ValueError("pruning during training changes parameter shapes: use full fine-tuning (--full), or a "
+                         "callback that can merge LoRA adapters (llmprune.one_cycle.OneCycle)")
     if data is None:
         raise CalibrationError("recovery needs training data: pass data=<text file, text or token ids>")
     stream = _token_stream(data, tokenizer)
@@ -316,6 +318,8 @@ def recover(
     state_path = Path(state_dir) if state_dir is not None else None
     start, history, best = 0, [], {"ppl": float("inf"), "step": 0, "params": None}
     unwrapped = accelerator.unwrap_model(work)
+    if callback is not None and not config.full:
+        callback.peft = unwrapped
     if resume and state_path is not None and (state_path / "state.json").is_file():
         meta = _load_state(state_path, unwrapped, optimizer, scheduler)
         start, history = meta["step"], meta["history"]
@@ -351,6 +355,11 @@ def recover(
         record = {"step": done, "loss": loss_value}
         if callback is not None and callback.on_step_end(done, scheduler.get_last_lr()[0]) is not None:
             # the structure changed: a fresh optimizer over the new parameters, the same schedule position
+            if not config.full:  # the adapters were merged into the cut model: fresh ones on the smaller model
+                for p in model.parameters():
+                    p.requires_grad_(False)
+                work = accelerator.prepare(_wrap_lora(model, config))
+                unwrapped = accelerator.unwrap_model(work)
             params = list(_trainable(work).values())
             optimizer = accelerator.prepare(torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay))
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

@@ -55,10 +55,13 @@ def test_penalty_shrinks_the_units_about_to_go():
     torch.testing.assert_close(down[:, kept], before[:, kept])
 
 
-def test_one_cycle_needs_full_fine_tuning():
-    model = tiny_causal_lm("llama")
+def test_a_shape_changing_callback_without_lora_support_needs_full_fine_tuning():
+    class Plain:  # changes shapes but cannot merge LoRA adapters
+        def on_step_end(self, step, lr):
+            return None
+
     with pytest.raises(ValueError, match="full"):
-        recover(model, RecoveryConfig(steps=2), data=DATA, callback=OneCycle(model, OneCycleConfig(ffn=0.5), 2))
+        recover(tiny_causal_lm("llama"), RecoveryConfig(steps=2), data=DATA, callback=Plain())
 
 
 def test_cli_train_one_cycle(tmp_path, ref_model_path, shared_dir, capsys):
@@ -99,3 +102,38 @@ def test_one_cycle_as_a_trainer_callback(tmp_path):
     assert torch.isfinite(model(ids).logits).all()
     folder = save_pruned(model, tmp_path / "m")
     assert_reloads_identically(model.eval(), folder, ids)
+
+
+def test_one_cycle_with_lora_prunes_the_effective_weights_and_keeps_training(tmp_path):
+    """LoRA: the commit merges the adapters, cuts, and fresh adapters train the smaller model; the result is a
+    plain checkpoint of the committed shape."""
+    model = tiny_causal_lm("llama")
+    cb = OneCycle(model, OneCycleConfig(heads=0.5, ffn=0.5, select_every=2), total_steps=24)
+    cfg = RecoveryConfig(steps=24, batch_size=2, seq_len=16, eval_every=6, eval_windows=4, lora_r=4, lora_alpha=8,
+                         lr=1e-3)
+    result = recover(model, cfg, data=DATA, progress=False, callback=cb)
+    assert cb.committed_at is not None and cb.committed_at < 24 and cb.peft is None
+    assert all(w["heads"] == 2 and w["neurons"] == 48 for w in layer_widths(result.model))
+    assert not any("lora" in n for n, _ in result.model.named_parameters())
+    assert max(r["step"] for r in result.history) == 24
+    out = save_pruned(result.model, tmp_path / "m")
+    assert_reloads_identically(result.model, out, torch.randint(0, 128, (2, 8)))
+
+
+def test_penalty_under_lora_decays_the_effective_weight():
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_causal_lm("llama")
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["down_proj"], init_lora_weights=False))
+    cb = OneCycle(model, OneCycleConfig(ffn=0.5), total_steps=100, peft=peft_model)
+    with cb._effective_weights():
+        cb.plans.append(cb._select())
+        before = model.model.layers[0].mlp.down_proj.base_layer.weight.detach().clone()  # W + BA
+    cb.reg = 0.5
+    with cb._effective_weights():
+        cb._penalise(lr=1.0)
+        after = model.model.layers[0].mlp.down_proj.base_layer.weight.detach().clone()
+    kept = cb.plans[-1].layers[0].kept_neurons
+    gone = sorted(set(range(96)) - set(kept))
+    torch.testing.assert_close(after[:, gone], before[:, gone] * 0.5, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(after[:, kept], before[:, kept], atol=1e-6, rtol=1e-5)

@@ -199,7 +199,9 @@ class StandardEquivalent:
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:
-    """The module's weight as an ``[out, in]`` matrix (transposing GPT-2 style ``Conv1D``)."""
+    """The module's weight as an ``[out, in]`` matrix (transposing GPT-2 style ``Conv1D``). A peft LoRA
+    wrapper reads its base layer's weight (with the adapter merged, the effective weight)."""
+    module = getattr(module, "base_layer", module)
     w = module.weight
     return w.t() if _is_conv1d(module) else w
 

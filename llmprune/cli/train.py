@@ -42,6 +42,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--lora", action="store_true",
+                   help="train LoRA adapters instead of every weight (selection and penalty on W + BA; at the commit "
+                        "the adapters are merged, the units cut, and fresh adapters train the smaller model)")
+    p.add_argument("--lora-r", type=int, default=d.lora_r)
+    p.add_argument("--lora-alpha", type=float, default=d.lora_alpha)
+    p.add_argument("--lora-targets", default=d.lora_targets)
     p.add_argument("--teacher", help="distil from this model ('source': MODEL itself, before pruning)")
     p.add_argument("--kd-alpha", type=float, default=d.kd_alpha)
     p.add_argument("--seed", type=int, default=d.seed)
@@ -80,8 +86,9 @@ def run(args: argparse.Namespace) -> int:
     elif args.teacher:
         teacher = load_model(args.teacher, with_tokenizer=False)[0]
     cfg = RecoveryConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
-                         warmup_steps=args.warmup_steps, eval_every=args.eval_every, full=True, seed=args.seed,
-                         kd_alpha=args.kd_alpha)
+                         warmup_steps=args.warmup_steps, eval_every=args.eval_every, full=not args.lora,
+                         seed=args.seed, kd_alpha=args.kd_alpha, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                         lora_targets=args.lora_targets)
     one = OneCycleConfig(heads=args.heads, ffn=args.ffn, select_every=args.select_every, threshold=args.threshold,
                          commit_by=args.commit_by)
     progress = not args.quiet
