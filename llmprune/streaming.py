@@ -614,6 +614,8 @@ def prune_streaming(source: str | os.PathLike, config: PruneConfig, out: str | o
     params_before = _count(model)
     part = PartialOutput(out, _fingerprint(str(source), ck, {"prune": config.to_dict()}, batches, dt), resume,
                          overwrite)
+    _announce(source, ck, len(adapter.decoder_layers(model)), max_memory, batches if needs_data else None, model,
+              progress)
     spill = _spill_bytes(max_memory)
     stream = lambda phase, write, on_leave=None: LayerStream(model, ck, prefixes, part, phase, write, dt, spill,
                                                              on_leave)
@@ -648,6 +650,23 @@ def prune_streaming(source: str | os.PathLike, config: PruneConfig, out: str | o
                        **(extra or {})})
     path = _finish(model, part, prefixes, str(source), str(source), meta)
     return StreamResult(path, plan, params_before, params_after, time.perf_counter() - t0)
+
+
+def _announce(source: Any, ck: Checkpoint, n_layers: int, max_memory: int | None, batches: Any, model: nn.Module,
+              progress: bool) -> None:
+    """One line before the per-layer progress bars: what is streamed and the memory budget."""
+    if not progress:
+        return
+    budget = max_memory if max_memory is not None else int(0.8 * available_memory())
+    hidden = 0
+    if batches:
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        width = int(getattr(cfg, "hidden_size", 0) or getattr(cfg, "n_embd", 0) or 0)
+        size = next(p for p in model.parameters() if p.device.type != "meta").element_size()
+        hidden = sum(b.numel() for b in batches) * width * size
+    where = "spilled to disk" if 2 * hidden > _spill_bytes(max_memory) else "in memory"
+    print(f"llmprune: streaming {Path(str(source)).name}: {n_layers} layers, checkpoint {ck.nbytes / 1e9:.2f} GB, "
+          f"memory budget {budget / 1e9:.2f} GB, calibration states {hidden / 1e6:.0f} MB ({where})", flush=True)
 
 
 def _spill_bytes(max_memory: int | None) -> int:
@@ -794,6 +813,7 @@ def sparsify_streaming(source: str | os.PathLike, config: Any, out: str | os.Pat
             raise CalibrationError(f"method {config.method!r} needs calibration data: pass calibration=<text file>")
     part = PartialOutput(out, _fingerprint(str(source), ck, {"sparsify": config.to_dict()}, batches, dt), resume,
                          overwrite)
+    _announce(source, ck, len(layers), max_memory, batches, model, progress)
     report = part.state.setdefault("report", {})
 
     def count(i: int, layer: nn.Module) -> None:
