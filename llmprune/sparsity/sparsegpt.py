@@ -151,12 +151,13 @@ def sparsegpt_prune(
     Vs = V / d
     Vs.fill_diagonal_(0.0)
 
-    C = W0.clone()  # current values; holds the pruned weight once every column is done
+    C = W0.clone()  # current values; holds the pruned weight (zeros included) once every column is done
     prune = torch.empty(cols, rows, dtype=torch.bool, device=W0.device)  # transposed; every entry is set
     total_prune = 0 if nm is not None else num_pruned(rows * cols, sparsity)
     sub = _sub_width(rows, 1 if nm is None else nm[1], blocksize)
     # N:M: every group's view transform at once (groups never straddle a sub-block or block)
     group_T = None if nm is None else _view_transform(_diagonal_blocks(V, nm[1]))
+    tie_order = None if nm is None else _lower_first(nm[1], W0.device)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         if nm is None:
@@ -165,13 +166,13 @@ def sparsegpt_prune(
             seen = C[i1:i2] if i1 == 0 else _seen(C[i1:i2], W0[i1:i2], _view_transform(V[i1:i2, i1:i2]))
             _block_mask(seen, d[i1:i2], k, out=prune[i1:i2])
         groups = None if nm is None else group_T[i1 // nm[1]:i2 // nm[1]]
-        Z = _solve_block(C[i1:i2], W0[i1:i2], Vs[i1:i2, i1:i2], d[i1:i2], prune[i1:i2], nm, sub, groups)
+        Z = _solve_block(C[i1:i2], W0[i1:i2], Vs[i1:i2, i1:i2], d[i1:i2], prune[i1:i2], nm, sub, groups, tie_order)
         if i2 < cols:  # lazy batch update: the block's changes reach every later column at once
             C[i2:].addmm_(Vs[i1:i2, i2:].t(), Z)
-    C.masked_fill_(prune, 0.0)
     new_weight = torch.empty_like(weight, memory_format=torch.contiguous_format).copy_(C.t())
-    keep = torch.empty(rows, cols, dtype=torch.bool, device=weight.device).copy_(prune.t())
-    return new_weight, keep.logical_not_()
+    keep = torch.empty(rows, cols, dtype=torch.bool, device=prune.device)
+    torch.logical_not(prune.t(), out=keep)
+    return new_weight, keep.to(weight.device)
 
 
 def _sub_width(rows: int, m: int, blocksize: int) -> int:
@@ -224,25 +225,29 @@ def _block_mask(seen: torch.Tensor, d: torch.Tensor, k: int, out: torch.Tensor) 
         out.copy_(flat.reshape(saliency.shape[1], saliency.shape[0]).t())
 
 
-def _nm_prune(saliency: torch.Tensor, k: int) -> torch.Tensor:
+def _lower_first(m: int, device: torch.device) -> torch.Tensor:
+    """``[m, m, 1]`` tie order for :func:`_nm_prune`: entry ``[i, j]`` is ``i < j``."""
+    return torch.ones(m, m, dtype=torch.bool, device=device).triu_(1).unsqueeze(-1)
+
+
+def _nm_prune(saliency: torch.Tensor, k: int, lower_first: torch.Tensor) -> torch.Tensor:
     """Mask of the ``k`` lowest of each column of ``saliency`` ``[m, rows]`` (one N:M group, transposed).
 
     By rank rather than a sort: an entry's rank is the number of entries below it, ties counted for
     the lower index first (as :func:`_lowest`'s stable sort). Saliencies are assumed not NaN.
     """
-    m = saliency.shape[0]
     a, b = saliency.unsqueeze(1), saliency.unsqueeze(0)  # [i, j, row]: compare entry i with entry j
-    before = torch.ones(m, m, dtype=torch.bool, device=saliency.device).triu_(1).unsqueeze(-1)  # i < j
-    rank = ((a < b) | ((a == b) & before)).sum(0)
+    rank = ((a < b) | ((a == b) & lower_first)).sum(0)
     return rank < k
 
 
 def _solve_block(C: torch.Tensor, W0: torch.Tensor, Vs: torch.Tensor, d: torch.Tensor, prune: torch.Tensor,
-                 nm: tuple[int, int] | None, sub: int, groups: torch.Tensor | None) -> torch.Tensor:
+                 nm: tuple[int, int] | None, sub: int, groups: torch.Tensor | None,
+                 tie_order: torch.Tensor | None) -> torch.Tensor:
     """Process one column block (rows of ``C`` ``[count, rows]``, updated in place); returns its changes ``Z``.
 
     ``prune`` (transposed mask) is read for unstructured and written for N:M (``groups``: the view
-    transforms of the block's m-groups). The block is taken ``sub`` columns at a time; a sub-block's
+    transforms of the block's m-groups; ``tie_order``: from :func:`_lower_first`). The block is taken ``sub`` columns at a time; a sub-block's
     changes reach the rest of the block with one matrix product.
     """
     count = C.shape[0]
@@ -250,19 +255,20 @@ def _solve_block(C: torch.Tensor, W0: torch.Tensor, Vs: torch.Tensor, d: torch.T
     for a in range(0, count, sub):
         b = min(a + sub, count)
         sub_groups = None if nm is None else groups[a // nm[1]:b // nm[1]]
-        _solve_columns(C[a:b], W0[a:b], Vs[a:b, a:b], d[a:b], prune[a:b], Z[a:b], nm, sub_groups)
+        _solve_columns(C[a:b], W0[a:b], Vs[a:b, a:b], d[a:b], prune[a:b], Z[a:b], nm, sub_groups, tie_order)
         if b < count:
             C[b:].addmm_(Vs[a:b, b:].t(), Z[a:b])
     return Z
 
 
 def _solve_columns(C: torch.Tensor, W0: torch.Tensor, Vs: torch.Tensor, d: torch.Tensor, prune: torch.Tensor,
-                   Z: torch.Tensor, nm: tuple[int, int] | None, groups: torch.Tensor | None) -> None:
+                   Z: torch.Tensor, nm: tuple[int, int] | None, groups: torch.Tensor | None,
+                   tie_order: torch.Tensor | None) -> None:
     """The column-by-column pass over a few columns, writing their changes ``Z = w - ŵ`` into ``Z``.
 
-    Column ``j`` ends at ``c_j`` if kept and 0 if pruned; its change reaches the later columns of the
-    slice along row ``j`` of ``Vs`` (the rank-1 update of the original algorithm, on a thin slice; the
-    zeros of ``Vs`` on and below the diagonal leave the finished columns as they are).
+    Column ``j`` ends at ``c_j`` if kept and 0 if pruned (zeroed once the slice is done); its change reaches
+    the later columns of the slice along row ``j`` of ``Vs`` (the rank-1 update of the original algorithm, on
+    a thin slice; the zeros of ``Vs`` on and below the diagonal leave the finished columns as they are).
     N:M chooses each group's mask when the group is reached, on the values the original pass sees.
     """
     count = C.shape[0]
@@ -271,10 +277,13 @@ def _solve_columns(C: torch.Tensor, W0: torch.Tensor, Vs: torch.Tensor, d: torch
     for j in range(count):
         if nm is not None and j % nm[1] == 0:
             n, m = nm
-            seen = _seen(C[j:j + m], W0[j:j + m], groups[j // m])
-            group_prune = _nm_prune((seen * d[j:j + m].reshape(-1, 1)).square_(), m - n)
+            w = W0[j:j + m]
+            # _seen as a broadcast sum: a matrix product this small still wakes the BLAS thread pool
+            seen = w + (groups[j // m].unsqueeze(-1) * (C[j:j + m] - w).unsqueeze(1)).sum(0)
+            group_prune = _nm_prune((seen * d[j:j + m].reshape(-1, 1)).square_(), m - n, tie_order)
             prune[j:j + m] = group_prune
             torch.logical_not(group_prune, out=keep[j:j + m])
         torch.addcmul(w_rows[j], c_rows[j], keep_rows[j], value=-1.0, out=z_rows[j])
         if j + 1 < count:
             C.addr_(v_rows[j], z_rows[j])
+    C.masked_fill_(prune, 0.0)  # the slice is done: pruned weights end at 0
