@@ -231,8 +231,8 @@ def _record_pass(layer_forward: Callable[[int], torch.Tensor], n_batches: int,
 
     ``split_stages``: only the first stage is calibrated: the first pending target to be called and those
     called with the same input on that batch (q/k/v). A pending target with another input depends on this
-    stage's thresholds, so the forward stops there (on later batches, once every stage target has had its
-    input). Without outputs to keep, a forward also stops once every pending target has had its input.
+    stage's thresholds, so the forward stops there; on later batches, as soon as every stage target has had
+    its input. Without outputs to keep, a forward also stops once every pending target has had its input.
     """
     hists = {full: AbsHistogram(device=device) for full, _ in pending}
     stage: list[str] = []
@@ -259,6 +259,8 @@ def _record_pass(layer_forward: Callable[[int], torch.Tensor], n_batches: int,
         hists[full].add(state["last_counts"], x.numel())
         if not keep_outputs and len(called) == len(hists):
             raise _StopLayer  # nothing left to record in this forward
+        if split_stages and state["batch"] != state["head_batch"] and called.issuperset(stage):
+            raise _StopLayer  # the stage is known and complete on this batch
 
     handles = [mod.register_forward_pre_hook(_sparsify_input(t)) for mod, t in applied]
     handles += [mod.register_forward_pre_hook(lambda m, a, full=full: record(m, a, full)) for full, mod in pending]
