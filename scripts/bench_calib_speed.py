@@ -72,14 +72,20 @@ def recon_error(w: torch.Tensor, new_w: torch.Tensor, H: torch.Tensor) -> float:
     return float(torch.einsum("ij,jk,ik->", D, H.double(), D))
 
 
-def time_solve(prune, layers, sparsity, nm) -> tuple[float, list]:
-    out, total = [], 0.0
+def time_solves(layers, sparsity, nm, new_first: bool) -> tuple[float, float, list, list]:
+    """Old and new solve of every linear, alternating per linear (so both see the same machine load)."""
+    impls = [("old", sparsegpt_reference.sparsegpt_prune), ("new", sparsegpt_prune)]
+    if new_first:
+        impls.reverse()
+    seconds = {"old": 0.0, "new": 0.0}
+    results: dict[str, list] = {"old": [], "new": []}
     for _, w, H in layers:
-        t = time.perf_counter()
-        res = prune(w, H, sparsity, nm=nm)
-        total += time.perf_counter() - t
-        out.append(res)
-    return total, out
+        for key, prune in impls:
+            t = time.perf_counter()
+            res = prune(w, H, sparsity, nm=nm)
+            seconds[key] += time.perf_counter() - t
+            results[key].append(res)
+    return seconds["old"], seconds["new"], results["old"], results["new"]
 
 
 def bench_sparsegpt(layers, repeats: int, threads: list[int]) -> dict:
@@ -89,18 +95,18 @@ def bench_sparsegpt(layers, repeats: int, threads: list[int]) -> dict:
         for n_threads in threads:
             torch.set_num_threads(n_threads)
             old_s, new_s = [], []
-            for _ in range(repeats):  # A/B/A/B
-                t_old, old = time_solve(sparsegpt_reference.sparsegpt_prune, layers, sparsity, nm)
-                t_new, new = time_solve(sparsegpt_prune, layers, sparsity, nm)
+            for r in range(repeats):
+                t_old, t_new, old, new = time_solves(layers, sparsity, nm, new_first=bool(r % 2))
                 old_s.append(t_old)
                 new_s.append(t_new)
+            ratios = [o / n for o, n in zip(old_s, new_s)]
             entry["seconds"][f"{n_threads} threads"] = {
                 "old": old_s, "new": new_s, "old_median": statistics.median(old_s),
-                "new_median": statistics.median(new_s),
-                "speedup": statistics.median(old_s) / statistics.median(new_s)}
+                "new_median": statistics.median(new_s), "speedup_per_repeat": ratios,
+                "speedup": statistics.median(ratios)}
             print(f"sparsegpt {label:17s} {n_threads} threads: old {statistics.median(old_s):7.2f}s  "
-                  f"new {statistics.median(new_s):6.2f}s  x{statistics.median(old_s) / statistics.median(new_s):.1f}",
-                  flush=True)
+                  f"new {statistics.median(new_s):6.2f}s  x{statistics.median(ratios):.1f} "
+                  f"(per repeat {', '.join(f'{x:.1f}' for x in ratios)})", flush=True)
         per_layer = {}
         for (name, w, H), (ow, ok), (nw, nk) in zip(layers, old, new):
             per_layer[name] = {"same_sparsity": int((~ok).sum()) == int((~nk).sum()),
@@ -148,14 +154,18 @@ def write_markdown(path: Path, res: dict) -> None:
              "alternate in one process).", "", f"Command: `{res['command']}`", ""]
     if "sparsegpt" in res:
         lines += [f"## SparseGPT solve (all 42 linears, real calibration Hessians, {res['tokens']} tokens)", "",
-                  f"Median of {res['sgpt_repeats']} alternating old/new runs; time inside `sparsegpt_prune`, "
-                  "Hessian factorisation included.", "",
+                  f"{res['sgpt_repeats']} repeats; in each, old and new alternate linear by linear (which goes "
+                  "first alternates between repeats). Seconds: median over repeats of the time inside "
+                  "`sparsegpt_prune` (Hessian factorisation included); speedup: median of the per-repeat "
+                  "ratios (range in brackets).", "",
                   "| setting | threads | old (s) | new (s) | speedup | same sparsity | min mask agreement "
                   "| error ratio new/old (min..max) |", "|---|---|---|---|---|---|---|---|"]
         for label, e in res["sparsegpt"].items():
             for th, t in e["seconds"].items():
                 lines.append(f"| {label} | {th.split()[0]} | {t['old_median']:.2f} | {t['new_median']:.2f} | "
-                             f"{t['speedup']:.1f}x | {e['all_same_sparsity']} | {e['min_mask_agreement']:.6f} | "
+                             f"{t['speedup']:.1f}x ({min(t['speedup_per_repeat']):.1f}-"
+                             f"{max(t['speedup_per_repeat']):.1f}) | {e['all_same_sparsity']} | "
+                             f"{e['min_mask_agreement']:.6f} | "
                              f"{e['error_ratio_min']:.6f}..{e['error_ratio_max']:.6f} |")
         lines.append("")
     if "teal" in res:
@@ -182,7 +192,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sgpt-threads", default="2,1", help="thread counts for the SparseGPT timings")
-    ap.add_argument("--sgpt-repeats", type=int, default=3)
+    ap.add_argument("--sgpt-repeats", type=int, default=5)
     ap.add_argument("--teal-sparsities", default="0.4,0.5")
     ap.add_argument("--parts", default="sparsegpt,teal")
     ap.add_argument("--out", default=str(ROOT / "bench" / "calib_speed"))
