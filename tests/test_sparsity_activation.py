@@ -8,7 +8,7 @@ from tiny_models import tiny_causal_lm
 
 from llmprune.calibrate import CalibrationError
 from llmprune.sparsity import apply_activation_sparsity, calibrate_activation_thresholds, measure_activation_sparsity
-from llmprune.sparsity.activation import Reservoir, threshold_from_sample
+from llmprune.sparsity.activation import AbsHistogram, Reservoir, threshold_from_sample
 
 
 def _batches(vocab=128, n=8, seq=16, seed=0):
@@ -31,6 +31,58 @@ def test_reservoir_is_bounded_and_unbiased():
         r.update(chunk)
     assert r.values.numel() == 5000 and r.seen == data.numel()
     assert abs(threshold_from_sample(r.values, 0.4) - 0.4) < 0.03
+
+
+@pytest.mark.parametrize("data", ["normal", "lognormal", "zeros", "bf16"])
+def test_histogram_threshold_is_the_quantile_of_every_value(data):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300_001, generator=g)
+    if data == "lognormal":
+        x = torch.exp(4 * x)  # 11 orders of magnitude
+    elif data == "zeros":
+        x[::2] = 0.0  # ReLU-like: the 0.25 quantile is exactly 0
+    elif data == "bf16":
+        x = x.bfloat16()  # many exact ties
+    h = AbsHistogram()
+    for chunk in x.reshape(-1).split(40_000):
+        h.update(chunk.reshape(-1, 8) if chunk.numel() % 8 == 0 else chunk)
+    assert h.seen == x.numel() and h.counts.numel() == 1 << 18  # fixed size, every value counted
+    for s in (0.0, 0.25, 0.5, 0.9, 0.999):
+        exact = threshold_from_sample(x.float().abs(), s)
+        assert h.threshold(s) == pytest.approx(exact, rel=1e-3, abs=0.0), s
+    assert (h.threshold(0.25) == 0.0) == (data == "zeros")
+    h.all_reduce()  # a single process: unchanged
+    assert h.seen == x.numel()
+
+
+def _count_calls(model, suffix):
+    calls = {"n": 0}
+    handles = [m.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
+               for n, m in model.named_modules() if n.endswith(suffix)]
+    return calls, handles
+
+
+@pytest.mark.parametrize("arch", ["llama", "falcon"])  # falcon: parallel attention and MLP on one input
+@pytest.mark.parametrize("sequential", [True, False])
+def test_thresholds_match_the_former_sampled_calibration(arch, sequential):
+    import teal_reference
+
+    model = tiny_causal_lm(arch)
+    batches = _batches(n=16, seq=32)
+    kw = dict(calibration=batches, sparsity=0.4, sequential=sequential, progress=False)
+    ref = teal_reference.calibrate_activation_thresholds(model, **kw)  # every value fits its 2^18 sample
+    down = "mlp.down_proj" if arch == "llama" else "mlp.dense_4h_to_h"
+    calls, handles = _count_calls(model, down)
+    new = calibrate_activation_thresholds(model, **kw)
+    for h in handles:
+        h.remove()
+    assert new.keys() == ref.keys()
+    for name in ref:
+        assert new[name] == pytest.approx(ref[name], rel=0.01), name
+    # passes stop once their stage has its inputs: the final projection runs once per batch and layer that
+    # feeds another (formerly once per stage pass and layer), plus once in capture_layer_inputs' probe of layer 0
+    n_layers = len(model.model.layers if arch == "llama" else model.transformer.h)
+    assert calls["n"] == (n_layers - 1) * len(batches) + 1
 
 
 @pytest.mark.parametrize("sequential", [True, False])

@@ -2,16 +2,18 @@
 linear layer's input, with one magnitude threshold per layer calibrated for a target sparsity.
 
 For a target linear layer with input ``x`` and target sparsity ``s``, the threshold ``t`` is the
-``s``-quantile of ``|x|`` over calibration tokens, so that a fraction ``s`` of the entries satisfies
-``|x| <= t`` and is zeroed. The quantile is computed from a uniform random sample of at most
-``max_samples`` values per layer (reservoir sampling with random priorities), so memory stays bounded
-whatever the amount of calibration text. It is the midpoint of the two order statistics around the
-quantile, so ``|x| <= t`` and ``|x| < t`` zero the same entries of the sample.
+``s``-quantile of ``|x|`` over all calibration tokens, so that a fraction ``s`` of the entries satisfies
+``|x| <= t`` and is zeroed. The quantile is read from a streamed histogram of ``|x|`` (:class:`AbsHistogram`:
+1024 log-spaced bins per octave, taken from the float32 bit pattern), so memory is fixed whatever the amount
+of calibration text, every value counts, and the result is deterministic; within the bin holding the
+quantile values are interpolated linearly, so ``t`` is within 0.1% of the exact order statistics. Under
+``accelerate launch`` the histograms are summed over processes, so all processes get the same thresholds.
 
 Calibration runs one decoder layer at a time. With ``sequential=True`` (default) every threshold is
 calibrated on the inputs the layer sees at inference time, i.e. with all earlier thresholds applied
 (earlier layers, and earlier projections of the same layer: q/k/v, then o_proj, then gate/up, then
-down_proj for Llama).
+down_proj for Llama). Each such stage takes one pass of the layer over the calibration batches, cut short
+once the stage's projections have seen their input; the last layer's output is never computed.
 
 The thresholds are ``{full module name: float}`` (``model.layers.0.mlp.down_proj``), the format of
 ``llmprune.runtime.KernelConfig(thresholds=...)`` whose ``ActSparseLinear`` keeps ``|x| > t``.
@@ -29,8 +31,9 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import struct
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -49,11 +52,92 @@ __all__ = [
     "threshold_from_sample",
     "read_activation_thresholds",
     "Reservoir",
+    "AbsHistogram",
 ]
+
+#: histogram resolution: ``2**_HIST_BITS`` bins per octave, i.e. bins 0.1% wide relative to their values
+_HIST_BITS = 10
+
+
+class AbsHistogram:
+    """Streamed histogram of ``|x|`` in ``2**bits`` log-spaced bins per octave; fixed memory, no sampling.
+
+    Read as an integer, the bit pattern of a non-negative float32 grows with its value, and its top
+    ``9 + bits`` bits (exponent and leading mantissa bits) number bins of relative width ``2**-bits``; so
+    binning is an integer shift and a ``bincount``. Bin 0 (zeros and subnormals below ``2**(-126 - bits)``)
+    reads as 0.
+    """
+
+    def __init__(self, bits: int = _HIST_BITS, device: torch.device | str | None = None):
+        if not 0 <= bits <= 23:
+            raise ValueError(f"bits={bits!r} must be in [0, 23]")
+        self.shift = 23 - bits
+        self.counts = torch.zeros(1 << (31 - self.shift), dtype=torch.int64, device=device)
+        self.seen = 0
+
+    def update(self, values: torch.Tensor) -> None:
+        """Count ``|values|`` (any shape and float dtype)."""
+        self.add(self.bin_counts(values), values.numel())
+
+    def bin_counts(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-bin counts of ``|values|`` alone (to :meth:`add` to every histogram of the same values)."""
+        a = values.detach().float().abs().reshape(-1)
+        bins = a.view(torch.int32) >> self.shift  # sign bit cleared by abs: indices are non-negative
+        return torch.bincount(bins, minlength=self.counts.numel())
+
+    def add(self, counts: torch.Tensor, n: int) -> None:
+        """Add per-bin counts of ``n`` values (from :meth:`bin_counts` of a histogram with the same bits)."""
+        self.counts += counts.to(self.counts.device)
+        self.seen += n
+
+    def all_reduce(self) -> None:
+        """Sum the counts of all processes (``accelerate launch``): the histogram of all their values."""
+        from ..calibrate import all_reduce_sum, world
+
+        if world()[1] == 1:
+            return
+        seen = torch.tensor([self.seen], dtype=torch.int64, device=self.counts.device)
+        self.counts, seen = all_reduce_sum(self.counts, seen)
+        self.seen = int(seen.item())
+
+    def threshold(self, sparsity: float) -> float:
+        """:func:`threshold_from_sample` of every value counted: the midpoint of the ``k``-th and
+        ``k+1``-th smallest (``k = round(sparsity * seen)``), each located to its bin and interpolated."""
+        if not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"sparsity={sparsity!r} must be in [0, 1)")
+        n = self.seen
+        if n == 0:
+            raise CalibrationError("no activation values to calibrate on")
+        k = int(round(sparsity * n))
+        if k <= 0:
+            return 0.0
+        cum = self.counts.cumsum(0)
+        if k >= n:
+            return self._order_statistic(n, cum)
+        return (self._order_statistic(k, cum) + self._order_statistic(k + 1, cum)) / 2
+
+    def _order_statistic(self, r: int, cum: torch.Tensor) -> float:
+        """The ``r``-th smallest value (1-based), spreading a bin's values evenly over its range."""
+        b = int(torch.searchsorted(cum, torch.tensor([r], dtype=cum.dtype, device=cum.device)))
+        if b == 0:
+            return 0.0
+        lo, hi = _bits_to_float(b << self.shift), _bits_to_float((b + 1) << self.shift)
+        if not hi > lo:  # the top bins hold inf and NaN
+            return lo
+        below = int(cum[b - 1])
+        return lo + (hi - lo) * (r - below - 0.5) / int(self.counts[b])
+
+
+def _bits_to_float(bits: int) -> float:
+    """The float32 whose bit pattern is the non-negative integer ``bits`` (< 2**31)."""
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
 
 
 class Reservoir:
-    """Uniform random sample (without replacement) of at most ``capacity`` values of a stream."""
+    """Uniform random sample (without replacement) of at most ``capacity`` values of a stream.
+
+    The calibration's former quantile estimate (now :class:`AbsHistogram`); kept for callers.
+    """
 
     def __init__(self, capacity: int, seed: int = 0):
         if capacity < 1:
@@ -119,10 +203,82 @@ def _check_sparsity(sparsity: Any) -> None:
 
 def _sparsify_input(t: float):
     def hook(module: nn.Module, args: tuple) -> tuple:
-        x = args[0]
-        return (x.masked_fill(x.abs() <= t, 0),) + tuple(args[1:])
+        # hardshrink zeroes |x| <= t in one pass: x.masked_fill(x.abs() <= t, 0) without the temporaries
+        return (torch.nn.functional.hardshrink(args[0], t),) + tuple(args[1:])
 
     return hook
+
+
+class _StopLayer(Exception):
+    """Raised from a hook to cut a layer's forward short once the pass has recorded what it needs."""
+
+
+@dataclass
+class _Pass:
+    """What one pass of a layer over the calibration batches recorded."""
+
+    hists: dict[str, AbsHistogram]
+    #: targets calibrated by this pass, in call order
+    stage: list[str]
+    #: the layer's outputs, when the pass kept them
+    outs: list[torch.Tensor] | None
+
+
+def _record_pass(layer_forward: Callable[[int], torch.Tensor], n_batches: int,
+                 pending: Sequence[tuple[str, nn.Module]], applied: Sequence[tuple[nn.Module, float]],
+                 split_stages: bool, keep_outputs: bool, device: torch.device) -> _Pass:
+    """Run a layer over every batch with ``applied`` thresholds, histogramming the inputs of ``pending`` targets.
+
+    ``split_stages``: only the first stage is calibrated: the first pending target to be called and those
+    called with the same input on that batch (q/k/v). A pending target with another input depends on this
+    stage's thresholds, so the forward stops there; on later batches, as soon as every stage target has had
+    its input. Without outputs to keep, a forward also stops once every pending target has had its input.
+    """
+    hists = {full: AbsHistogram(device=device) for full, _ in pending}
+    stage: list[str] = []
+    called: set[str] = set()
+    state: dict[str, Any] = {"batch": 0, "head": None, "head_batch": -1, "last_input": None, "last_counts": None}
+
+    def record(module: nn.Module, args: tuple, full: str) -> None:
+        x = args[0]
+        if full not in stage:
+            head = state["head"]
+            deciding = head is None or state["batch"] == state["head_batch"]
+            if not split_stages or head is None:
+                state["head"], state["head_batch"] = x, state["batch"]
+                stage.append(full)
+            elif deciding and (x is head or (x.shape == head.shape and torch.equal(x, head))):
+                stage.append(full)
+            elif deciding or called.issuperset(stage):
+                raise _StopLayer  # the next stage: its input depends on this stage's thresholds
+            else:
+                return  # the next stage's target called before this stage is complete on this batch
+        called.add(full)
+        if state["last_input"] is not x:  # q/k/v (and gate/up) share one input tensor: bin it once
+            state["last_input"], state["last_counts"] = x, hists[full].bin_counts(x)
+        hists[full].add(state["last_counts"], x.numel())
+        if not keep_outputs and len(called) == len(hists):
+            raise _StopLayer  # nothing left to record in this forward
+        if split_stages and state["batch"] != state["head_batch"] and called.issuperset(stage):
+            raise _StopLayer  # the stage is known and complete on this batch
+
+    handles = [mod.register_forward_pre_hook(_sparsify_input(t)) for mod, t in applied]
+    handles += [mod.register_forward_pre_hook(lambda m, a, full=full: record(m, a, full)) for full, mod in pending]
+    outs: list[torch.Tensor] | None = [] if keep_outputs else None
+    try:
+        for b in range(n_batches):
+            state["batch"], state["last_input"], state["last_counts"] = b, None, None
+            called.clear()
+            try:
+                out = layer_forward(b)
+            except _StopLayer:
+                continue
+            if outs is not None:
+                outs.append(out)
+    finally:
+        for h in handles:
+            h.remove()
+    return _Pass(hists, stage, outs)
 
 
 @torch.no_grad()
@@ -148,11 +304,13 @@ def calibrate_activation_thresholds(
         calibration: text file path, text, ``[n, seq_len]`` token ids or a list of token-id batches.
         sparsity: one target for every layer, or ``{name or fnmatch pattern: target}`` (unmatched: 0).
         targets: fnmatch patterns of linear layers inside decoder blocks (full or in-block names).
-        max_samples: per-layer sample size for the quantile (bounds memory).
+        max_samples: unused; kept for callers of the former sampled quantile (the histogram of every
+            value has a fixed size).
         sequential: calibrate each layer on inputs with all earlier thresholds applied.
     Returns:
         ``{full module name: threshold}`` for every target linear layer (0.0 where the target is 0).
     """
+    del max_samples
     _check_sparsity(sparsity)
     batches = as_batches(calibration, tokenizer, n_samples, seq_len, seed, batch_size)
     if batches is None:
@@ -170,73 +328,43 @@ def calibrate_activation_thresholds(
     hidden = captured.hidden
     result: dict[str, float] = {}
 
-    def run(layer: nn.Module, i: int) -> list[torch.Tensor]:
-        return [run_layer(layer, h, *captured.layer_args[i][b], device) for b, h in enumerate(hidden)]
-
     for i in progress_bar(range(len(layers)), desc="calibrating activation thresholds", disable=not progress):
         layer = layers[i].to(device)
         prefix = names.get(id(layer), "")
         group = [(full, mod, _sparsity_for(sparsity, full, full[len(prefix) + 1:] if prefix else full))
                  for full, mod in targets_per_layer[i]]
-        done: dict[str, float] = {}
-        dense_outs = None
+        done = {full: 0.0 for full, _, s in group if s <= 0}
         pending = [g for g in group if g[2] > 0]
-        for full, _, s in group:
-            if s <= 0:
-                done[full] = 0.0
+        need_outputs = i + 1 < len(layers)  # the last layer's output feeds nothing
+
+        def run_batch(b: int, i: int = i, layer: nn.Module = layer, hidden: list = hidden) -> torch.Tensor:
+            return run_layer(layer, hidden[b], *captured.layer_args[i][b], device)
+
+        outs = None
         while pending:
-            reservoirs = {full: Reservoir(max_samples, seed=seed + 7919 * len(result) + j)
-                          for j, (full, _, _) in enumerate(pending)}
-            first_inputs: dict[str, torch.Tensor] = {}
-            order: list[str] = []
-            handles = []
-            for full, mod, _ in group:
-                if full in done and done[full] > 0:
-                    handles.append(mod.register_forward_pre_hook(_sparsify_input(done[full])))
-            for full, mod, _ in pending:
-                def rec(m, args, full=full):
-                    x = args[0]
-                    if full not in first_inputs:
-                        first_inputs[full] = x
-                        order.append(full)
-                    reservoirs[full].update(x.abs())
-                handles.append(mod.register_forward_pre_hook(rec))
-            try:
-                outs = run(layer, i)
-            finally:
-                for h in handles:
-                    h.remove()
-            if dense_outs is None:
-                dense_outs = outs
-            missing = [full for full, _, _ in pending if reservoirs[full].seen == 0]
-            if missing:
+            applied = [(mod, done[full]) for full, mod, _ in group if done.get(full, 0.0) > 0]
+            rec = _record_pass(run_batch, len(hidden), [(full, mod) for full, mod, _ in pending], applied,
+                               split_stages=sequential, keep_outputs=need_outputs and not sequential, device=device)
+            missing = [full for full, _, _ in pending if full not in rec.stage]
+            if missing and (not sequential or not rec.stage):
                 raise CalibrationError(f"no calibration inputs reached {missing[0]}")
-            if sequential:
-                head = first_inputs[order[0]]
-                stage = [f for f in order
-                         if first_inputs[f] is head or (first_inputs[f].shape == head.shape
-                                                        and torch.equal(first_inputs[f], head))]
-            else:
-                stage = list(order)
             targets_s = {full: s for full, _, s in pending}
-            for full in stage:
-                done[full] = threshold_from_sample(reservoirs[full].values, targets_s[full])
+            for full in rec.stage:
+                rec.hists[full].all_reduce()
+                done[full] = rec.hists[full].threshold(targets_s[full])
             pending = [g for g in pending if g[0] not in done]
-            del reservoirs, first_inputs
+            outs = rec.outs
         result.update({full: done[full] for full, _, _ in group})
-        if sequential and any(done.get(full, 0) > 0 for full, _, _ in group):
-            handles = [mod.register_forward_pre_hook(_sparsify_input(done[full]))
-                       for full, mod, _ in group if done[full] > 0]
-            try:
-                outs = run(layer, i)
-            finally:
-                for h in handles:
-                    h.remove()
-        elif dense_outs is not None:
-            outs = dense_outs
-        else:
-            outs = run(layer, i)
-        hidden = [o.to(home) if device != home else o for o in outs]
+        if need_outputs:
+            if outs is None:
+                applied = [(mod, done[full]) for full, mod, _ in group if done[full] > 0]
+                handles = [mod.register_forward_pre_hook(_sparsify_input(t)) for mod, t in applied]
+                try:
+                    outs = [run_batch(b) for b in range(len(hidden))]
+                finally:
+                    for h in handles:
+                        h.remove()
+            hidden = [o.to(home) if device != home else o for o in outs]
         if device != home:
             layers[i].to(home)
     return result

@@ -4,9 +4,21 @@ For one linear layer with calibration inputs ``X`` (tokens x in), the layer-wise
 ``||W X^T - Ŵ X^T||^2`` whose Hessian w.r.t. each output row is ``H = 2 X^T X``. Columns (input features)
 are processed left to right; pruning column ``j`` of a row and compensating the remaining columns with the
 OBS update ``δ = -(w_j / [H^-1]_jj) [H^-1]_{j,j:}`` needs the rows of ``H^-1`` restricted to the not yet
-processed columns, which are exactly the rows of the upper Cholesky factor of ``H^-1``. Columns are taken
-in blocks (lazy batch updates); the mask of a block is chosen when the block starts (adaptive mask
-selection), for N:M every ``m`` columns.
+processed columns, which are the rows of the upper Cholesky factor ``U`` of ``H^-1``.
+
+Here ``U`` is never formed: with ``H = V V^T`` (``V`` upper triangular, a Cholesky factorisation of ``H``
+with rows and columns reversed), ``U = V^-1``, and the same pass reads (``Ṽ = V`` with each column divided by
+its diagonal entry, ``Z = W - Ŵ`` the total change of a row)::
+
+    c_j = w_j + sum_{i<j} Z_i Ṽ_ij        current value of column j once every earlier column is done
+    Z_j = w_j  if pruned  else  w_j - c_j  (kept weights end at c_j; pruned ones at 0)
+
+with saliency ``c_j^2 / U_jj^2 = (c_j V_jj)^2``. One factorisation replaces factorise-invert-factorise.
+Columns are taken in blocks (lazy batch updates: a block's changes reach the later columns as one matrix
+product), and each block in narrower sub-blocks the same way, so the column-by-column loop only touches a
+thin slice. The mask of a block is chosen when the block starts (adaptive mask selection), for N:M when
+each group of ``m`` columns is reached, on the values the column-by-column algorithm has at that point
+(:func:`_seen`), so masks and weights are those of the unblocked algorithm up to rounding.
 
 Everything runs in float64 on CPU (float32 on GPU) with dampening ``λ = percdamp * mean(diag H)``.
 
@@ -24,6 +36,10 @@ import torch
 from .masks import _lowest, check_nm, num_pruned
 
 __all__ = ["HessianAccumulator", "sparsegpt_prune", "inverse_hessian_cholesky"]
+
+#: the column-by-column loop touches a ``sub x rows`` slice with fewer elements than this (PyTorch's grain
+#: size for parallel element-wise work), so its many small steps run inline instead of in a thread pool
+_SERIAL_ELEMENTS = 32768
 
 
 class HessianAccumulator:
@@ -63,25 +79,36 @@ class HessianAccumulator:
         return self.H
 
 
-def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float = 0.01, max_tries: int = 6) -> torch.Tensor:
-    """Upper Cholesky factor ``U`` of ``(H + λI)^-1`` (``U^T U = (H + λI)^-1``), raising λ tenfold on failure."""
-    H = H.clone()
+def _damped_reverse_cholesky(H: torch.Tensor, percdamp: float = 0.01, max_tries: int = 6) -> torch.Tensor:
+    """Upper triangular ``V`` with ``V V^T = H + λI`` (``λ = percdamp * mean diag``, raised tenfold on failure).
+
+    ``V`` is the lower Cholesky factor of ``H + λI`` with rows and columns reversed, taken with rows and
+    columns reversed again; ``V^-1`` is then the upper Cholesky factor of ``(H + λI)^-1`` (both unique).
+    """
     diag = torch.diagonal(H)
     mean_diag = float(diag.mean()) if diag.numel() else 1.0
     if not mean_diag > 0:
         mean_diag = 1.0
     damp = percdamp * mean_diag
-    eye = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
+    flipped = H.flip(0, 1)  # a copy, dampened in place below
+    added = 0.0
     for _ in range(max_tries):
-        L, info = torch.linalg.cholesky_ex(H + damp * eye)
-        if int(info) == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if int(info) == 0 and torch.isfinite(U).all():
-                return U
+        torch.diagonal(flipped).add_(damp - added)
+        added = damp
+        L, info = torch.linalg.cholesky_ex(flipped)
+        # a non-finite entry of H spreads into later diagonal entries, so checking the diagonal is enough
+        if int(info) == 0 and bool(torch.isfinite(torch.diagonal(L)).all()):
+            return L.flip(0, 1)
         damp *= 10.0
     raise RuntimeError("SparseGPT: the Hessian is not positive definite even after dampening; "
                        "use more calibration samples or a larger percdamp")
+
+
+def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float = 0.01, max_tries: int = 6) -> torch.Tensor:
+    """Upper Cholesky factor ``U`` of ``(H + λI)^-1`` (``U^T U = (H + λI)^-1``), raising λ tenfold on failure."""
+    V = _damped_reverse_cholesky(H, percdamp, max_tries)
+    eye = torch.eye(V.shape[0], device=V.device, dtype=V.dtype)
+    return torch.linalg.solve_triangular(V, eye, upper=True)
 
 
 @torch.no_grad()
@@ -110,43 +137,153 @@ def sparsegpt_prune(
     else:
         num_pruned(1, sparsity)  # validates the range
     work_dtype = H.dtype if H.dtype in (torch.float32, torch.float64) else torch.float32
-    H = H.to(work_dtype).clone()
-    W = weight.detach().to(H.device, work_dtype).clone()
-
+    H = H.to(work_dtype)
+    # transposed [in, out] copy: a column of W is a contiguous row, so the column steps are contiguous
+    W0 = torch.empty(cols, rows, dtype=work_dtype, device=H.device).copy_(weight.detach().t())
     dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    U = inverse_hessian_cholesky(H, percdamp)
+    if bool(dead.any()):
+        H = H.clone()
+        H[dead, dead] = 1.0
+        W0[dead] = 0.0
+    V = _damped_reverse_cholesky(H, percdamp)
+    d = torch.diagonal(V)
+    # Vs[i, j] = V_ij / V_jj above the diagonal, 0 on and below it: carries column i's change into column j
+    Vs = V / d
+    Vs.fill_diagonal_(0.0)
 
-    keep = torch.ones(rows, cols, dtype=torch.bool, device=W.device)
+    C = W0.clone()  # current values; holds the pruned weight (zeros included) once every column is done
+    prune = torch.empty(cols, rows, dtype=torch.bool, device=W0.device)  # transposed; every entry is set
     total_prune = 0 if nm is not None else num_pruned(rows * cols, sparsity)
+    sub = _sub_width(rows, 1 if nm is None else nm[1], blocksize)
+    # N:M: every group's view transform at once (groups never straddle a sub-block or block)
+    group_T = None if nm is None else _view_transform(_diagonal_blocks(V, nm[1]))
+    tie_order = None if nm is None else _lower_first(nm[1], W0.device)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        count = i2 - i1
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        d = torch.diagonal(U1)
-        prune1 = torch.zeros_like(W1, dtype=torch.bool)
         if nm is None:
             # cumulative rounding keeps the layer total exact whatever the block count
             k = round(total_prune * i2 / cols) - round(total_prune * i1 / cols)
-            saliency = (W1 ** 2 / d.reshape(1, -1) ** 2).reshape(1, -1)
-            prune1 = _lowest(saliency, k).reshape(rows, count)
-        scale = prune1.to(W1.dtype) / d.reshape(1, -1)  # err_j = w_j / U_jj where pruned, else 0
-        for j in range(count):
-            if nm is not None and j % nm[1] == 0:
-                n, m = nm
-                sal = W1[:, j:j + m] ** 2 / d[j:j + m].reshape(1, -1) ** 2
-                prune1[:, j:j + m] = _lowest(sal, m - n)
-                scale[:, j:j + m] = prune1[:, j:j + m].to(W1.dtype) / d[j:j + m].reshape(1, -1)
-            err = W1[:, j] * scale[:, j]
-            Err1[:, j] = err
-            if j + 1 < count:
-                W1[:, j + 1:].addr_(err, U1[j, j + 1:], alpha=-1.0)
-        W[:, i1:i2] = W1.masked_fill(prune1, 0.0)
-        keep[:, i1:i2] = ~prune1
-        if i2 < cols:
-            W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-    W.masked_fill_(~keep, 0.0)
-    return W.to(weight.device, weight.dtype), keep.to(weight.device)
+            seen = C[i1:i2] if i1 == 0 else _seen(C[i1:i2], W0[i1:i2], _view_transform(V[i1:i2, i1:i2]))
+            _block_mask(seen, d[i1:i2], k, out=prune[i1:i2])
+        groups = None if nm is None else group_T[i1 // nm[1]:i2 // nm[1]]
+        Z = _solve_block(C[i1:i2], W0[i1:i2], Vs[i1:i2, i1:i2], d[i1:i2], prune[i1:i2], nm, sub, groups, tie_order)
+        if i2 < cols:  # lazy batch update: the block's changes reach every later column at once
+            C[i2:].addmm_(Vs[i1:i2, i2:].t(), Z)
+    new_weight = torch.empty_like(weight, memory_format=torch.contiguous_format).copy_(C.t())
+    keep = torch.empty(rows, cols, dtype=torch.bool, device=prune.device)
+    torch.logical_not(prune.t(), out=keep)
+    return new_weight, keep.to(weight.device)
+
+
+def _sub_width(rows: int, m: int, blocksize: int) -> int:
+    """Sub-block width: doubled from 8 while ``sub * rows`` stays under ``_SERIAL_ELEMENTS``, at most
+    ``blocksize``, then rounded down to a multiple of ``m`` (at least ``m``)."""
+    sub = 8
+    while sub < blocksize and 2 * sub * rows < _SERIAL_ELEMENTS:
+        sub *= 2
+    sub = min(sub, blocksize)
+    return max(m, sub - sub % m)
+
+
+def _diagonal_blocks(V: torch.Tensor, m: int) -> torch.Tensor:
+    """The ``[n/m, m, m]`` diagonal blocks of a square matrix."""
+    g = V.shape[0] // m
+    return V.reshape(g, m, g, m).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+
+
+def _view_transform(D: torch.Tensor) -> torch.Tensor:
+    """``T = diag(D) D^-1`` for upper triangular (batches of) ``D``: see :func:`_seen`."""
+    scale = torch.diag_embed(torch.diagonal(D, dim1=-2, dim2=-1))
+    return torch.linalg.solve_triangular(D, scale, upper=True, left=False)
+
+
+def _seen(C: torch.Tensor, W0: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
+    """Values of a run of columns (rows of ``C``) as the original pass sees them when the run starts.
+
+    There a column's current value holds the OBS updates of the columns already processed (``w - E U``),
+    which differs from ``c`` here (``w + Z Ṽ`` over the same columns) until the run itself is processed;
+    with ``D`` the run's diagonal block of ``V``, ``seen - w = (c - w) diag(D) D^-1``, so masks are chosen
+    on exactly the values the original algorithm uses.
+    """
+    return torch.addmm(W0, T.t(), C - W0)
+
+
+def _block_mask(seen: torch.Tensor, d: torch.Tensor, k: int, out: torch.Tensor) -> None:
+    """Writes the transposed prune mask of the ``k`` lowest saliencies ``(w V_jj)^2`` of a block into ``out``.
+
+    The ``k``-th value comes from a selection (``kthvalue``), not a sort; only when entries tie at it are
+    they ranked as :func:`_lowest` ranks the ``[out, in]`` weight (row-major, lower index first).
+    """
+    saliency = (seen * d.reshape(-1, 1)).square_()
+    n = saliency.numel()
+    if k <= 0 or k >= n:
+        out.fill_(k > 0)
+        return
+    torch.le(saliency, torch.kthvalue(saliency.reshape(-1), k).values, out=out)
+    if int(out.sum()) != k:  # ties at the k-th value (or NaN)
+        flat = _lowest(saliency.t().reshape(1, -1), k)
+        out.copy_(flat.reshape(saliency.shape[1], saliency.shape[0]).t())
+
+
+def _lower_first(m: int, device: torch.device) -> torch.Tensor:
+    """``[m, m, 1]`` tie order for :func:`_nm_prune`: entry ``[i, j]`` is ``i < j``."""
+    return torch.ones(m, m, dtype=torch.bool, device=device).triu_(1).unsqueeze(-1)
+
+
+def _nm_prune(saliency: torch.Tensor, k: int, lower_first: torch.Tensor) -> torch.Tensor:
+    """Mask of the ``k`` lowest of each column of ``saliency`` ``[m, rows]`` (one N:M group, transposed).
+
+    By rank rather than a sort: an entry's rank is the number of entries below it, ties counted for
+    the lower index first (as :func:`_lowest`'s stable sort). Saliencies are assumed not NaN.
+    """
+    a, b = saliency.unsqueeze(1), saliency.unsqueeze(0)  # [i, j, row]: compare entry i with entry j
+    rank = ((a < b) | ((a == b) & lower_first)).sum(0)
+    return rank < k
+
+
+def _solve_block(C: torch.Tensor, W0: torch.Tensor, Vs: torch.Tensor, d: torch.Tensor, prune: torch.Tensor,
+                 nm: tuple[int, int] | None, sub: int, groups: torch.Tensor | None,
+                 tie_order: torch.Tensor | None) -> torch.Tensor:
+    """Process one column block (rows of ``C`` ``[count, rows]``, updated in place); returns its changes ``Z``.
+
+    ``prune`` (transposed mask) is read for unstructured and written for N:M (``groups``: the view
+    transforms of the block's m-groups; ``tie_order``: from :func:`_lower_first`). The block is taken ``sub`` columns at a time; a sub-block's
+    changes reach the rest of the block with one matrix product.
+    """
+    count = C.shape[0]
+    Z = torch.empty_like(C)
+    for a in range(0, count, sub):
+        b = min(a + sub, count)
+        sub_groups = None if nm is None else groups[a // nm[1]:b // nm[1]]
+        _solve_columns(C[a:b], W0[a:b], Vs[a:b, a:b], d[a:b], prune[a:b], Z[a:b], nm, sub_groups, tie_order)
+        if b < count:
+            C[b:].addmm_(Vs[a:b, b:].t(), Z[a:b])
+    return Z
+
+
+def _solve_columns(C: torch.Tensor, W0: torch.Tensor, Vs: torch.Tensor, d: torch.Tensor, prune: torch.Tensor,
+                   Z: torch.Tensor, nm: tuple[int, int] | None, groups: torch.Tensor | None,
+                   tie_order: torch.Tensor | None) -> None:
+    """The column-by-column pass over a few columns, writing their changes ``Z = w - ŵ`` into ``Z``.
+
+    Column ``j`` ends at ``c_j`` if kept and 0 if pruned (zeroed once the slice is done); its change reaches
+    the later columns of the slice along row ``j`` of ``Vs`` (the rank-1 update of the original algorithm, on
+    a thin slice; the zeros of ``Vs`` on and below the diagonal leave the finished columns as they are).
+    N:M chooses each group's mask when the group is reached, on the values the original pass sees.
+    """
+    count = C.shape[0]
+    keep = (~prune).to(C.dtype) if nm is None else torch.empty_like(C)
+    c_rows, w_rows, keep_rows, z_rows, v_rows = C.unbind(0), W0.unbind(0), keep.unbind(0), Z.unbind(0), Vs.unbind(0)
+    for j in range(count):
+        if nm is not None and j % nm[1] == 0:
+            n, m = nm
+            w = W0[j:j + m]
+            # _seen as a broadcast sum: a matrix product this small still wakes the BLAS thread pool
+            seen = w + (groups[j // m].unsqueeze(-1) * (C[j:j + m] - w).unsqueeze(1)).sum(0)
+            group_prune = _nm_prune((seen * d[j:j + m].reshape(-1, 1)).square_(), m - n, tie_order)
+            prune[j:j + m] = group_prune
+            torch.logical_not(group_prune, out=keep[j:j + m])
+        torch.addcmul(w_rows[j], c_rows[j], keep_rows[j], value=-1.0, out=z_rows[j])
+        if j + 1 < count:
+            C.addr_(v_rows[j], z_rows[j])
+    C.masked_fill_(prune, 0.0)  # the slice is done: pruned weights end at 0
