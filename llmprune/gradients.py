@@ -22,27 +22,12 @@ from torch import nn
 from .arch import ArchAdapter
 from .arch.base import _is_conv1d
 from .calibrate import InputStats, LayerStats, _slot_modules
+from .memory import release_freed_memory
 
 __all__ = ["taylor_statistics"]
 
 
-def _release_freed_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc ``malloc_trim``). Without it, the gradients freed one by one
-    on CPU stay in glibc's heap as fragments: measured on a 0.43B Llama, the pass's peak RSS was 1.7 GB instead
-    of 0.7 GB (``scripts/bench_taylor_memory.py``). No-op elsewhere."""
-    global _TRIM
-    if _TRIM is None:
-        try:
-            import ctypes
 
-            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _TRIM = False
-    if _TRIM:
-        _TRIM(0)
-
-
-_TRIM = None
 
 
 def taylor_statistics(model: nn.Module, adapter: ArchAdapter, batches: Iterable[torch.Tensor],
@@ -79,7 +64,7 @@ def taylor_statistics(model: nn.Module, adapter: ArchAdapter, batches: Iterable[
                 s.grad_cols = cols if s.grad_cols is None else s.grad_cols + cols
                 param.grad = None  # free it now: memory stays at one gradient
                 if param.device.type == "cpu":
-                    _release_freed_memory()
+                    release_freed_memory()
 
             handles.append(w.register_post_accumulate_grad_hook(fold))
         device = next(model.parameters()).device

@@ -44,6 +44,7 @@ from .arch import get_adapter
 from .calibrate import CalibrationError, LayerIO, as_batches, layerwise_statistics
 from .config import LayerPlan, PruneConfig, PrunePlan
 from .io import CheckpointError, OutputExistsError, check_safetensors, write_metadata
+from .memory import release_freed_memory
 
 __all__ = ["StreamingError", "Checkpoint", "build_skeleton", "LayerStream", "prune_streaming",
            "sparsify_streaming", "StreamResult", "checkpoint_bytes", "available_memory", "parse_memory",
@@ -419,6 +420,7 @@ class LayerStream(LayerIO):
         for n, p in list(layer.named_parameters()):
             _set_tensor(layer, n, torch.empty(p.shape, dtype=p.dtype, device="meta"))
         self.loaded.discard(i)
+        release_freed_memory()  # else glibc keeps the freed layer's pages: RSS would grow with every layer
 
     # LayerIO ----------------------------------------------------------------------------------------------
     def initial_hidden(self, captured: list[torch.Tensor]) -> list[torch.Tensor]:

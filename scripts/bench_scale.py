@@ -54,8 +54,12 @@ def write_checkpoint(size: str, folder: Path) -> None:
         return
     torch.manual_seed(0)
     cfg = LlamaConfig(max_position_embeddings=4096, rope_theta=500000.0, **SHAPES[size])
-    with torch.device("cpu"):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16: a 3B model never exists in fp32 (13 GB)
+    try:
+        model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(previous)
     tmp = folder.with_name(folder.name + ".tmp")
     model.save_pretrained(tmp, max_shard_size="1GB")
     AutoTokenizer.from_pretrained(SHARED / "models" / "ref-llama-7m").save_pretrained(tmp)
