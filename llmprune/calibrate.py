@@ -312,7 +312,8 @@ class LayerIO:
     """Hooks around each decoder layer of a layer-by-layer pass. The in-memory path uses this no-op base;
     the streaming path (:mod:`llmprune.streaming`) reads a layer's weights from the checkpoint on
     :meth:`enter`, and on :meth:`leave` writes it if asked, frees it and saves the hidden states that feed
-    the next layer (the resume point). ``start`` > 0 resumes a pass at that layer from ``initial_hidden``."""
+    the next layer (the resume point). ``start`` > 0 resumes a pass at that layer from ``initial_hidden``
+    (``enter(0)`` also comes before the capture pass, which runs layer 0 once)."""
 
     start: int = 0
 
@@ -361,6 +362,7 @@ def layerwise_statistics(
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
     io = layer_io or LayerIO()
+    io.enter(0, layers[0])  # the capture pass runs layer 0's forward once to learn its output type
     captured = capture_layer_inputs(model, adapter, batches)
     hidden = io.initial_hidden(captured.hidden)
     modules_of = modules_of or (lambda layer: _slot_modules(adapter, layer))

@@ -34,6 +34,8 @@ __all__ = [
     "CheckpointError",
     "OutputExistsError",
     "check_safetensors",
+    "read_safetensors_header",
+    "replace_directory",
     "load_model",
     "save_pruned",
     "write_metadata",
@@ -57,8 +59,9 @@ class OutputExistsError(FileExistsError):
     """The output directory exists and overwriting was not asked for."""
 
 
-def check_safetensors(path: str | os.PathLike) -> None:
-    """Validate a ``.safetensors`` file's header and length without loading tensors."""
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
+    """A ``.safetensors`` file's header (``{name: {"dtype", "shape", "data_offsets"}}``, ``__metadata__``
+    removed), validated against the file's length without loading tensors."""
     p = Path(path)
     size = p.stat().st_size
     with p.open("rb") as f:
@@ -72,9 +75,16 @@ def check_safetensors(path: str | os.PathLike) -> None:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"{p}: corrupt safetensors header ({exc})") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    header.pop("__metadata__", None)
+    end = max((v["data_offsets"][1] for v in header.values()), default=0)
     if 8 + n + end > size:
         raise CheckpointError(f"{p}: truncated safetensors file: tensors need {8 + n + end} bytes, file has {size}")
+    return header
+
+
+def check_safetensors(path: str | os.PathLike) -> None:
+    """Validate a ``.safetensors`` file's header and length without loading tensors."""
+    read_safetensors_header(path)
 
 
 def _check_local_checkpoint(path: Path) -> None:
@@ -151,13 +161,19 @@ class atomic_directory:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
-        backup = None
-        if self.out.exists():
-            backup = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
-            os.replace(self.out, backup)
-        os.replace(self.tmp, self.out)
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
+        replace_directory(self.tmp, self.out)
+
+
+def replace_directory(src: Path, out: Path) -> None:
+    """Rename the finished folder ``src`` to ``out``; an existing ``out`` is moved aside first and removed only
+    after the rename, so a failure never leaves neither."""
+    backup = None
+    if out.exists():
+        backup = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, backup)
+    os.replace(src, out)
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
 
 
 def _looks_like_hub_id(name: str) -> bool:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -43,11 +44,11 @@ from torch import nn
 from .arch import get_adapter
 from .calibrate import CalibrationError, LayerIO, as_batches, layerwise_statistics
 from .config import LayerPlan, PruneConfig, PrunePlan
-from .io import CheckpointError, OutputExistsError, check_safetensors, write_metadata
+from .io import CheckpointError, OutputExistsError, read_safetensors_header, replace_directory, write_metadata
 from .memory import release_freed_memory
 
 __all__ = ["StreamingError", "Checkpoint", "build_skeleton", "LayerStream", "prune_streaming",
-           "sparsify_streaming", "StreamResult", "checkpoint_bytes", "available_memory", "parse_memory",
+           "sparsify_streaming", "StreamResult", "checkpoint_bytes", "available_memory", "memory_budget", "parse_memory",
            "should_stream"]
 
 STATE_FILE = "stream_state.json"
@@ -90,6 +91,11 @@ def available_memory() -> int:
     return 8 << 30
 
 
+def memory_budget(max_memory: int | None) -> int:
+    """``max_memory``, or 80% of the available memory when not given."""
+    return max_memory if max_memory is not None else int(0.8 * available_memory())
+
+
 def checkpoint_bytes(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> int:
     """Bytes the model's weights take in memory (in ``dtype`` if given, else as stored)."""
     ck = Checkpoint(folder)
@@ -101,8 +107,7 @@ def checkpoint_bytes(folder: str | os.PathLike, dtype: torch.dtype | None = None
 def should_stream(folder: str | os.PathLike, max_memory: int | None, dtype: torch.dtype | None = None) -> bool:
     """Whether a model would not fit the budget in memory: weights plus a working margin above ``max_memory``
     (default: 80% of the available memory)."""
-    budget = max_memory if max_memory is not None else int(0.8 * available_memory())
-    return int(1.3 * checkpoint_bytes(folder, dtype)) > budget
+    return int(1.3 * checkpoint_bytes(folder, dtype)) > memory_budget(max_memory)
 
 
 # ---- the checkpoint on disk ------------------------------------------------------------------------------
@@ -117,40 +122,31 @@ class Checkpoint:
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
             self.files = {k: self.folder / v for k, v in weight_map.items()}
+            shards = sorted(set(self.files.values()))
         elif (self.folder / "model.safetensors").is_file():
-            single = self.folder / "model.safetensors"
-            check_safetensors(single)
-            from safetensors import safe_open
-
-            with safe_open(str(single), "pt") as f:
-                self.files = {k: single for k in f.keys()}
+            shards, self.files = [self.folder / "model.safetensors"], None
         else:
             raise CheckpointError(f"{self.folder} has no model.safetensors or model.safetensors.index.json")
-        for shard in sorted(set(self.files.values())):
+        self._meta: dict[str, tuple[list[int], str]] = {}
+        for shard in shards:
             if not shard.is_file():
                 raise CheckpointError(f"{shard} is listed in the index but missing")
-            check_safetensors(shard)
-        self._meta: dict[str, tuple[list[int], str]] = {}
-        for shard in sorted(set(self.files.values())):
-            with shard.open("rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(n))
-            for k, v in header.items():
-                if k != "__metadata__":
-                    self._meta[k] = (v["shape"], v["dtype"])
+            for k, v in read_safetensors_header(shard).items():  # validated: a corrupt shard fails here
+                self._meta[k] = (v["shape"], v["dtype"])
+        if self.files is None:
+            self.files = {k: shards[0] for k in self._meta}
+        self.renames: list[tuple[str, str]] = []
 
     @property
     def nbytes(self) -> int:
         return sum(p.stat().st_size for p in set(self.files.values()))
 
     def numel(self, key: str) -> int:
-        n = 1
-        for d in self._meta[key][0]:
-            n *= d
-        return n
+        return math.prod(self._meta[key][0])
 
     def use_renames(self, renames: list[tuple[str, str]]) -> None:
         """Address tensors by model parameter name: stored ``embed_out.x`` is read as ``lm_head.x``."""
+        self.renames = renames
         self._stored = {}
         for k in list(self.files):
             name = k
@@ -314,13 +310,7 @@ class PartialOutput:
         for p in list(self.dir.iterdir()):
             if not keep(p):
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
-        backup = None
-        if self.out.exists():
-            backup = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
-            os.replace(self.out, backup)
-        os.replace(self.dir, self.out)
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
+        replace_directory(self.dir, self.out)
         return self.out
 
 
@@ -340,13 +330,13 @@ def _save_hidden(folder: Path, tag: str, hidden: list[torch.Tensor]) -> dict[str
 def _load_hidden(folder: Path, desc: dict[str, Any], mapped: bool) -> list[torch.Tensor]:
     dtype = getattr(torch, desc["dtype"])
     shapes = desc["shapes"]
-    total = sum(int(torch.tensor(s).prod()) for s in shapes)
+    total = sum(math.prod(s) for s in shapes)
     flat = torch.from_file(str(folder / desc["file"]), shared=False, size=total, dtype=dtype)
     if not mapped:
         flat = flat.clone()  # into memory: the file may be replaced by the next layer's states
     out, at = [], 0
     for s in shapes:
-        n = int(torch.tensor(s).prod())
+        n = math.prod(s)
         out.append(flat[at: at + n].view(*s))
         at += n
     return out
@@ -462,7 +452,7 @@ class LayerStream(LayerIO):
         layer = self.layers[i]
         prefix, j = self._out_prefix(i), self.out_index(i)
         tensors = _stored_names({prefix + n: p.detach().contiguous().cpu() for n, p in layer.named_parameters()},
-                                key_renames(self.model))
+                                self.ck.renames)
         path = self.part.dir / "layers" / f"layer-{j:05d}.safetensors"
         tmp = path.with_suffix(".tmp")
         save_file(tensors, str(tmp), metadata={"format": "pt"})
@@ -487,7 +477,7 @@ def _stored_names(tensors: dict[str, torch.Tensor], renames: list[tuple[str, str
 
 def _bytes_of(desc: dict[str, Any]) -> int:
     size = torch.empty(0, dtype=getattr(torch, desc["dtype"])).element_size()
-    return sum(int(torch.tensor(s).prod()) for s in desc["shapes"]) * size
+    return sum(math.prod(s) for s in desc["shapes"]) * size
 
 
 # ---- finishing: shards, index, config, metadata ----------------------------------------------------------
@@ -505,16 +495,12 @@ def _finish(model: nn.Module, part: PartialOutput, prefixes: dict[int, str], tok
               metadata={"format": "pt"})
     shards = sorted((part.dir / "layers").glob("layer-*.safetensors")) + [part.dir / "layers" / "rest.safetensors"]
     weight_map, total = {}, 0
-    from safetensors import safe_open
-
     for k, shard in enumerate(shards, 1):
         name = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
         os.replace(shard, part.dir / name)
-        with safe_open(str(part.dir / name), "pt") as f:
-            for key in f.keys():
-                weight_map[key] = name
-                t = f.get_slice(key)
-                total += _numel(t.get_shape()) * _itemsize(t.get_dtype())
+        for key, v in read_safetensors_header(part.dir / name).items():
+            weight_map[key] = name
+            total += v["data_offsets"][1] - v["data_offsets"][0]  # the tensor's bytes
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (part.dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     model.config.architectures = [type(model).__name__]  # as save_pretrained records it
@@ -534,18 +520,6 @@ def _finish(model: nn.Module, part: PartialOutput, prefixes: dict[int, str], tok
     keep_names = {"layers", STATE_FILE}
     return part.finish(lambda p: p.name not in keep_names and not p.name.startswith("hidden-")
                        and not p.name.startswith("score-"))
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _itemsize(dtype: str) -> int:
-    return {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
-            "U16": 2}.get(dtype, 1)
 
 
 def _fingerprint(source: str, ck: Checkpoint, settings: dict[str, Any], batches: list[torch.Tensor] | None,
@@ -640,7 +614,6 @@ def prune_streaming(source: str | os.PathLike, config: PruneConfig, out: str | o
         io = stream("cut", True)
         for i, lp in io.plans.items():  # resumed: finished layers take their cut shapes on the meta device
             prune_layer(adapter, layers[i], lp)
-        io.load(0)  # the capture pass probes layer 0
         plan = prune_sequential(model, adapter, config, batches, plan, device=device, progress=progress,
                                 layer_io=io)
     else:
@@ -659,7 +632,7 @@ def _announce(source: Any, ck: Checkpoint, n_layers: int, max_memory: int | None
     """One line before the per-layer progress bars: what is streamed and the memory budget."""
     if not progress:
         return
-    budget = max_memory if max_memory is not None else int(0.8 * available_memory())
+    budget = memory_budget(max_memory)
     hidden = 0
     if batches:
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -673,14 +646,14 @@ def _announce(source: Any, ck: Checkpoint, n_layers: int, max_memory: int | None
 
 def _spill_bytes(max_memory: int | None) -> int:
     """Hidden states larger than a quarter of the budget are memory-mapped from the run folder."""
-    budget = max_memory if max_memory is not None else int(0.8 * available_memory())
-    return budget // 4
+    return memory_budget(max_memory) // 4
 
 
 def _scoring_pass(model, adapter, config, batches, stream, part, device, progress, prunes_units) -> PrunePlan:
     """Pass 1: every layer's scores (and cost curves / Block Influence / compensation means) are computed
     while it is loaded and kept on disk (the resume point); then the plan is made as in memory."""
-    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+    from safetensors.torch import save_file
 
     from .allocate import CostCurve
     from .calibrate import LayerStats
@@ -709,7 +682,6 @@ def _scoring_pass(model, adapter, config, batches, stream, part, device, progres
     if batches is not None:
         io = stream("score", False)
         if io.start < n:
-            io.load(0)
             layerwise_statistics(model, adapter, batches, device=device, progress=progress,
                                  on_layer=lambda i, layer, st: save(i, layer, st), rerun=False, layer_io=io,
                                  grams_of=(lambda layer: output_modules(adapter, layer)) if error_alloc else None)
@@ -720,12 +692,9 @@ def _scoring_pass(model, adapter, config, batches, stream, part, device, progres
             io.leave(i, io.layers[i], [])
     scores, curves, block_influence, means = [], [], [], []
     for i in range(n):
-        path = part.dir / f"score-{i:05d}.safetensors"
-        t = load_file(str(path))
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
+        with safe_open(str(part.dir / f"score-{i:05d}.safetensors"), "pt") as f:
             meta = json.loads(f.metadata()["json"])
+            t = {k: f.get_tensor(k) for k in f.keys()}
         scores.append(LayerScores(q_heads=t.get("q_heads"), kv_heads=t.get("kv_heads"), neurons=t.get("neurons"),
                                   expert_neurons=t.get("expert_neurons"), experts=t.get("experts"),
                                   group_size=meta["group_size"], block_influence=meta["block_influence"]))
@@ -826,7 +795,6 @@ def sparsify_streaming(source: str | os.PathLike, config: Any, out: str | os.Pat
     io = LayerStream(model, ck, prefixes, part, "sparsify", True, dt, _spill_bytes(max_memory), count)
     if config.sparsity > 0 and config.method in _NEEDS_DATA:
         if io.start < len(layers):
-            io.load(0)
             _sequential(model, adapter, layers, targets, batches, config, progress, device,
                         [config.sparsity] * len(layers), layer_io=io)
     else:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -136,6 +137,10 @@ def main() -> int:
     rows = saved["rows"]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    cpu = next((x.split(":", 1)[1].strip() for x in Path("/proc/cpuinfo").read_text().splitlines()
+                if x.startswith("model name")), "cpu")
+    machine = (f"{cpu}, {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} "
+               f"GiB; torch {torch.__version__}" + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
     for size in args.sizes.split(","):
         folder = work / f"llama-{size}"
         write_checkpoint(size, folder)
@@ -160,13 +165,7 @@ def main() -> int:
                 rows = [r for r in rows if (r.get("size"), r.get("job"), r.get("mode")) != (size, job, mode)]
                 rows.append(row)
                 print(row, flush=True)
-                cpu = next((x.split(":", 1)[1].strip() for x in Path("/proc/cpuinfo").read_text().splitlines()
-                            if x.startswith("model name")), "cpu")
-                machine = (f"{cpu}, {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB; "
-                           f"torch {torch.__version__}" + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
                 results_path.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
-                import shutil
-
                 shutil.rmtree(target, ignore_errors=True)
     _write(json.loads(results_path.read_text()), out_dir)
     print((out_dir / "results.md").read_text())

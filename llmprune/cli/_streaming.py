@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-__all__ = ["add_streaming_arguments", "wants_streaming", "local_folder", "streaming_rows", "layer_device",
+from .table import relative_change
+
+__all__ = ["add_streaming_arguments", "wants_streaming", "local_folder", "run_streamed", "layer_device",
            "refuse_with_streaming"]
 
 
@@ -65,10 +67,31 @@ def refuse_with_streaming(args: argparse.Namespace, **options: Any) -> None:
                              "run `llmprune eval OUT` on the output, or prune in memory")
 
 
-def streaming_rows(budget: int | None, tokens: int, seconds: float) -> list[tuple[str, str]]:
-    from ..streaming import available_memory
+def run_streamed(args: argparse.Namespace, stream: Callable[..., Any], cfg: Any, calibration: Any, out: Path,
+                 recipe: dict[str, Any], title: str) -> tuple[Any, list[tuple[str, str, str, str]]]:
+    """Run ``stream`` (:func:`~llmprune.streaming.prune_streaming` or ``sparsify_streaming``) on the local folder
+    of ``args.model`` with the shared options; returns its result and the table's rows (parameters, size on
+    disk, memory budget, calibration throughput); the caller adds its own rows and prints."""
+    from transformers import AutoTokenizer
 
-    rows = [("memory budget (GB)", f"{(budget or int(0.8 * available_memory())) / 1e9:.1f}")]
+    from ..eval.efficiency import size_on_disk
+    from ..streaming import memory_budget, parse_memory
+
+    src = local_folder(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(str(src), trust_remote_code=False)
+    budget = parse_memory(args.max_memory)
+    result = stream(src, cfg, out, tokenizer=tokenizer, calibration=calibration, device=layer_device(args),
+                    dtype=args.dtype, resume=args.resume, overwrite=args.overwrite, max_memory=budget,
+                    progress=not args.quiet, extra={"calibration": args.calib, "run": recipe})
+    tokens = cfg.n_samples * cfg.seq_len if calibration else 0
+    size_before, size_after = size_on_disk(src), size_on_disk(out)
+    rows = [("", "before", "after", "change"),
+            ("parameters", f"{result.params_before:,}", f"{result.params_after:,}",
+             relative_change(result.params_before, result.params_after)),
+            ("size on disk (MB)", f"{size_before / 1e6:.2f}", f"{size_after / 1e6:.2f}",
+             relative_change(size_before, size_after)),
+            ("memory budget (GB)", "", f"{memory_budget(budget) / 1e9:.1f}", "")]
     if tokens:
-        rows.append(("calibration tokens/s (through pruning)", f"{tokens / max(seconds, 1e-9):,.0f}"))
-    return rows
+        rows.append(("calibration tokens/s (through pruning)", "", f"{tokens / max(result.seconds, 1e-9):,.0f}", ""))
+    print(f"\nllmprune: {title}, streamed -> {out}")
+    return result, rows

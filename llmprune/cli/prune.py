@@ -15,8 +15,7 @@ from ._common import (add_calibration_arguments, add_output_arguments, add_ppl_a
                       check_output, is_main_process, ppl_function, ppl_protocol, read_calibration,
                       wait_for_everyone)
 from ._registry import subcommand
-from ._streaming import (add_streaming_arguments, layer_device, refuse_with_streaming, streaming_rows,
-                         wants_streaming)
+from ._streaming import add_streaming_arguments, refuse_with_streaming, run_streamed, wants_streaming
 from .table import before_after_rows, format_table, unit_fraction_rows
 
 __all__ = ["add_arguments", "run"]
@@ -167,30 +166,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_streaming(args: argparse.Namespace, cfg, calibration, out: Path) -> int:
     """``--streaming``: the same pruning, one layer in memory at a time (:func:`llmprune.streaming.prune_streaming`)."""
-    from ..eval.efficiency import size_on_disk
     from ..recipe import Recipe
-    from ..streaming import parse_memory, prune_streaming
-    from ._streaming import local_folder
+    from ..streaming import prune_streaming
 
     refuse_with_streaming(args, **{"--ppl": args.ppl, "--eval": args.eval,
                                    "--iterative-steps": args.iterative_steps > 1})
-    from transformers import AutoTokenizer
-
-    src = local_folder(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(str(src), trust_remote_code=False)
-    budget = parse_memory(args.max_memory)
-    result = prune_streaming(src, cfg, out, tokenizer=tokenizer, calibration=calibration,
-                             device=layer_device(args),
-                             dtype=args.dtype, resume=args.resume, overwrite=args.overwrite, max_memory=budget,
-                             progress=not args.quiet,
-                             extra={"calibration": args.calib,
-                                    "run": Recipe(model=str(args.model), prune=cfg, calibration=args.calib,
-                                                  dtype=args.dtype).to_dict()})
-    before = {"params": result.params_before, "block": None, "size": size_on_disk(src)}
-    after = {"params": result.params_after, "block": None, "size": size_on_disk(out),
-             "extra_rows": streaming_rows(budget, cfg.n_samples * cfg.seq_len if calibration else 0,
-                                          result.seconds)}
-    print(f"\nllmprune: {args.method}, {args.allocation} allocation, streamed -> {out}")
-    rows = [r for r in before_after_rows({**before, "block": 0}, {**after, "block": 0}) if "decoder-block" not in r[0]]
+    recipe = Recipe(model=str(args.model), prune=cfg, calibration=args.calib, dtype=args.dtype).to_dict()
+    _, rows = run_streamed(args, prune_streaming, cfg, calibration, out, recipe,
+                           f"{args.method}, {args.allocation} allocation")
     print(format_table(rows))
     return 0

@@ -16,8 +16,7 @@ from ._common import (add_calibration_arguments, add_output_arguments, add_ppl_a
                       check_output, is_main_process, ppl_function, ppl_protocol, read_calibration,
                       wait_for_everyone)
 from ._registry import subcommand
-from ._streaming import (add_streaming_arguments, layer_device, refuse_with_streaming, streaming_rows,
-                         wants_streaming)
+from ._streaming import add_streaming_arguments, refuse_with_streaming, run_streamed, wants_streaming
 from .table import before_after_rows, format_table
 
 __all__ = ["add_arguments", "run"]
@@ -141,32 +140,14 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_streaming(args: argparse.Namespace, cfg, calibration, out: Path) -> int:
     """``--streaming``: the same weight sparsity, one layer in memory at a time."""
-    from transformers import AutoTokenizer
-
-    from ..eval.efficiency import size_on_disk
     from ..recipe import Recipe
-    from ..streaming import parse_memory, sparsify_streaming
-    from ._streaming import local_folder
+    from ..streaming import sparsify_streaming
 
     refuse_with_streaming(args, **{"--ppl": args.ppl, "--activation-sparsity": args.activation_sparsity > 0})
-    src = local_folder(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(str(src), trust_remote_code=False)
-    budget = parse_memory(args.max_memory)
-    result = sparsify_streaming(src, cfg, out, tokenizer=tokenizer, calibration=calibration,
-                             device=layer_device(args),
-                                dtype=args.dtype, resume=args.resume, overwrite=args.overwrite, max_memory=budget,
-                                progress=not args.quiet,
-                                extra={"calibration": args.calib,
-                                       "run": Recipe(model=str(args.model), sparsify=cfg, calibration=args.calib,
-                                                     dtype=args.dtype).to_dict()})
-    rep = result.report
-    rows = [("", "before", "after", ""),
-            ("parameters", f"{result.params_before:,}", f"{result.params_after:,}", ""),
-            ("weight sparsity (targets)", "0.000", f"{rep['overall_sparsity']:.3f}", ""),
-            ("size on disk (MB)", f"{size_on_disk(src) / 1e6:.2f}", f"{size_on_disk(out) / 1e6:.2f}", "")]
-    rows += [(label, "", value, "") for label, value in
-             streaming_rows(budget, cfg.n_samples * cfg.seq_len if calibration else 0, result.seconds)]
+    recipe = Recipe(model=str(args.model), sparsify=cfg, calibration=args.calib, dtype=args.dtype).to_dict()
     pattern = "" if cfg.pattern == "unstructured" else f" {cfg.pattern}"
-    print(f"\nllmprune: {cfg.method}{pattern} weight sparsity {cfg.sparsity:g}, streamed -> {out}")
+    result, rows = run_streamed(args, sparsify_streaming, cfg, calibration, out, recipe,
+                                f"{cfg.method}{pattern} weight sparsity {cfg.sparsity:g}")
+    rows.insert(2, ("weight sparsity (targets)", "0.000", f"{result.report['overall_sparsity']:.3f}", ""))
     print(format_table(rows))
     return 0

@@ -297,6 +297,7 @@ def _sequential(model, adapter, layers, targets, batches, config, progress, devi
     io = layer_io or LayerIO()
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
+    io.enter(0, layers[0])  # the capture pass runs layer 0's forward once to learn its output type
     captured = capture_layer_inputs(model, adapter, batches)
     hidden = io.initial_hidden(captured.hidden)
     for i in progress_bar(range(io.start, len(layers)), desc=f"{config.method} pruning layers",
