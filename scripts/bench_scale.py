@@ -67,6 +67,11 @@ def write_checkpoint(size: str, folder: Path) -> None:
     os.replace(tmp, folder)
 
 
+def _cores() -> int:
+    """The cores this process may run on (``taskset`` pins a benchmark next to other work)."""
+    return len(os.sched_getaffinity(0))
+
+
 def _status_mb(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -82,7 +87,7 @@ def child(folder: str, job: str, mode: str, out: str, n_samples: int, seq_len: i
     from llmprune.sparsity import SparsityConfig, sparsify
     from llmprune.streaming import prune_streaming, sparsify_streaming
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(_cores())
     calib = str(SHARED / "data" / "reference-train.txt")
     device = "cuda" if torch.cuda.is_available() else None
     t0 = time.perf_counter()
@@ -106,7 +111,8 @@ def child(folder: str, job: str, mode: str, out: str, n_samples: int, seq_len: i
             save_pruned(model, out, tokenizer=tok, overwrite=True)
     seconds = time.perf_counter() - t0
     row = {"job": job, "mode": mode, "seconds": round(seconds, 1), "peak_rss_gb": round(_status_mb("VmHWM") / 1024, 2),
-           "calib_tokens": n_samples * seq_len, "tokens_per_s": round(n_samples * seq_len / seconds, 1)}
+           "calib_tokens": n_samples * seq_len, "tokens_per_s": round(n_samples * seq_len / seconds, 1),
+           "threads": _cores()}
     if torch.cuda.is_available():
         row["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return row
@@ -189,7 +195,7 @@ def _peer(python: Path, folder: Path, target: Path, work: Path, args: argparse.N
     t0 = time.perf_counter()
     proc = subprocess.run([str(python), str(REPO / "scripts" / "peer_llmcompressor.py"), "--model", str(folder),
                            "--calib", str(calib), "--method", "sparsegpt", "--sparsity", "0.5", "--out", str(target),
-                           "--dtype", "bfloat16", "--threads", str(os.cpu_count() or 1)],
+                           "--dtype", "bfloat16", "--threads", str(_cores())],
                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     wall = time.perf_counter() - t0
     res = target / "peer_result.json"
@@ -198,7 +204,7 @@ def _peer(python: Path, folder: Path, target: Path, work: Path, args: argparse.N
     r = json.loads(res.read_text())
     tokens = args.n_samples * args.seq_len
     return {"seconds": r["seconds"], "peak_rss_gb": round(r["peak_rss_mb"] / 1024, 2), "calib_tokens": tokens,
-            "tokens_per_s": round(tokens / r["seconds"], 1), "process_wall_s": round(wall, 1),
+            "tokens_per_s": round(tokens / r["seconds"], 1), "process_wall_s": round(wall, 1), "threads": _cores(),
             "llmcompressor": r.get("llmcompressor")}
 
 
@@ -206,13 +212,14 @@ def _write(saved: dict, out_dir: Path) -> None:
     order = {s: i for i, s in enumerate(SHAPES)}
     rows = sorted(saved["rows"], key=lambda r: (order.get(r["size"], 99), r["job"], r["mode"]))
     lines = [f"Machine: {saved['machine']}.", "",
-             "| size | checkpoint (GB, bf16) | job | mode | peak RSS (GB) | wall (s) | calibration tokens/s |",
-             "|---|---|---|---|---|---|---|"]
+             "| size | checkpoint (GB, bf16) | job | mode | threads | peak RSS (GB) | wall (s) | calibration tokens/s |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['size']} | {r['checkpoint_gb']} | {r['job']} | {r['mode']} | failed | | |")
+            lines.append(f"| {r['size']} | {r['checkpoint_gb']} | {r['job']} | {r['mode']} | | failed | | |")
             continue
-        lines.append(f"| {r['size']} | {r['checkpoint_gb']} | {r['job']} | {r['mode']} | {r['peak_rss_gb']} | "
+        lines.append(f"| {r['size']} | {r['checkpoint_gb']} | {r['job']} | {r['mode']} | {r.get('threads', 2)} | "
+                     f"{r['peak_rss_gb']} | "
                      f"{r['seconds']} | {r['tokens_per_s']} |")
     (out_dir / "results.md").write_text("\n".join(lines) + "\n")
     import matplotlib
