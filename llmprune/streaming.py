@@ -753,6 +753,7 @@ def _cutting_pass(model, adapter, config, plan, stream, part, progress) -> Prune
 
 
 # ---- weight sparsity ---------------------------------------------------------------------------------------
+@torch.no_grad()  # else every layer's autograd graph (its weights and activations) outlives the layer
 def sparsify_streaming(source: str | os.PathLike, config: Any, out: str | os.PathLike, tokenizer: Any = None,
                        calibration: Any = None, device: str | torch.device | None = None,
                        dtype: torch.dtype | str | None = None, resume: bool = False, overwrite: bool = False,

@@ -112,6 +112,30 @@ def test_streamed_sparsity_equals_in_memory(tmp_path, name, model_type):
     assert res.report["overall_sparsity"] == pytest.approx(report.overall_sparsity)
 
 
+@pytest.mark.parametrize("job", ["sparsegpt", "wanda-structured"])
+def test_streamed_layers_leave_no_autograd_graph_behind(tmp_path, monkeypatch, job):
+    """Memory grows with one layer, not the model: nothing a finished layer computed may keep its weights or
+    activations alive (an autograd graph on the hidden states did, 78 MB per layer of a 0.1B model)."""
+    from llmprune.streaming import LayerStream
+
+    seen = []
+    leave = LayerStream.leave
+
+    def checked(self, i, layer, hidden):
+        seen.append([h.requires_grad or h.grad_fn is not None for h in hidden])
+        return leave(self, i, layer, hidden)
+
+    monkeypatch.setattr(LayerStream, "leave", checked)
+    src = _checkpoint(tmp_path, "llama")
+    if job == "sparsegpt":
+        sparsify_streaming(src, SparsityConfig(method="sparsegpt", sparsity=0.5, n_samples=4, seq_len=32),
+                           tmp_path / "o", calibration=IDS, progress=False)
+    else:
+        prune_streaming(src, PruneConfig(heads=0.5, ffn=0.5, method="wanda", n_samples=4, seq_len=32),
+                        tmp_path / "o", calibration=IDS, progress=False)
+    assert seen and not any(any(flags) for flags in seen)
+
+
 def test_spilled_hidden_states_give_the_same_output(tmp_path):
     """Above a quarter of --max-memory the calibration states stay memory-mapped on disk; same output."""
     src = _checkpoint(tmp_path, "qwen2", num_hidden_layers=4)
