@@ -5,6 +5,7 @@ refuses it clearly, and so does the streaming API when offloaded weights have lo
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -199,3 +200,28 @@ def test_offloaded_weights_without_hooks_are_a_clear_error(tmp_path):
         empty = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src))
     with pytest.raises(DispatchedModelError, match="no accelerate hook holds"):
         sparsify_streaming(empty, JOBS["sparsity-wanda-50"], tmp_path / "out", calibration=IDS, progress=False)
+
+
+def test_interrupted_run_on_a_dispatched_model_resumes_to_the_same_output(tmp_path, monkeypatch):
+    """The resume point of a model source is keyed by the model's name and tensor shapes: an interrupted
+    run continues from the last finished layer to the uninterrupted run's output."""
+    src = _source(tmp_path, "llama")
+    model = _dispatched(src, "device_map", tmp_path)
+    job = JOBS["sparsity-sparsegpt-2:4"]
+    straight = _streamed(model, job, tmp_path / "straight").out
+    leave = LayerStream.leave
+
+    def interrupted(self, i, layer, hidden):
+        out = leave(self, i, layer, hidden)
+        if i == 1:
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(LayerStream, "leave", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _streamed(model, job, tmp_path / "out")
+    monkeypatch.setattr(LayerStream, "leave", leave)
+    state = json.loads((tmp_path / ".out.partial" / "stream_state.json").read_text())
+    assert state["sparsify"]["next"] == 2  # layers 0 and 1 are finished and kept
+    res = sparsify_streaming(model, job, tmp_path / "out", calibration=IDS, progress=False, resume=True)
+    _assert_same_output(straight, res.out)
