@@ -580,8 +580,8 @@ def _count(model: nn.Module) -> int:
 
 
 # ---- structured pruning ------------------------------------------------------------------------------------
-def prune_streaming(source: str | os.PathLike | nn.Module, config: PruneConfig, out: str | os.PathLike, tokenizer: Any = None,
-                    calibration: Any = None, device: str | torch.device | None = None,
+def prune_streaming(source: str | os.PathLike | nn.Module, config: PruneConfig, out: str | os.PathLike,
+                    tokenizer: Any = None, calibration: Any = None, device: str | torch.device | None = None,
                     dtype: torch.dtype | str | None = None, resume: bool = False, overwrite: bool = False,
                     max_memory: int | None = None, progress: bool = True,
                     extra: dict[str, Any] | None = None) -> StreamResult:
@@ -788,8 +788,8 @@ def _cutting_pass(model, adapter, config, plan, stream, part, progress) -> Prune
 
 
 # ---- weight sparsity ---------------------------------------------------------------------------------------
-def sparsify_streaming(source: str | os.PathLike | nn.Module, config: Any, out: str | os.PathLike, tokenizer: Any = None,
-                       calibration: Any = None, device: str | torch.device | None = None,
+def sparsify_streaming(source: str | os.PathLike | nn.Module, config: Any, out: str | os.PathLike,
+                       tokenizer: Any = None, calibration: Any = None, device: str | torch.device | None = None,
                        dtype: torch.dtype | str | None = None, resume: bool = False, overwrite: bool = False,
                        max_memory: int | None = None, progress: bool = True,
                        extra: dict[str, Any] | None = None) -> StreamResult:
