@@ -49,10 +49,15 @@ def offloaded_parameters(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters(remove_duplicate=False) if p.device.type == "meta"]
 
 
+def _devices(model: nn.Module) -> list[str]:
+    """The distinct devices of ``hf_device_map`` (accelerate's ``0`` and ``"cuda:0"`` are one)."""
+    return sorted({f"cuda:{d}" if isinstance(d, int) else str(d)
+                   for d in (getattr(model, "hf_device_map", None) or {}).values()})
+
+
 def is_dispatched(model: nn.Module) -> bool:
     """Whether accelerate spread the model over several devices or offloaded any of its weights."""
-    devices = set(str(d) for d in (getattr(model, "hf_device_map", None) or {}).values())
-    return len(devices) > 1 or bool(offloaded_parameters(model))
+    return len(_devices(model)) > 1 or bool(offloaded_parameters(model))
 
 
 def check_not_dispatched(model: nn.Module, verb: str) -> None:
@@ -62,7 +67,7 @@ def check_not_dispatched(model: nn.Module, verb: str) -> None:
         return
     offloaded = offloaded_parameters(model)
     where = (f"{len(offloaded)} of its parameters are offloaded by accelerate (e.g. {offloaded[0]!r})" if offloaded
-             else f"accelerate spread it over {sorted(set(map(str, model.hf_device_map.values())))}")
+             else f"accelerate spread it over {_devices(model)}")
     raise DispatchedModelError(
         f"{verb}(model) edits the weights in place, but this model is dispatched: {where}. Use "
         f"llmprune.streaming.{verb}_streaming(model, config, 'out/', tokenizer=..., calibration=...): it reads one "
