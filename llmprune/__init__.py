@@ -17,6 +17,7 @@ from .arch import UnsupportedArchitectureError, get_adapter, supported_model_typ
 from .calibrate import CalibrationError
 from .config import LayerPlan, PruneConfig, PrunePlan
 from .criteria import available_criteria
+from .dispatched import DispatchedModelError
 from .io import CheckpointError, OutputExistsError, load_model, save_pruned
 from .perlayer import register_per_layer_classes
 from .select import RatioError
@@ -29,7 +30,7 @@ __all__ = [
     "prune", "PruneResult", "recover", "RecoveryConfig", "RecoveryResult", "load_model", "save_pruned", "sparsify", "SparsityConfig", "CheckpointError",
     "OutputExistsError",
     "PruneConfig", "PrunePlan", "LayerPlan", "apply_plan", "get_adapter", "supported_model_types",
-    "available_criteria", "UnsupportedArchitectureError", "CalibrationError", "RatioError", "__version__",
+    "available_criteria", "UnsupportedArchitectureError", "DispatchedModelError", "CalibrationError", "RatioError", "__version__",
 ]
 
 # Per-layer-width checkpoints reload through the Auto classes once llmprune is imported.

@@ -28,6 +28,7 @@ from .calibrate import CalibrationError, as_batches, layerwise_statistics
 from .compensate import add_deltas, compensation_deltas, enable_biases, zero_deltas
 from .config import PruneConfig, PrunePlan
 from .criteria import get_criterion
+from .dispatched import check_not_dispatched
 from .score import LayerScores, score_layer, score_layers
 from .select import check_ratios, plan_pruning
 from .sequential import block_influence_counts, error_counts, layer_cost_curves, output_modules, prune_sequential
@@ -93,8 +94,13 @@ def prune(
         calibration: a text file path, a ``[n, seq_len]`` tensor of token ids, or a list of batches.
             Needed by activation-aware criteria and by layer removal.
         device: where each layer runs during calibration (the model may stay on CPU).
+
+    A model dispatched with accelerate (offloaded weights, several devices) is refused with a
+    :class:`~llmprune.dispatched.DispatchedModelError` naming :func:`llmprune.streaming.prune_streaming`,
+    which prunes it one layer at a time into a checkpoint folder.
     """
     config.validate()
+    check_not_dispatched(model, "prune")
     adapter = get_adapter(model)
     criterion = get_criterion(config.method)
     check_ratios(model, adapter, config)

@@ -4,7 +4,8 @@ The in-memory path loads the whole model, prunes it and saves it. The streaming 
 than one decoder layer's weights (plus the embeddings, the final norm and the LM head):
 
 1. the model skeleton is built on the meta device (:func:`build_skeleton`); only the non-layer weights are
-   read from the checkpoint;
+   read from the checkpoint (a folder, :class:`Checkpoint`, or a loaded model dispatched with accelerate's
+   ``device_map`` / ``cpu_offload``, :class:`llmprune.dispatched.ModelSource`, which is only read);
 2. every layer-by-layer pass of the in-memory path (:func:`llmprune.calibrate.layerwise_statistics`,
    :func:`llmprune.sequential.prune_sequential`, the sparsity loop) runs unchanged with a
    :class:`LayerStream` as its :class:`~llmprune.calibrate.LayerIO`: on ``enter`` the layer's tensors are
@@ -44,6 +45,7 @@ from torch import nn
 from .arch import get_adapter
 from .calibrate import CalibrationError, LayerIO, as_batches, layerwise_statistics
 from .config import LayerPlan, PruneConfig, PrunePlan
+from .dispatched import ModelSource
 from .io import CheckpointError, OutputExistsError, read_safetensors_header, replace_directory, write_metadata
 from .memory import release_freed_memory
 
@@ -114,6 +116,8 @@ def should_stream(folder: str | os.PathLike, max_memory: int | None, dtype: torc
 class Checkpoint:
     """A local safetensors checkpoint (one file or an index of shards), read one tensor at a time."""
 
+    execution_device: torch.device | None = None  # a folder has no placement: layers run where ``device`` says
+
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
         if not (self.folder / "config.json").is_file():
@@ -143,6 +147,15 @@ class Checkpoint:
 
     def numel(self, key: str) -> int:
         return math.prod(self._meta[key][0])
+
+    @property
+    def name(self) -> str:
+        return str(self.folder)
+
+    def identity(self) -> dict[str, Any]:
+        """What a resumed run must match: the folder and its shards' names and sizes."""
+        return {"source": str(self.folder.absolute()),
+                "files": sorted((p.name, p.stat().st_size) for p in set(self.files.values()))}
 
     def use_renames(self, renames: list[tuple[str, str]]) -> None:
         """Address tensors by model parameter name: stored ``embed_out.x`` is read as ``lm_head.x``."""
@@ -220,21 +233,31 @@ def _set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
     module._parameters[attr] = nn.Parameter(value, requires_grad=old.requires_grad if old is not None else False)
 
 
-def build_skeleton(folder: str | os.PathLike, dtype: torch.dtype | str | None = None
-                   ) -> tuple[nn.Module, Checkpoint, dict[int, str]]:
-    """The model with its decoder layers on the meta device and every other weight read from disk.
+def build_skeleton(source: str | os.PathLike | nn.Module, dtype: torch.dtype | str | None = None
+                   ) -> tuple[nn.Module, Checkpoint | ModelSource, dict[int, str]]:
+    """The model with its decoder layers on the meta device and every other weight read from ``source``:
+    a checkpoint folder, or a loaded model (dispatched with accelerate or not; it is only read).
 
-    Returns ``(model, checkpoint, {layer index: parameter-name prefix})``. Raises :class:`StreamingError`
+    Returns ``(model, source reader, {layer index: parameter-name prefix})``. Raises :class:`StreamingError`
     when the checkpoint's keys are not the model's parameter names (families whose loading renames keys).
     """
+    import copy
+
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    ck = Checkpoint(folder)
-    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
-    dt = _resolve_dtype(config, dtype)
-    with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary tables) real
-        model = AutoModelForCausalLM.from_config(config, dtype=dt, trust_remote_code=False)
+    if isinstance(source, nn.Module):
+        ck: Checkpoint | ModelSource = ModelSource(source)
+        config = copy.deepcopy(source.config)
+        dt = _resolve_dtype(config, dtype if dtype is not None else source.dtype)
+        with init_empty_weights(include_buffers=False):  # the same class as the source, on meta
+            model = type(source)._from_config(config, dtype=dt)
+    else:
+        ck = Checkpoint(source)
+        config = AutoConfig.from_pretrained(str(source), trust_remote_code=False)
+        dt = _resolve_dtype(config, dtype)
+        with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary tables) real
+            model = AutoModelForCausalLM.from_config(config, dtype=dt, trust_remote_code=False)
     ck.use_renames(key_renames(model))
     adapter = get_adapter(model)
     names = {id(m): n for n, m in model.named_modules()}
@@ -245,7 +268,7 @@ def build_skeleton(folder: str | os.PathLike, dtype: torch.dtype | str | None = 
     tied = _tied_head(model)
     missing = [n for n in missing if n != tied]
     if missing:
-        raise StreamingError(f"{folder}: the checkpoint lacks {missing[0]!r} ({len(missing)} model parameters "
+        raise StreamingError(f"{ck.name}: the checkpoint lacks {missing[0]!r} ({len(missing)} model parameters "
                              "are not stored under their own names); streaming reads checkpoints whose keys are "
                              "the model's parameter names (as save_pretrained writes them for Llama-style "
                              "families); prune this model without --streaming")
@@ -481,8 +504,8 @@ def _bytes_of(desc: dict[str, Any]) -> int:
 
 
 # ---- finishing: shards, index, config, metadata ----------------------------------------------------------
-def _finish(model: nn.Module, part: PartialOutput, prefixes: dict[int, str], tokenizer_source: str | None,
-            source: str, metadata: dict[str, Any]) -> Path:
+def _finish(model: nn.Module, part: PartialOutput, prefixes: dict[int, str], ck: Checkpoint | ModelSource,
+            tokenizer: Any, metadata: dict[str, Any]) -> Path:
     from safetensors.torch import save_file
 
     from .verify import verify_saved_model
@@ -505,16 +528,16 @@ def _finish(model: nn.Module, part: PartialOutput, prefixes: dict[int, str], tok
     (part.dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     model.config.architectures = [type(model).__name__]  # as save_pretrained records it
     model.config.save_pretrained(part.dir)
-    gen = Path(source) / "generation_config.json"
-    if gen.is_file():
-        shutil.copyfile(gen, part.dir / "generation_config.json")
-    if tokenizer_source is not None:
+    _save_generation_config(ck, part.dir)
+    if tokenizer is None and isinstance(ck, Checkpoint):
         from transformers import AutoTokenizer
 
         try:
-            AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=False).save_pretrained(part.dir)
+            tokenizer = AutoTokenizer.from_pretrained(str(ck.folder), trust_remote_code=False)
         except (OSError, ValueError):
             pass  # a checkpoint without a tokenizer: the weights are what matters
+    if tokenizer is not None:
+        tokenizer.save_pretrained(part.dir)
     write_metadata(part.dir, model, **metadata)
     verify_saved_model(model, part.dir, full=False)  # key set and shapes, with the user's loader, on meta
     keep_names = {"layers", STATE_FILE}
@@ -522,12 +545,19 @@ def _finish(model: nn.Module, part: PartialOutput, prefixes: dict[int, str], tok
                        and not p.name.startswith("score-"))
 
 
-def _fingerprint(source: str, ck: Checkpoint, settings: dict[str, Any], batches: list[torch.Tensor] | None,
+def _save_generation_config(ck: Checkpoint | ModelSource, folder: Path) -> None:
+    """The source's generation settings, as save_pretrained would keep them."""
+    if isinstance(ck, Checkpoint):
+        if (ck.folder / "generation_config.json").is_file():
+            shutil.copyfile(ck.folder / "generation_config.json", folder / "generation_config.json")
+    elif getattr(ck.model, "generation_config", None) is not None:
+        ck.model.generation_config.save_pretrained(folder)
+
+
+def _fingerprint(ck: Checkpoint | ModelSource, settings: dict[str, Any], batches: list[torch.Tensor] | None,
                  dtype: torch.dtype) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({"source": str(Path(source).absolute()), "settings": settings, "dtype": str(dtype),
-                         "files": sorted((p.name, p.stat().st_size) for p in set(ck.files.values()))},
-                        sort_keys=True).encode())
+    h.update(json.dumps({**ck.identity(), "settings": settings, "dtype": str(dtype)}, sort_keys=True).encode())
     for b in batches or []:
         h.update(b.contiguous().numpy().tobytes())
     return h.hexdigest()
@@ -550,13 +580,17 @@ def _count(model: nn.Module) -> int:
 
 
 # ---- structured pruning ------------------------------------------------------------------------------------
-def prune_streaming(source: str | os.PathLike, config: PruneConfig, out: str | os.PathLike, tokenizer: Any = None,
-                    calibration: Any = None, device: str | torch.device | None = None,
+def prune_streaming(source: str | os.PathLike | nn.Module, config: PruneConfig, out: str | os.PathLike,
+                    tokenizer: Any = None, calibration: Any = None, device: str | torch.device | None = None,
                     dtype: torch.dtype | str | None = None, resume: bool = False, overwrite: bool = False,
                     max_memory: int | None = None, progress: bool = True,
                     extra: dict[str, Any] | None = None) -> StreamResult:
-    """Structured pruning of the checkpoint folder ``source`` into ``out``, one layer in memory at a time.
+    """Structured pruning of ``source`` into the checkpoint folder ``out``, one layer in memory at a time.
 
+    ``source`` is a checkpoint folder, or a loaded model, typically one dispatched with accelerate
+    (``device_map`` with ``"cpu"`` / ``"disk"`` entries, ``cpu_offload``): its weights are read one layer at a
+    time from its parameters and offload hooks (:class:`llmprune.dispatched.ModelSource`) and the model is
+    left unchanged; layers run on its hooks' execution device unless ``device`` is given.
     The same settings as :func:`llmprune.prune` (``error`` / ``block_influence`` / ``global`` allocations,
     ``reconstruct``, bias compensation) give the same tensors. Not streamed (clear error): criteria with
     their own gradient pass (``taylor``, ``single-unit``), layer removal and MoE experts.
@@ -575,6 +609,7 @@ def prune_streaming(source: str | os.PathLike, config: PruneConfig, out: str | o
     if config.layers or config.experts:
         raise StreamingError("layer and expert removal are not streamed yet; prune in memory")
     model, ck, prefixes = build_skeleton(source, dtype)
+    device = device if device is not None else getattr(ck, "execution_device", None)
     adapter = get_adapter(model)
     if any(adapter.experts(layer) is not None for layer in adapter.decoder_layers(model)):
         raise StreamingError("mixture-of-experts models are not streamed yet; prune in memory")
@@ -588,9 +623,9 @@ def prune_streaming(source: str | os.PathLike, config: PruneConfig, out: str | o
         raise CalibrationError(f"method {config.method!r} with these settings needs calibration data: pass "
                                "calibration=<text file> (CLI: --calib FILE)")
     params_before = _count(model)
-    part = PartialOutput(out, _fingerprint(str(source), ck, {"prune": config.to_dict()}, batches, dt), resume,
+    part = PartialOutput(out, _fingerprint(ck, {"prune": config.to_dict()}, batches, dt), resume,
                          overwrite)
-    _announce(source, ck, len(adapter.decoder_layers(model)), max_memory, batches if needs_data else None, model,
+    _announce(ck, len(adapter.decoder_layers(model)), max_memory, batches if needs_data else None, model,
               progress)
     spill = _spill_bytes(max_memory)
     stream = lambda phase, write, on_leave=None: LayerStream(model, ck, prefixes, part, phase, write, dt, spill,
@@ -620,14 +655,14 @@ def prune_streaming(source: str | os.PathLike, config: PruneConfig, out: str | o
         plan = _cutting_pass(model, adapter, config, plan, stream, part, progress)
         set_config_widths(model, adapter)
     params_after = _count(model)
-    meta = dict(config=config, plan=plan, source=str(source),
+    meta = dict(config=config, plan=plan, source=ck.name,
                 extra={"params_before": params_before, "params_after": params_after, "streamed": True,
                        **(extra or {})})
-    path = _finish(model, part, prefixes, str(source), str(source), meta)
+    path = _finish(model, part, prefixes, ck, tokenizer, meta)
     return StreamResult(path, plan, params_before, params_after, time.perf_counter() - t0)
 
 
-def _announce(source: Any, ck: Checkpoint, n_layers: int, max_memory: int | None, batches: Any, model: nn.Module,
+def _announce(ck: Checkpoint | ModelSource, n_layers: int, max_memory: int | None, batches: Any, model: nn.Module,
               progress: bool) -> None:
     """One line before the per-layer progress bars: what is streamed and the memory budget."""
     if not progress:
@@ -640,7 +675,7 @@ def _announce(source: Any, ck: Checkpoint, n_layers: int, max_memory: int | None
         size = next(p for p in model.parameters() if p.device.type != "meta").element_size()
         hidden = sum(b.numel() for b in batches) * width * size
     where = "spilled to disk" if 2 * hidden > _spill_bytes(max_memory) else "in memory"
-    print(f"llmprune: streaming {Path(str(source)).name}: {n_layers} layers, checkpoint {ck.nbytes / 1e9:.2f} GB, "
+    print(f"llmprune: streaming {Path(ck.name).name}: {n_layers} layers, weights {ck.nbytes / 1e9:.2f} GB, "
           f"memory budget {budget / 1e9:.2f} GB, calibration states {hidden / 1e6:.0f} MB ({where})", flush=True)
 
 
@@ -754,13 +789,14 @@ def _cutting_pass(model, adapter, config, plan, stream, part, progress) -> Prune
 
 # ---- weight sparsity ---------------------------------------------------------------------------------------
 @torch.no_grad()  # else every layer's autograd graph (its weights and activations) outlives the layer
-def sparsify_streaming(source: str | os.PathLike, config: Any, out: str | os.PathLike, tokenizer: Any = None,
-                       calibration: Any = None, device: str | torch.device | None = None,
+def sparsify_streaming(source: str | os.PathLike | nn.Module, config: Any, out: str | os.PathLike,
+                       tokenizer: Any = None, calibration: Any = None, device: str | torch.device | None = None,
                        dtype: torch.dtype | str | None = None, resume: bool = False, overwrite: bool = False,
                        max_memory: int | None = None, progress: bool = True,
                        extra: dict[str, Any] | None = None) -> StreamResult:
-    """Weight sparsity (:func:`llmprune.sparsity.sparsify`) of ``source`` into ``out``, one layer at a time;
-    the same tensors as in memory. OWL allocation is not streamed (it needs every layer's outliers first)."""
+    """Weight sparsity (:func:`llmprune.sparsity.sparsify`) of ``source`` (a checkpoint folder or a loaded,
+    possibly dispatched model, as in :func:`prune_streaming`) into ``out``, one layer at a time; the same
+    tensors as in memory. OWL allocation is not streamed (it needs every layer's outliers first)."""
     import time
 
     from .sparsity._common import layer_targets
@@ -772,6 +808,7 @@ def sparsify_streaming(source: str | os.PathLike, config: Any, out: str | os.Pat
     if config.allocation != "uniform":
         raise StreamingError(f"allocation {config.allocation!r} is not streamed yet; use uniform or sparsify in memory")
     model, ck, prefixes = build_skeleton(source, dtype)
+    device = device if device is not None else getattr(ck, "execution_device", None)
     adapter = get_adapter(model)
     dt = next(p for p in model.parameters() if p.device.type != "meta").dtype
     layers = adapter.decoder_layers(model)
@@ -783,9 +820,9 @@ def sparsify_streaming(source: str | os.PathLike, config: Any, out: str | os.Pat
         batches = as_batches(calibration, tokenizer, config.n_samples, config.seq_len, config.seed, config.batch_size)
         if batches is None:
             raise CalibrationError(f"method {config.method!r} needs calibration data: pass calibration=<text file>")
-    part = PartialOutput(out, _fingerprint(str(source), ck, {"sparsify": config.to_dict()}, batches, dt), resume,
+    part = PartialOutput(out, _fingerprint(ck, {"sparsify": config.to_dict()}, batches, dt), resume,
                          overwrite)
-    _announce(source, ck, len(layers), max_memory, batches, model, progress)
+    _announce(ck, len(layers), max_memory, batches, model, progress)
     report = part.state.setdefault("report", {})
 
     def count(i: int, layer: nn.Module) -> None:
@@ -810,8 +847,8 @@ def sparsify_streaming(source: str | os.PathLike, config: Any, out: str | os.Pat
     summary = {"config": config.to_dict(), "layers": {k: z / max(t, 1) for k, (z, t) in report.items()},
                "overall_sparsity": zeros / max(total, 1), "pruned_weights": zeros, "total_weights": total}
     params = _count(model)
-    meta = dict(config=None, plan=None, source=str(source),
+    meta = dict(config=None, plan=None, source=ck.name,
                 extra={"sparsity_config": config.to_dict(), "overall_sparsity": summary["overall_sparsity"],
                        "streamed": True, **(extra or {})})
-    path = _finish(model, part, prefixes, str(source), str(source), meta)
+    path = _finish(model, part, prefixes, ck, tokenizer, meta)
     return StreamResult(path, None, params, params, time.perf_counter() - t0, summary)

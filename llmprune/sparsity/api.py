@@ -27,6 +27,7 @@ from torch import nn
 from ..arch import get_adapter
 from ..arch.base import weight_matrix
 from ..calibrate import CalibrationError, InputStats, capture_layer_inputs, run_layer
+from ..dispatched import check_not_dispatched
 from ..progress import progress_bar
 from ..calibrate import as_batches
 from ._common import DEFAULT_TARGETS, layer_targets
@@ -220,12 +221,16 @@ def sparsify(
         calibration: text file path, text, ``[n, seq_len]`` token-id tensor or list of batches; required
             by ``wanda`` and ``sparsegpt``.
         device: where each decoder layer runs during calibration (default: the model's device).
+
+    A model dispatched with accelerate is refused (:class:`~llmprune.dispatched.DispatchedModelError`):
+    :func:`llmprune.streaming.sparsify_streaming` takes it instead.
     """
     if config is None:
         config = SparsityConfig()
     elif isinstance(config, dict):
         config = SparsityConfig.from_dict(config)
     config.validate()
+    check_not_dispatched(model, "sparsify")
     t0 = time.perf_counter()
     adapter = get_adapter(model)
     layers = adapter.decoder_layers(model)
