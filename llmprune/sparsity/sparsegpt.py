@@ -31,11 +31,13 @@ Example::
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from .masks import _lowest, check_nm, num_pruned
 
-__all__ = ["HessianAccumulator", "sparsegpt_prune", "inverse_hessian_cholesky"]
+__all__ = ["HessianAccumulator", "sparsegpt_prune", "sparsegpt_prune_group", "inverse_hessian_cholesky"]
 
 #: the column-by-column loop touches a ``sub x rows`` slice with fewer elements than this (PyTorch's grain
 #: size for parallel element-wise work), so its many small steps run inline instead of in a thread pool
@@ -127,7 +129,33 @@ def sparsegpt_prune(
     across all rows. N:M (``nm=(n, m)``): in every group of ``m`` columns each row keeps ``n``.
     ``new_weight`` has ``weight``'s dtype/device and exact zeros where ``keep_mask`` is False.
     """
-    rows, cols = weight.shape
+    return sparsegpt_prune_group([weight], H, sparsity, nm=nm, blocksize=blocksize, percdamp=percdamp)[0]
+
+
+@torch.no_grad()
+def sparsegpt_prune_group(
+    weights: Sequence[torch.Tensor],
+    H: torch.Tensor,
+    sparsity: float,
+    nm: tuple[int, int] | None = None,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`sparsegpt_prune` of several ``[out_i, in]`` weights that read the same input (so share ``H``),
+    solved as one: one factorisation and one column pass over the stacked rows.
+
+    Rows are independent given ``H``; only the unstructured selection compares rows, and it is done per
+    weight, so every ``(new_weight, keep_mask)`` is that of :func:`sparsegpt_prune` on its own.
+
+    Example::
+
+        [(q, q_keep), (k, k_keep), (v, v_keep)] = sparsegpt_prune_group([wq, wk, wv], H, 0.5)
+    """
+    if not weights:
+        return []
+    cols = weights[0].shape[1]
+    if any(w.dim() != 2 or w.shape[1] != cols for w in weights):
+        raise ValueError(f"weights must be [out, {cols}] matrices: {[tuple(w.shape) for w in weights]}")
     if H.shape != (cols, cols):
         raise ValueError(f"Hessian shape {tuple(H.shape)} does not match in_features={cols}")
     if nm is not None:
@@ -138,8 +166,13 @@ def sparsegpt_prune(
         num_pruned(1, sparsity)  # validates the range
     work_dtype = H.dtype if H.dtype in (torch.float32, torch.float64) else torch.float32
     H = H.to(work_dtype)
-    # transposed [in, out] copy: a column of W is a contiguous row, so the column steps are contiguous
-    W0 = torch.empty(cols, rows, dtype=work_dtype, device=H.device).copy_(weight.detach().t())
+    sizes = [w.shape[0] for w in weights]
+    rows = sum(sizes)
+    # transposed [in, out] copy of the stacked rows: a column of W is a contiguous row, so column steps are
+    # contiguous
+    W0 = torch.empty(cols, rows, dtype=work_dtype, device=H.device)
+    for w, part in zip(weights, W0.split(sizes, dim=1)):
+        part.copy_(w.detach().t())
     dead = torch.diagonal(H) == 0
     if bool(dead.any()):
         H = H.clone()
@@ -153,7 +186,8 @@ def sparsegpt_prune(
 
     C = W0.clone()  # current values; holds the pruned weight (zeros included) once every column is done
     prune = torch.empty(cols, rows, dtype=torch.bool, device=W0.device)  # transposed; every entry is set
-    total_prune = 0 if nm is not None else num_pruned(rows * cols, sparsity)
+    totals = [0 if nm is not None else num_pruned(n * cols, sparsity) for n in sizes]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
     sub = _sub_width(rows, 1 if nm is None else nm[1], blocksize)
     # N:M: every group's view transform at once (groups never straddle a sub-block or block)
     group_T = None if nm is None else _view_transform(_diagonal_blocks(V, nm[1]))
@@ -161,18 +195,22 @@ def sparsegpt_prune(
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         if nm is None:
-            # cumulative rounding keeps the layer total exact whatever the block count
-            k = round(total_prune * i2 / cols) - round(total_prune * i1 / cols)
             seen = C[i1:i2] if i1 == 0 else _seen(C[i1:i2], W0[i1:i2], _view_transform(V[i1:i2, i1:i2]))
-            _block_mask(seen, d[i1:i2], k, out=prune[i1:i2])
+            for r0, n, total in zip(starts, sizes, totals):  # each weight selects among its own rows
+                # cumulative rounding keeps the layer total exact whatever the block count
+                k = round(total * i2 / cols) - round(total * i1 / cols)
+                _block_mask(seen[:, r0:r0 + n], d[i1:i2], k, out=prune[i1:i2, r0:r0 + n])
         groups = None if nm is None else group_T[i1 // nm[1]:i2 // nm[1]]
         Z = _solve_block(C[i1:i2], W0[i1:i2], Vs[i1:i2, i1:i2], d[i1:i2], prune[i1:i2], nm, sub, groups, tie_order)
         if i2 < cols:  # lazy batch update: the block's changes reach every later column at once
             C[i2:].addmm_(Vs[i1:i2, i2:].t(), Z)
-    new_weight = torch.empty_like(weight, memory_format=torch.contiguous_format).copy_(C.t())
-    keep = torch.empty(rows, cols, dtype=torch.bool, device=prune.device)
-    torch.logical_not(prune.t(), out=keep)
-    return new_weight, keep.to(weight.device)
+    results = []
+    for w, c, p in zip(weights, C.split(sizes, dim=1), prune.split(sizes, dim=1)):
+        new_weight = torch.empty_like(w, memory_format=torch.contiguous_format).copy_(c.t())
+        keep = torch.empty(w.shape, dtype=torch.bool, device=p.device)
+        torch.logical_not(p.t(), out=keep)
+        results.append((new_weight, keep.to(w.device)))
+    return results
 
 
 def _sub_width(rows: int, m: int, blocksize: int) -> int:
@@ -219,10 +257,32 @@ def _block_mask(seen: torch.Tensor, d: torch.Tensor, k: int, out: torch.Tensor) 
     if k <= 0 or k >= n:
         out.fill_(k > 0)
         return
-    torch.le(saliency, torch.kthvalue(saliency.reshape(-1), k).values, out=out)
+    torch.le(saliency, _kth_smallest(saliency.reshape(-1), k), out=out)
     if int(out.sum()) != k:  # ties at the k-th value (or NaN)
         flat = _lowest(saliency.t().reshape(1, -1), k)
         out.copy_(flat.reshape(saliency.shape[1], saliency.shape[0]).t())
+
+
+def _kth_smallest(x: torch.Tensor, k: int, sample: int = 2048) -> torch.Tensor:
+    """``torch.kthvalue(x, k).values`` of a 1-D tensor, selected among the few values a strided sample
+    brackets it with (a full selection copies and partitions all of ``x``; a block has ~10^5 values).
+
+    Falls back to the full selection when the bracket misses (never for non-NaN data of this size), so
+    the value is always exact.
+    """
+    n = x.numel()
+    if n <= 4 * sample:
+        return torch.kthvalue(x, k).values
+    probe = torch.sort(x[:: n // sample]).values
+    pos = k * probe.numel() / n
+    margin = 4 * (probe.numel() ** 0.5) + 8  # ~8 standard deviations of a sample quantile's rank
+    lo = probe[max(int(pos - margin), 0)]
+    hi = probe[min(int(pos + margin), probe.numel() - 1)]
+    below = int(torch.lt(x, lo).sum())
+    band = x[(x >= lo) & (x <= hi)]
+    if below < k <= below + band.numel():
+        return torch.kthvalue(band, k - below).values
+    return torch.kthvalue(x, k).values
 
 
 def _lower_first(m: int, device: torch.device) -> torch.Tensor:
