@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from .masks import _lowest, check_nm, num_pruned
@@ -315,7 +316,8 @@ def _solve_block(C: torch.Tensor, W0: torch.Tensor, Vs: torch.Tensor, d: torch.T
     for a in range(0, count, sub):
         b = min(a + sub, count)
         sub_groups = None if nm is None else groups[a // nm[1]:b // nm[1]]
-        _solve_columns(C[a:b], W0[a:b], Vs[a:b, a:b], d[a:b], prune[a:b], Z[a:b], nm, sub_groups, tie_order)
+        solve = _solve_columns_cpu if C.device.type == "cpu" else _solve_columns
+        solve(C[a:b], W0[a:b], Vs[a:b, a:b], d[a:b], prune[a:b], Z[a:b], nm, sub_groups, tie_order)
         if b < count:
             C[b:].addmm_(Vs[a:b, b:].t(), Z[a:b])
     return Z
@@ -347,3 +349,46 @@ def _solve_columns(C: torch.Tensor, W0: torch.Tensor, Vs: torch.Tensor, d: torch
         if j + 1 < count:
             C.addr_(v_rows[j], z_rows[j])
     C.masked_fill_(prune, 0.0)  # the slice is done: pruned weights end at 0
+
+
+def _solve_columns_cpu(C: torch.Tensor, W0: torch.Tensor, Vs: torch.Tensor, d: torch.Tensor, prune: torch.Tensor,
+                       Z: torch.Tensor, nm: tuple[int, int] | None, groups: torch.Tensor | None,
+                       tie_order: torch.Tensor | None = None) -> None:
+    """:func:`_solve_columns` on CPU, in NumPy on the same memory: the pass is thousands of tiny steps,
+    and a NumPy call costs a fraction of a PyTorch op's dispatch (about 1 us against 5-10 us).
+
+    Taken ``m`` columns at a time (N:M groups; 4 for unstructured): a chunk's current values receive the
+    earlier chunks' changes in one product (left-looking), then its columns are solved one by one with
+    rank-1 updates inside the chunk. Same arithmetic as :func:`_solve_columns` up to summation order.
+    """
+    del tie_order  # NumPy's stable argsort ranks ties lower index first, as _lowest does
+    c, w, v, z, p = C.numpy(), W0.numpy(), Vs.numpy(), Z.numpy(), prune.numpy()
+    count = c.shape[0]
+    step = 4 if nm is None else nm[1]
+    keep = None if nm is None else np.empty(c.shape, dtype=c.dtype)
+    if nm is None:
+        keep = (~p).astype(c.dtype)
+    vt = np.ascontiguousarray(v.T)  # vt[j, :j]: what earlier columns add to column j
+    tmp = np.empty(c.shape[1], dtype=c.dtype)
+    dd = None if nm is None else d.numpy().reshape(-1, 1)
+    T = None if groups is None else groups.numpy()
+    for g0 in range(0, count, step):
+        g1 = min(g0 + step, count)
+        if g0:
+            c[g0:g1] += vt[g0:g1, :g0] @ z[:g0]
+        if nm is not None:
+            n, m = nm
+            wg = w[g0:g1]
+            seen = wg + T[g0 // m].T @ (c[g0:g1] - wg)  # see _seen
+            saliency = np.square(seen * dd[g0:g1])
+            order = np.argsort(saliency, axis=0, kind="stable")[: m - n]
+            group_prune = p[g0:g1]
+            group_prune[...] = False
+            np.put_along_axis(group_prune, order, True, axis=0)
+            np.logical_not(group_prune, out=keep[g0:g1])
+        for j in range(g0, g1):
+            np.multiply(c[j], keep[j], out=tmp)
+            np.subtract(w[j], tmp, out=z[j])
+            if j + 1 < g1:
+                c[j + 1:g1] += np.multiply.outer(v[j, j + 1:g1], z[j])
+    c[p] = 0.0  # the slice is done: pruned weights end at 0
