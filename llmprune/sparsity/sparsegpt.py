@@ -20,7 +20,9 @@ thin slice. The mask of a block is chosen when the block starts (adaptive mask s
 each group of ``m`` columns is reached, on the values the column-by-column algorithm has at that point
 (:func:`_seen`), so masks and weights are those of the unblocked algorithm up to rounding.
 
-Everything runs in float64 on CPU (float32 on GPU) with dampening ``λ = percdamp * mean(diag H)``.
+Everything runs in float64 on CPU (float32 on GPU) with dampening ``λ = percdamp * mean(diag H)``. Linears
+reading the same input (q/k/v, gate/up) share ``H`` and are solved as one stacked matrix
+(:func:`sparsegpt_prune_group`); on CPU the column-by-column steps run in NumPy (cheaper calls).
 
 Example::
 
