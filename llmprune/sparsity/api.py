@@ -204,6 +204,19 @@ def _prune_module(module: nn.Module, config: SparsityConfig, stats: Any, sparsit
 
 
 @torch.no_grad()
+def _prune_modules(modules: list[nn.Module], config: SparsityConfig, stats: Any, sparsity: float) -> None:
+    """Prune modules that read one input (``stats``); SparseGPT solves them as one (one Hessian)."""
+    if config.method != "sparsegpt" or len(modules) == 1:
+        for mod in modules:
+            _prune_module(mod, config, stats, sparsity)
+        return
+    results = sparsegpt_prune_group([weight_matrix(m) for m in modules], stats.hessian(), sparsity, nm=config.nm,
+                                    blocksize=config.blocksize, percdamp=config.percdamp)
+    for mod, (new_w, _) in zip(modules, results):
+        weight_matrix(mod).copy_(new_w)
+
+
+@torch.no_grad()
 def sparsify(
     model: nn.Module,
     config: SparsityConfig | dict | None = None,
@@ -329,15 +342,7 @@ def _sequential(model, adapter, layers, targets, batches, config, progress, devi
         for _, stats in grouped:  # accelerate launch: statistics of every process's windows
             stats.all_reduce()
         for members, stats in grouped:
-            if config.method == "sparsegpt" and len(members) > 1:  # one solve for linears sharing an input
-                results = sparsegpt_prune_group([weight_matrix(m) for m in members], stats.hessian(),
-                                                layer_sparsity[i], nm=config.nm, blocksize=config.blocksize,
-                                                percdamp=config.percdamp)
-                for mod, (new_w, _) in zip(members, results):
-                    weight_matrix(mod).copy_(new_w)
-            else:
-                for mod in members:
-                    _prune_module(mod, config, stats, layer_sparsity[i])
+            _prune_modules(members, config, stats, layer_sparsity[i])
         del shared, grouped
         if config.sequential and targets[i]:
             outs = [run_layer(layer, h, *captured.layer_args[i][b], device) for b, h in enumerate(hidden)]
