@@ -38,7 +38,8 @@ import teal_reference  # noqa: E402
 from llmprune.arch import get_adapter  # noqa: E402
 from llmprune.arch.base import weight_matrix  # noqa: E402
 from llmprune.calibrate import calibration_batches, layerwise_statistics, read_calibration_text  # noqa: E402
-from llmprune.sparsity import calibrate_activation_thresholds, sparsegpt_prune  # noqa: E402
+from llmprune.sparsity import calibrate_activation_thresholds  # noqa: E402
+from llmprune.sparsity.sparsegpt import sparsegpt_prune_group  # noqa: E402
 
 SHARED = Path(os.environ.get("LLMPRUNE_SHARED", "/work/shared"))
 SGPT_SETTINGS = {"unstructured 50%": (0.5, None), "unstructured 70%": (0.7, None), "2:4": (0.5, (2, 4))}
@@ -72,41 +73,72 @@ def recon_error(w: torch.Tensor, new_w: torch.Tensor, H: torch.Tensor) -> float:
     return float(torch.einsum("ij,jk,ik->", D, H.double(), D))
 
 
-def time_solves(layers, sparsity, nm, new_first: bool) -> tuple[float, float, list, list]:
-    """Old and new solve of every linear, alternating per linear (so both see the same machine load)."""
-    impls = [("old", sparsegpt_reference.sparsegpt_prune), ("new", sparsegpt_prune)]
+def solve_groups(layers) -> list[list[int]]:
+    """Indices of the linears the pipeline solves together: same decoder layer and the same Hessian (they
+    read one input: q/k/v, gate/up); ``sparsify`` gathers one statistic per input and makes one call."""
+    groups: list[list[int]] = []
+    for i, (name, _, H) in enumerate(layers):
+        last = groups[-1][0] if groups else None
+        if last is not None and layers[last][0].rsplit(".", 2)[0] == name.rsplit(".", 2)[0] \
+                and torch.equal(layers[last][2], H):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def time_solves(layers, groups, sparsity, nm, new_first: bool) -> tuple[dict, dict, list, list]:
+    """Old (one ``sparsegpt_reference.sparsegpt_prune`` per linear) and new (one ``sparsegpt_prune_group``
+    per input, as the pipeline calls it) alternating per group, so both see the same machine load.
+    Returns wall and CPU (process) seconds of each and the per-linear results."""
+    def old(group):
+        return [sparsegpt_reference.sparsegpt_prune(layers[i][1], layers[i][2], sparsity, nm=nm) for i in group]
+
+    def new(group):
+        return sparsegpt_prune_group([layers[i][1] for i in group], layers[group[0]][2], sparsity, nm=nm)
+
+    impls = [("old", old), ("new", new)]
     if new_first:
         impls.reverse()
-    seconds = {"old": 0.0, "new": 0.0}
+    wall = {"old": 0.0, "new": 0.0}
+    cpu = {"old": 0.0, "new": 0.0}
     results: dict[str, list] = {"old": [], "new": []}
-    for _, w, H in layers:
-        for key, prune in impls:
-            t = time.perf_counter()
-            res = prune(w, H, sparsity, nm=nm)
-            seconds[key] += time.perf_counter() - t
-            results[key].append(res)
-    return seconds["old"], seconds["new"], results["old"], results["new"]
+    for group in groups:
+        for key, solve in impls:
+            t, c = time.perf_counter(), time.process_time()
+            res = solve(group)
+            wall[key] += time.perf_counter() - t
+            cpu[key] += time.process_time() - c
+            results[key] += res
+    return wall, cpu, results["old"], results["new"]
 
 
 def bench_sparsegpt(layers, repeats: int, threads: list[int]) -> dict:
+    groups = solve_groups(layers)
     result = {}
     for label, (sparsity, nm) in SGPT_SETTINGS.items():
-        entry: dict = {"sparsity": sparsity, "nm": nm, "seconds": {}}
+        entry: dict = {"sparsity": sparsity, "nm": nm, "seconds": {}, "solves": {"old": len(layers), "new": len(groups)}}
         for n_threads in threads:
             torch.set_num_threads(n_threads)
-            old_s, new_s = [], []
+            old_s, new_s, old_c, new_c = [], [], [], []
             for r in range(repeats):
-                t_old, t_new, old, new = time_solves(layers, sparsity, nm, new_first=bool(r % 2))
-                old_s.append(t_old)
-                new_s.append(t_new)
+                wall, cpu, old, new = time_solves(layers, groups, sparsity, nm, new_first=bool(r % 2))
+                old_s.append(wall["old"])
+                new_s.append(wall["new"])
+                old_c.append(cpu["old"])
+                new_c.append(cpu["new"])
             ratios = [o / n for o, n in zip(old_s, new_s)]
+            cpu_ratios = [o / n for o, n in zip(old_c, new_c)]
             entry["seconds"][f"{n_threads} threads"] = {
                 "old": old_s, "new": new_s, "old_median": statistics.median(old_s),
                 "new_median": statistics.median(new_s), "speedup_per_repeat": ratios,
-                "speedup": statistics.median(ratios)}
+                "speedup": statistics.median(ratios), "old_cpu": old_c, "new_cpu": new_c,
+                "old_cpu_median": statistics.median(old_c), "new_cpu_median": statistics.median(new_c),
+                "cpu_speedup_per_repeat": cpu_ratios, "cpu_speedup": statistics.median(cpu_ratios)}
             print(f"sparsegpt {label:17s} {n_threads} threads: old {statistics.median(old_s):7.2f}s  "
                   f"new {statistics.median(new_s):6.2f}s  x{statistics.median(ratios):.1f} "
-                  f"(per repeat {', '.join(f'{x:.1f}' for x in ratios)})", flush=True)
+                  f"(per repeat {', '.join(f'{x:.1f}' for x in ratios)}); CPU time x{statistics.median(cpu_ratios):.1f}",
+                  flush=True)
         per_layer = {}
         for (name, w, H), (ow, ok), (nw, nk) in zip(layers, old, new):
             per_layer[name] = {"same_sparsity": int((~ok).sum()) == int((~nk).sum()),
@@ -154,17 +186,25 @@ def write_markdown(path: Path, res: dict) -> None:
              "alternate in one process).", "", f"Command: `{res['command']}`", ""]
     if "sparsegpt" in res:
         lines += [f"## SparseGPT solve (all 42 linears, real calibration Hessians, {res['tokens']} tokens)", "",
-                  f"{res['sgpt_repeats']} repeats; in each, old and new alternate linear by linear (which goes "
-                  "first alternates between repeats). Seconds: median over repeats of the time inside "
-                  "`sparsegpt_prune` (Hessian factorisation included); speedup: median of the per-repeat "
-                  "ratios (range in brackets).", "",
-                  "| setting | threads | old (s) | new (s) | speedup | same sparsity | min mask agreement "
-                  "| error ratio new/old (min..max) |", "|---|---|---|---|---|---|---|---|"]
+                  f"{res['sgpt_repeats']} repeats. Old: the former `sparsegpt_prune` once per linear (42 "
+                  "solves); new: `sparsegpt_prune_group` once per distinct input, as `sparsify` calls it (q/k/v "
+                  "and gate/up together: 24 solves); the two alternate group by group (which goes first "
+                  "alternates between repeats), on the same Hessians. Seconds: median over repeats of the "
+                  "whole solve work (Hessian factorisation included; the Hessians themselves are given); "
+                  "speedup: median of the per-repeat ratios (range in brackets). CPU: the same for process "
+                  "CPU time, which leaves out time slices lost to other processes on the core. Correctness "
+                  "per linear against the old result.", "",
+                  "| setting | threads | old (s) | new (s) | speedup | old CPU (s) | new CPU (s) | CPU speedup "
+                  "| same sparsity | min mask agreement | error ratio new/old (min..max) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for label, e in res["sparsegpt"].items():
             for th, t in e["seconds"].items():
                 lines.append(f"| {label} | {th.split()[0]} | {t['old_median']:.2f} | {t['new_median']:.2f} | "
                              f"{t['speedup']:.1f}x ({min(t['speedup_per_repeat']):.1f}-"
-                             f"{max(t['speedup_per_repeat']):.1f}) | {e['all_same_sparsity']} | "
+                             f"{max(t['speedup_per_repeat']):.1f}) | {t['old_cpu_median']:.2f} | "
+                             f"{t['new_cpu_median']:.2f} | {t['cpu_speedup']:.1f}x "
+                             f"({min(t['cpu_speedup_per_repeat']):.1f}-{max(t['cpu_speedup_per_repeat']):.1f}) | "
+                             f"{e['all_same_sparsity']} | "
                              f"{e['min_mask_agreement']:.6f} | "
                              f"{e['error_ratio_min']:.6f}..{e['error_ratio_max']:.6f} |")
         lines.append("")
@@ -181,6 +221,10 @@ def write_markdown(path: Path, res: dict) -> None:
             sp = [e["speedup"] for e in res["teal"].values() if e["sequential"] == mode]
             lines.append(f"\nsequential={mode}: median speedup {statistics.median(sp):.1f}x")
         lines.append("")
+    for part, command in res.get("carried_over", {}).items():
+        lines.insert(lines.index(next(x for x in lines if x.startswith(f"## {'TEAL' if part == 'teal' else 'SparseGPT'}"))) + 1,
+                     f"\n*Not re-run in this session: the measurement of an earlier run (`{command}`), "
+                     "whose load and threads are those of that run (the code measured is unchanged).*")
     lines += ["## Notes", "",
               "- With the cores loaded by other work, every PyTorch/MKL call that opens a thread-pool region waits "
               "for a time slice (milliseconds), so 2-thread timings count such calls more than arithmetic and "
@@ -229,6 +273,13 @@ def main() -> None:
     res["load_avg_end"] = load_avg()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    previous = out / "results.json"
+    if previous.exists():  # a part not re-run keeps its former measurement, marked as such
+        before = json.loads(previous.read_text())
+        for part in ("sparsegpt", "teal"):
+            if part not in res and part in before:
+                res[part] = before[part]
+                res.setdefault("carried_over", {})[part] = before.get("carried_over", {}).get(part, before["command"])
     (out / "results.json").write_text(json.dumps(res, indent=2, sort_keys=True))
     write_markdown(out / "results.md", res)
     print((out / "results.md").read_text())

@@ -23,7 +23,7 @@ from .magnitude import magnitude_mask, magnitude_scores
 from .masks import mask_sparsity, nm_mask, num_pruned, parse_pattern, unstructured_mask
 from .owl import outlier_ratio, owl_ratios
 from .ria import ria_mask, ria_scores
-from .sparsegpt import HessianAccumulator, inverse_hessian_cholesky, sparsegpt_prune
+from .sparsegpt import HessianAccumulator, inverse_hessian_cholesky, sparsegpt_prune, sparsegpt_prune_group
 from .wanda import wanda_mask, wanda_scores
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "wanda_mask",
     "HessianAccumulator",
     "sparsegpt_prune",
+    "sparsegpt_prune_group",
     "inverse_hessian_cholesky",
     "calibrate_activation_thresholds",
     "apply_activation_sparsity",

@@ -19,7 +19,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from torch import nn
@@ -33,7 +33,7 @@ from ..calibrate import as_batches
 from ._common import DEFAULT_TARGETS, layer_targets
 from .magnitude import magnitude_mask
 from .masks import check_nm, parse_pattern
-from .sparsegpt import HessianAccumulator, sparsegpt_prune
+from .sparsegpt import HessianAccumulator, sparsegpt_prune, sparsegpt_prune_group
 from .alps import alps_prune
 from .owl import DEFAULT_SPREAD, DEFAULT_THRESHOLD, outlier_ratio, owl_ratios
 from .ria import ria_mask
@@ -205,6 +205,19 @@ def _prune_module(module: nn.Module, config: SparsityConfig, stats: Any, sparsit
 
 
 @torch.no_grad()
+def _prune_modules(modules: list[nn.Module], config: SparsityConfig, stats: Any, sparsity: float) -> None:
+    """Prune modules that read one input (``stats``); SparseGPT solves them as one (one Hessian)."""
+    if config.method != "sparsegpt" or len(modules) == 1:
+        for mod in modules:
+            _prune_module(mod, config, stats, sparsity)
+        return
+    results = sparsegpt_prune_group([weight_matrix(m) for m in modules], stats.hessian(), sparsity, nm=config.nm,
+                                    blocksize=config.blocksize, percdamp=config.percdamp)
+    for mod, (new_w, _) in zip(modules, results):
+        weight_matrix(mod).copy_(new_w)
+
+
+@torch.no_grad()
 def sparsify(
     model: nn.Module,
     config: SparsityConfig | dict | None = None,
@@ -309,30 +322,78 @@ def _sequential(model, adapter, layers, targets, batches, config, progress, devi
                           disable=not progress, total=len(layers), initial=io.start):
         io.enter(i, layers[i])
         layer = layers[i].to(device)
-        stats: dict[nn.Module, Any] = {}
-        handles = []
-        for _, mod in targets[i]:
-            if mod in stats:
-                continue
-            if config.method in _NEEDS_HESSIAN:
-                s = HessianAccumulator(weight_matrix(mod).shape[1], device=device)
-            else:
-                s = InputStats()
-            stats[mod] = s
-            handles.append(mod.register_forward_pre_hook(lambda m, a, s=s: s.update(a[0])))
+        shared = _SharedInputs(lambda mod: HessianAccumulator(weight_matrix(mod).shape[1], device=device)
+                               if config.method in _NEEDS_HESSIAN else InputStats())
+        modules = list(dict.fromkeys(mod for _, mod in targets[i]))
+        handles = [mod.register_forward_pre_hook(lambda m, a, s=shared: s.update(m, a[0])) for mod in modules]
         try:
-            outs = [run_layer(layer, h, *captured.layer_args[i][b], device) for b, h in enumerate(hidden)]
+            outs = []
+            for b, h in enumerate(hidden):
+                outs.append(run_layer(layer, h, *captured.layer_args[i][b], device))
+                shared.next_batch()
         finally:
             for h in handles:
                 h.remove()
-        for s in stats.values():  # accelerate launch: statistics of every process's windows
-            s.all_reduce()
-        for _, mod in targets[i]:
-            _prune_module(mod, config, stats[mod], layer_sparsity[i])
-        del stats
+        if not shared.consistent:  # input sharing changed between batches: statistics per module after all
+            shared = _SharedInputs(shared.make, share=False)
+            handles = [mod.register_forward_pre_hook(lambda m, a, s=shared: s.update(m, a[0])) for mod in modules]
+            try:
+                for b, h in enumerate(hidden):
+                    run_layer(layer, h, *captured.layer_args[i][b], device)
+            finally:
+                for h in handles:
+                    h.remove()
+        grouped = shared.groups(modules)
+        for _, stats in grouped:  # accelerate launch: statistics of every process's windows
+            stats.all_reduce()
+        for members, stats in grouped:
+            _prune_modules(members, config, stats, layer_sparsity[i])
+        del shared, grouped
         if config.sequential and targets[i]:
             outs = [run_layer(layer, h, *captured.layer_args[i][b], device) for b, h in enumerate(hidden)]
         hidden = [o.to(home) if device != home else o for o in outs]
         if device != home:
             layers[i].to(home)
         hidden = io.leave(i, layers[i], hidden)
+
+
+class _SharedInputs:
+    """Input statistics per distinct input: linears called with the same tensor (q/k/v, gate/up) share one.
+
+    The first module to receive a tensor in a batch owns the statistics of it; a module later given the
+    very same tensor object in that batch reads the owner's. ``consistent`` turns False if a module's
+    owner differs between batches (then the caller gathers statistics per module, ``share=False``).
+    """
+
+    def __init__(self, make: Callable[[nn.Module], Any], share: bool = True):
+        self.make = make
+        self.share = share
+        self.stats: dict[nn.Module, Any] = {}  # owner -> statistics
+        self.owner: dict[nn.Module, nn.Module] = {}
+        self.consistent = True
+        self._batch: dict[int, tuple[torch.Tensor, nn.Module]] = {}  # id(input) -> (input, owner) this batch
+
+    def update(self, module: nn.Module, x: torch.Tensor) -> None:
+        seen = self._batch.get(id(x)) if self.share else None
+        owner = seen[1] if seen is not None and seen[0] is x else module
+        if self.owner.setdefault(module, owner) is not owner:
+            self.consistent = False
+        if owner is module:
+            self._batch[id(x)] = (x, module)
+            if module not in self.stats:
+                self.stats[module] = self.make(module)
+            self.stats[module].update(x)
+
+    def next_batch(self) -> None:
+        self._batch.clear()  # also drops the references that kept the inputs alive
+
+    def groups(self, modules: list[nn.Module]) -> list[tuple[list[nn.Module], Any]]:
+        """``(modules sharing one input, their statistics)`` in ``modules`` order; a module that never ran
+        gets empty statistics of its own."""
+        members: dict[nn.Module, list[nn.Module]] = {}
+        for mod in modules:
+            owner = self.owner.get(mod, mod)
+            if owner not in self.stats:
+                self.stats[owner] = self.make(owner)
+            members.setdefault(owner, []).append(mod)
+        return [(group, self.stats[owner]) for owner, group in members.items()]
