@@ -72,7 +72,7 @@ def main() -> int:
     from llmprune.iterative import prune_iteratively
     from llmprune.recover import RecoveryConfig, recover
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # taskset pins a benchmark next to other work
     dense, tok = load_model(args.model)
     dense.eval()
     text = load_text(args.ppl)
@@ -83,7 +83,7 @@ def main() -> int:
     dense_block = block_parameters(dense)
     cpu = next((x.split(":", 1)[1].strip() for x in Path("/proc/cpuinfo").read_text().splitlines()
                 if x.startswith("model name")), "cpu") if Path("/proc/cpuinfo").exists() else "cpu"
-    machine = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+    machine = f"{cpu}, {torch.get_num_threads()} of {os.cpu_count()} cores, torch {torch.__version__}"
     rows = [{"row": "dense", "ratio": 0.0, "kept": 1.0, "ppl": ppl(dense), "seconds": 0.0, "tokens": 0}]
     budget = RecoveryConfig(steps=args.steps)
     tokens = args.steps * budget.batch_size * budget.seq_len

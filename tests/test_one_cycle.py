@@ -198,14 +198,22 @@ def test_only_training_batches_are_recorded_and_the_selection_uses_them():
     assert len(cb._recent) == 1  # the selection's own forward passes were not recorded
 
 
-def test_penalty_drives_the_selection_to_the_threshold_before_the_cap():
+def test_penalty_drives_the_selection_to_the_threshold_before_the_cap(tmp_path):
+    """Default (global, wanda, refit): the curve reaches the threshold, the committed model is physically smaller
+    (per-layer widths) and its saved checkpoint reloads with identical logits."""
     torch.manual_seed(0)
     model = tiny_causal_lm("llama")
+    before = sum(p.numel() for p in model.parameters())
     cb = OneCycle(model, OneCycleConfig(heads=0.5, ffn=0.5, select_every=2, penalty_step=0.1, commit_by=1.0),
                   total_steps=80)
-    _train(model, cb, 80)
+    result = _train(model, cb, 80)
     assert cb.penalty_from is not None and cb.committed_at is not None and cb.committed_at < 80
     assert cb.stability[-1] >= 0.999
+    assert sum(p.numel() for p in result.model.parameters()) < before
+    neurons = [w["neurons"] for w in layer_widths(result.model)]
+    assert sum(neurons) == 96 * len(neurons) // 2
+    out = save_pruned(result.model, tmp_path / "m")
+    assert_reloads_identically(result.model.eval(), out, torch.randint(0, 128, (2, 8)))
 
 
 def test_refit_at_the_commit_is_the_sequential_reconstruction_of_the_selected_units():
