@@ -129,20 +129,22 @@ def keep_after_removing(scores: torch.Tensor, n_remove: int) -> list[int]:
 
 
 def allocate_global(
-    layer_scores: Sequence[torch.Tensor], total_remove: int, min_keep: float
+    layer_scores: Sequence[torch.Tensor], total_remove: int, min_keep: float | Sequence[float]
 ) -> list[int]:
     """Per-layer removal counts from globally ranked, per-layer-normalised scores.
 
     Scores are divided by their layer's mean (so layers of different scale compare), then the lowest
-    ``total_remove`` are removed overall, keeping at least ``ceil(min_keep * n)`` (and 1) units per layer.
+    ``total_remove`` are removed overall, keeping at least ``ceil(min_keep * n)`` (and 1) units per layer;
+    ``min_keep`` is one fraction for every layer or one per layer (one-cycle's per-layer caps).
     """
+    keeps = [min_keep] * len(layer_scores) if isinstance(min_keep, (int, float)) else list(min_keep)
     entries = []
     for li, s in enumerate(layer_scores):
         s = s.float()
         norm = s / s.mean().clamp_min(1e-12)
         entries += [(float(v), li, ui) for ui, v in enumerate(norm.tolist())]
     entries.sort(key=lambda e: (e[0], e[1], e[2]))
-    caps = [s.numel() - max(1, math.ceil(min_keep * s.numel())) for s in layer_scores]
+    caps = [s.numel() - max(1, math.ceil(k * s.numel())) for s, k in zip(layer_scores, keeps)]
     counts = [0] * len(layer_scores)
     removed = 0
     for _, li, _ in entries:
@@ -153,7 +155,7 @@ def allocate_global(
             removed += 1
     if removed < total_remove:
         raise RatioError(
-            f"cannot remove {total_remove} units while keeping min_keep={min_keep:g} of every layer; "
+            f"cannot remove {total_remove} units while keeping min_keep={min(keeps):g} or more of every layer; "
             "lower the ratio or min_keep"
         )
     return counts
@@ -213,9 +215,12 @@ class LayerCounts:
     neurons: int = 0
 
 
-def removal_counts(cfg: PruneConfig, scores: list[LayerScores]) -> list[LayerCounts]:
+def removal_counts(cfg: PruneConfig, scores: list[LayerScores], keep_heads: Sequence[float] | None = None,
+                   keep_neurons: Sequence[float] | None = None) -> list[LayerCounts]:
     """Per-layer removal counts of the ``uniform`` and ``global`` allocations (``error`` and
-    ``block_influence`` counts come from :mod:`llmprune.allocate`)."""
+    ``block_influence`` counts come from :mod:`llmprune.allocate`). ``keep_heads`` / ``keep_neurons``: per-layer
+    smallest kept fractions (one per layer that has heads / a dense FFN) replacing ``cfg.min_keep`` in the
+    global allocation (one-cycle's per-layer caps)."""
     head_counts = [0] * len(scores)
     heads = [i for i, s in enumerate(scores) if s.q_heads is not None]
     if cfg.heads > 0 and heads:
@@ -224,7 +229,7 @@ def removal_counts(cfg: PruneConfig, scores: list[LayerScores]) -> list[LayerCou
         unit_sizes = [len(units[0].q_heads) for units, _ in unit_scores]
         if cfg.allocation == "global":
             total = units_to_remove(cfg.heads, sum(scores[i].q_heads.numel() for i in heads), unit_sizes[0], cfg.rounding)
-            per = allocate_global([us for _, us in unit_scores], total, cfg.min_keep)
+            per = allocate_global([us for _, us in unit_scores], total, keep_heads or cfg.min_keep)
         else:
             per = [units_to_remove(cfg.heads, scores[i].q_heads.numel(), size, cfg.rounding)
                    for i, size in zip(heads, unit_sizes)]
@@ -236,7 +241,7 @@ def removal_counts(cfg: PruneConfig, scores: list[LayerScores]) -> list[LayerCou
         neuron_scores = [scores[i].neurons for i in dense]
         if cfg.allocation == "global":
             total = sum(round(cfg.ffn * n.numel()) for n in neuron_scores)
-            per = allocate_global(neuron_scores, total, cfg.min_keep)
+            per = allocate_global(neuron_scores, total, keep_neurons or cfg.min_keep)
             if cfg.multiple_of > 1:
                 per = [n.numel() - max(cfg.multiple_of, round((n.numel() - c) / cfg.multiple_of) * cfg.multiple_of)
                        for n, c in zip(neuron_scores, per)]

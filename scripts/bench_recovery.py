@@ -12,7 +12,10 @@ For 25%, 50% and 75% of decoder-block parameters removed (heads + FFN): one-shot
   (300 steps in all);
 - at 50% also the plain one-shot wanda (uniform, no refit: the issue's 1019 baseline) and its ``+LoRA``;
 - ``one-cycle`` (only when asked with ``--rows``): OCSPruner, the structure chosen during 300 steps of full
-  fine-tuning from the dense model (uniform per layer), committed when stable, training continued;
+  fine-tuning from the dense model, committed when stable, training continued (``llmprune.one_cycle``
+  defaults: wanda score on recent training batches, global threshold under the per-layer cap, refit at the
+  commit); ``one-cycle-uniform``: the same fraction from every layer; ``one-cycle-paper``: the paper's
+  group-norm score and a plain cut (global);
 - ``scratch``: the same shape, randomly initialised, fully trained for the same 300 steps (Minitron's question).
 
 Every trained row sees 300 x 8 x 256 = 614,400 tokens of ``reference-train.txt`` (its held-out tail excluded).
@@ -35,6 +38,12 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LLMPRUNE_SHARED", REPO.parent / "shared"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+#: one-cycle rows (asked for with ``--rows``): the defaults, the uniform allocation (a standard checkpoint), and
+#: the paper's own choices (group-norm score, no refit at the commit)
+ONE_CYCLE_ROWS = {"one-cycle": {}, "one-cycle-uniform": {"allocation": "uniform"},
+                  "one-cycle-paper": {"method": "magnitude", "refit": False}}
 
 
 def main() -> int:
@@ -63,7 +72,7 @@ def main() -> int:
     from llmprune.iterative import prune_iteratively
     from llmprune.recover import RecoveryConfig, recover
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # taskset pins a benchmark next to other work
     dense, tok = load_model(args.model)
     dense.eval()
     text = load_text(args.ppl)
@@ -74,7 +83,7 @@ def main() -> int:
     dense_block = block_parameters(dense)
     cpu = next((x.split(":", 1)[1].strip() for x in Path("/proc/cpuinfo").read_text().splitlines()
                 if x.startswith("model name")), "cpu") if Path("/proc/cpuinfo").exists() else "cpu"
-    machine = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+    machine = f"{cpu}, {torch.get_num_threads()} of {os.cpu_count()} cores, torch {torch.__version__}"
     rows = [{"row": "dense", "ratio": 0.0, "kept": 1.0, "ppl": ppl(dense), "seconds": 0.0, "tokens": 0}]
     budget = RecoveryConfig(steps=args.steps)
     tokens = args.steps * budget.batch_size * budget.seq_len
@@ -126,16 +135,22 @@ def main() -> int:
             res = recover(it.model, third, data=args.data, tokenizer=tok, progress=False)
             used = sum(r.tokens for r in it.recoveries) + res.tokens
             record("iterative", ratio, res.model, time.perf_counter() - t0, used)
-        if "one-cycle" in wanted:  # structure chosen during full fine-tuning (OCSPruner), same budget
+        for name, overrides in ONE_CYCLE_ROWS.items():  # structure chosen during full fine-tuning, same budget
+            if name not in wanted:
+                continue
             from llmprune.one_cycle import OneCycle, OneCycleConfig
 
             model = copy.deepcopy(dense)
-            callback = OneCycle(model, OneCycleConfig(heads=ratio, ffn=ratio), total_steps=args.steps)
+            callback = OneCycle(model, OneCycleConfig(heads=ratio, ffn=ratio, **overrides), total_steps=args.steps)
             t0 = time.perf_counter()
             res = recover(model, RecoveryConfig(steps=args.steps, full=True, lr=5e-4), data=args.data, tokenizer=tok,
                           progress=False, callback=callback)
-            record(f"one-cycle (commit @{callback.committed_at})", ratio, res.model, time.perf_counter() - t0,
+            record(f"{name} (commit @{callback.committed_at})", ratio, res.model, time.perf_counter() - t0,
                    res.tokens)
+            rows[-1].update(stability=[round(x, 5) for x in callback.stability], committed_at=callback.committed_at,
+                            penalty_from=callback.penalty_from, one_cycle=callback.config.to_dict())
+            (out / "results.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+            callback.plot(str(out / f"stability_{name}_{round(ratio * 100)}.png"))
         if "scratch" in wanted:
             model = type(oneshot)(oneshot.config)  # the pruned shape, random weights
             model.eval()

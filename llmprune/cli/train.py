@@ -23,7 +23,7 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..one_cycle import OneCycleConfig
+    from ..one_cycle import SELECTION_METHODS, OneCycleConfig
     from ..recover import RecoveryConfig
 
     d, o = RecoveryConfig(), OneCycleConfig()
@@ -33,6 +33,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heads", type=float, default=0.0, help="fraction of attention heads removed")
     p.add_argument("--ffn", type=float, default=0.0, help="fraction of FFN neurons removed")
     p.add_argument("--schedule", choices=("one-cycle",), default="one-cycle")
+    p.add_argument("--method", choices=SELECTION_METHODS, default=o.method,
+                   help="criterion of every selection (magnitude: the paper's group norm; wanda: activation-aware, "
+                        "on recent training batches)")
+    p.add_argument("--allocation", choices=("global", "uniform"), default=o.allocation,
+                   help="global: one threshold over all layers under a per-layer cap (per-layer widths); uniform: "
+                        "the same fraction from every layer (a standard checkpoint)")
+    p.add_argument("--cap-limit", type=float, default=o.cap_limit,
+                   help="per-layer cap limit * (1 - exp(-0.015 * channels)) of the global allocation")
+    p.add_argument("--penalty-step", type=float, default=o.penalty_step,
+                   help="growth of the group penalty per selection once the stability curve flattens")
+    p.add_argument("--no-refit", action="store_true",
+                   help="cut at the commit without refitting the output projections on recent training batches")
     p.add_argument("--select-every", type=int, default=o.select_every, help="steps between selections")
     p.add_argument("--threshold", type=float, default=o.threshold, help="stability at which the structure is committed")
     p.add_argument("--commit-by", type=float, default=o.commit_by, help="commit at this fraction of --steps at the latest")
@@ -89,8 +101,10 @@ def run(args: argparse.Namespace) -> int:
                          warmup_steps=args.warmup_steps, eval_every=args.eval_every, full=not args.lora,
                          seed=args.seed, kd_alpha=args.kd_alpha, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                          lora_targets=args.lora_targets)
-    one = OneCycleConfig(heads=args.heads, ffn=args.ffn, select_every=args.select_every, threshold=args.threshold,
-                         commit_by=args.commit_by)
+    one = OneCycleConfig(heads=args.heads, ffn=args.ffn, method=args.method, allocation=args.allocation,
+                         cap_limit=args.cap_limit, penalty_step=args.penalty_step, refit=not args.no_refit,
+                         select_every=args.select_every, threshold=args.threshold, commit_by=args.commit_by)
+    one.validate()
     progress = not args.quiet
     ppl_of = ppl_function(args, tokenizer, progress)
     before = {"params": count_parameters(model), "block": block_parameters(model), "ppl": ppl_of(model)}
@@ -100,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     after = {"params": count_parameters(model), "block": block_parameters(model), "ppl": ppl_of(model),
              "extra_rows": [("structure committed at step", str(callback.committed_at)),
                             ("final stability", f"{callback.stability[-1]:.4f}" if callback.stability else "-")]}
-    extra = {"one_cycle": {**one.__dict__, "stability": callback.stability, "committed_at": callback.committed_at},
+    extra = {"one_cycle": {**one.to_dict(), "stability": callback.stability, "committed_at": callback.committed_at},
              "recovery": cfg.to_dict(), "recovery_history": result.history, "training_data": args.data,
              "training_tokens": result.tokens}
     if args.ppl:
