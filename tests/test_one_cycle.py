@@ -247,3 +247,34 @@ def test_refit_at_the_commit_is_the_sequential_reconstruction_of_the_selected_un
     model.eval()
     torch.testing.assert_close(model(ids).logits, twin(ids).logits)
     assert not torch.equal(model.model.layers[0].mlp.down_proj.weight, plain.model.layers[0].mlp.down_proj.weight)
+
+
+def test_one_cycle_on_the_reference_model_commits_on_stability_and_reloads_in_a_fresh_process(tmp_path, ref_model,
+                                                                                              shared_dir):
+    """The issue's case on the real model (shortened: 60 steps, a fast-growing penalty): the stability curve
+    reaches the threshold before the step cap, the committed model is physically smaller, and the saved
+    checkpoint reloads in a fresh process with identical logits."""
+    import subprocess
+    import sys
+
+    model, tok = ref_model
+    before = sum(p.numel() for p in model.parameters())
+    cb = OneCycle(model, OneCycleConfig(heads=0.5, ffn=0.5, select_every=4, penalty_step=0.05, commit_by=0.9),
+                  total_steps=60)
+    cfg = RecoveryConfig(steps=60, batch_size=4, seq_len=64, eval_every=60, eval_windows=4, full=True, lr=5e-4)
+    text = (shared_dir / "data" / "reference-train.txt").read_text()[:400_000]
+    result = recover(model, cfg, data=text, tokenizer=tok, progress=False, callback=cb)
+    assert cb.stability[-1] >= 0.999 and cb.committed_at < 54  # on stability, not at the cap
+    assert sum(p.numel() for p in result.model.parameters()) < before
+    out = save_pruned(result.model, tmp_path / "oc", tokenizer=tok)
+    ids = tok("The history of the region begins", return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = result.model.eval()(ids).logits
+    torch.save(ids, tmp_path / "ids.pt")
+    code = ("import sys, torch, llmprune\nfrom transformers import AutoModelForCausalLM\n"
+            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()\n"
+            "ids = torch.load(sys.argv[2], weights_only=True)\n"
+            "with torch.no_grad():\n    torch.save(m(ids).logits, sys.argv[3])\n")
+    subprocess.run([sys.executable, "-c", code, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")],
+                   check=True)
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt", weights_only=True), expected, atol=0, rtol=0)
