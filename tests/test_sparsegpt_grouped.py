@@ -9,7 +9,7 @@ from tiny_models import tiny_causal_lm
 
 from llmprune.sparsity import SparsityConfig, sparsegpt_prune, sparsify
 from llmprune.sparsity import api
-from llmprune.sparsity.sparsegpt import _kth_smallest, sparsegpt_prune_group
+from llmprune.sparsity.sparsegpt import _kth_bracketed, _kth_smallest, sparsegpt_prune_group
 
 SETTINGS = [(0.5, None), (0.7, None), (0.5, (2, 4))]
 
@@ -45,14 +45,16 @@ def test_grouped_solve_rejects_mismatched_inputs():
 @pytest.mark.parametrize("kind", ["randn", "ties", "zeros"])
 def test_kth_smallest_is_exact(kind):
     g = torch.Generator().manual_seed(1)
-    for n in (100, 9000, 60000):
+    for n in (100, 9000, 60000, 100000):  # 100000: above _DIRECT_SELECT (NumPy's selection on CPU)
         x = torch.randn(n, generator=g, dtype=torch.float64).square()
         if kind == "ties":
             x = (x * 4).round()
         elif kind == "zeros":
             x[: n // 2] = 0
         for k in (1, n // 4, n // 2, n - 1, n):
-            assert float(_kth_smallest(x, k)) == float(torch.kthvalue(x, k).values)
+            expected = float(torch.kthvalue(x, k).values)
+            assert float(_kth_smallest(x, k)) == expected
+            assert float(_kth_bracketed(x, k)) == expected  # the selection used off CPU
 
 
 class _PerModule(api._SharedInputs):
