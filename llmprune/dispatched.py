@@ -34,14 +34,17 @@ class DispatchedModelError(ValueError):
     cannot be found."""
 
 
-def _offload_hook(module: nn.Module) -> Any:
-    """The accelerate hook on ``module`` that holds offloaded weights (``AlignDevicesHook(offload=True)``,
-    possibly inside a ``SequentialHook``), or None."""
+def _hooks(module: nn.Module) -> list[Any]:
+    """The accelerate hooks on ``module`` (a ``SequentialHook`` unpacked)."""
     hook = getattr(module, "_hf_hook", None)
-    for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
-        if getattr(h, "offload", False) and getattr(h, "weights_map", None) is not None:
-            return h
-    return None
+    return list(getattr(hook, "hooks", None) or ([hook] if hook is not None else []))
+
+
+def _offload_hook(module: nn.Module) -> Any:
+    """The accelerate hook on ``module`` that holds offloaded weights (``AlignDevicesHook(offload=True)``), or
+    None."""
+    return next((h for h in _hooks(module) if getattr(h, "offload", False)
+                 and getattr(h, "weights_map", None) is not None), None)
 
 
 def offloaded_parameters(model: nn.Module) -> list[str]:
@@ -123,8 +126,7 @@ class ModelSource:
     def _execution_device(self) -> torch.device | None:
         """Where the hooks run the layers (the first non-CPU one), so the passes compute there too."""
         for module in self.model.modules():
-            hook = getattr(module, "_hf_hook", None)
-            for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+            for h in _hooks(module):
                 d = getattr(h, "execution_device", None)
                 if d is not None and torch.device(d).type not in ("cpu", "meta"):
                     return torch.device(d)

@@ -170,7 +170,7 @@ class OneCycle:
 
     def _record(self, module: nn.Module, args: tuple) -> None:
         if module.training and not self._busy and args and isinstance(args[0], torch.Tensor):
-            self._recent.append(args[0].detach().to("cpu", copy=True))
+            self._recent.append(args[0].detach().clone())  # on its device: no host sync per training step
 
     def _batches(self, n: int) -> list[torch.Tensor]:
         if not self._recent:

@@ -609,7 +609,7 @@ def prune_streaming(source: str | os.PathLike | nn.Module, config: PruneConfig, 
     if config.layers or config.experts:
         raise StreamingError("layer and expert removal are not streamed yet; prune in memory")
     model, ck, prefixes = build_skeleton(source, dtype)
-    device = device if device is not None else getattr(ck, "execution_device", None)
+    device = device if device is not None else ck.execution_device
     adapter = get_adapter(model)
     if any(adapter.experts(layer) is not None for layer in adapter.decoder_layers(model)):
         raise StreamingError("mixture-of-experts models are not streamed yet; prune in memory")
@@ -788,7 +788,6 @@ def _cutting_pass(model, adapter, config, plan, stream, part, progress) -> Prune
 
 
 # ---- weight sparsity ---------------------------------------------------------------------------------------
-@torch.no_grad()  # else every layer's autograd graph (its weights and activations) outlives the layer
 def sparsify_streaming(source: str | os.PathLike | nn.Module, config: Any, out: str | os.PathLike,
                        tokenizer: Any = None, calibration: Any = None, device: str | torch.device | None = None,
                        dtype: torch.dtype | str | None = None, resume: bool = False, overwrite: bool = False,
@@ -808,7 +807,7 @@ def sparsify_streaming(source: str | os.PathLike | nn.Module, config: Any, out: 
     if config.allocation != "uniform":
         raise StreamingError(f"allocation {config.allocation!r} is not streamed yet; use uniform or sparsify in memory")
     model, ck, prefixes = build_skeleton(source, dtype)
-    device = device if device is not None else getattr(ck, "execution_device", None)
+    device = device if device is not None else ck.execution_device
     adapter = get_adapter(model)
     dt = next(p for p in model.parameters() if p.device.type != "meta").dtype
     layers = adapter.decoder_layers(model)

@@ -306,6 +306,7 @@ def _owl_sparsity(model, adapter, targets, batches, config, device) -> list[floa
     return owl_ratios(ratios, config.sparsity, sizes, config.spread)
 
 
+@torch.no_grad()  # as layerwise_statistics: a layer's autograd graph would keep its weights and activations alive
 def _sequential(model, adapter, layers, targets, batches, config, progress, device, layer_sparsity,
                 layer_io=None) -> None:
     """Calibrate and prune one decoder layer at a time; ``layer_io`` (:class:`llmprune.calibrate.LayerIO`)
@@ -325,24 +326,10 @@ def _sequential(model, adapter, layers, targets, batches, config, progress, devi
         shared = _SharedInputs(lambda mod: HessianAccumulator(weight_matrix(mod).shape[1], device=device)
                                if config.method in _NEEDS_HESSIAN else InputStats())
         modules = list(dict.fromkeys(mod for _, mod in targets[i]))
-        handles = [mod.register_forward_pre_hook(lambda m, a, s=shared: s.update(m, a[0])) for mod in modules]
-        try:
-            outs = []
-            for b, h in enumerate(hidden):
-                outs.append(run_layer(layer, h, *captured.layer_args[i][b], device))
-                shared.next_batch()
-        finally:
-            for h in handles:
-                h.remove()
+        outs = _gather(layer, modules, shared, hidden, captured.layer_args[i], device)
         if not shared.consistent:  # input sharing changed between batches: statistics per module after all
             shared = _SharedInputs(shared.make, share=False)
-            handles = [mod.register_forward_pre_hook(lambda m, a, s=shared: s.update(m, a[0])) for mod in modules]
-            try:
-                for b, h in enumerate(hidden):
-                    run_layer(layer, h, *captured.layer_args[i][b], device)
-            finally:
-                for h in handles:
-                    h.remove()
+            _gather(layer, modules, shared, hidden, captured.layer_args[i], device)
         grouped = shared.groups(modules)
         for _, stats in grouped:  # accelerate launch: statistics of every process's windows
             stats.all_reduce()
@@ -355,6 +342,21 @@ def _sequential(model, adapter, layers, targets, batches, config, progress, devi
         if device != home:
             layers[i].to(home)
         hidden = io.leave(i, layers[i], hidden)
+
+
+def _gather(layer: nn.Module, modules: list[nn.Module], shared: "_SharedInputs", hidden: list[torch.Tensor],
+            layer_args: list, device: torch.device) -> list[torch.Tensor]:
+    """Run ``layer`` on every calibration batch with ``modules``' inputs recorded in ``shared``; its outputs."""
+    handles = [mod.register_forward_pre_hook(lambda m, a: shared.update(m, a[0])) for mod in modules]
+    try:
+        outs = []
+        for b, h in enumerate(hidden):
+            outs.append(run_layer(layer, h, *layer_args[b], device))
+            shared.next_batch()
+    finally:
+        for h in handles:
+            h.remove()
+    return outs
 
 
 class _SharedInputs:

@@ -348,10 +348,10 @@ def _solve_block(C: torch.Tensor, W0: torch.Tensor, Vs: torch.Tensor, d: torch.T
     """
     count = C.shape[0]
     Z = torch.empty_like(C)
+    solve = _solve_columns_cpu if C.device.type == "cpu" else _solve_columns
     for a in range(0, count, sub):
         b = min(a + sub, count)
         sub_groups = None if nm is None else groups[a // nm[1]:b // nm[1]]
-        solve = _solve_columns_cpu if C.device.type == "cpu" else _solve_columns
         solve(C[a:b], W0[a:b], Vs[a:b, a:b], d[a:b], prune[a:b], Z[a:b], nm, sub_groups, tie_order)
         if b < count:
             C[b:].addmm_(Vs[a:b, b:].t(), Z[a:b])
@@ -400,9 +400,7 @@ def _solve_columns_cpu(C: torch.Tensor, W0: torch.Tensor, Vs: torch.Tensor, d: t
     c, w, v, z, p = C.numpy(), W0.numpy(), Vs.numpy(), Z.numpy(), prune.numpy()
     count = c.shape[0]
     step = 4 if nm is None else nm[1]
-    keep = None if nm is None else np.empty(c.shape, dtype=c.dtype)
-    if nm is None:
-        keep = (~p).astype(c.dtype)
+    keep = (~p).astype(c.dtype) if nm is None else np.empty(c.shape, dtype=c.dtype)  # N:M: set per group
     vt = np.ascontiguousarray(v.T)  # vt[j, :j]: what earlier columns add to column j
     tmp = np.empty(c.shape[1], dtype=c.dtype)
     dd = None if nm is None else d.numpy().reshape(-1, 1)
