@@ -275,6 +275,10 @@ def capture_layer_inputs(model: nn.Module, adapter: ArchAdapter, batches: list[t
             if i == 0:
                 hidden.append(hidden_states)
             layer_args[i].append((args, kwargs))
+            if all(len(a) == len(hidden) for a in layer_args):
+                # every layer has this batch's inputs: skip the rest (final norm, and the LM head, whose
+                # vocabulary-wide product costs as much as several decoder layers)
+                raise _StopForward
             return (hidden_states,) if returns_tuple else hidden_states
 
         return record
@@ -283,7 +287,10 @@ def capture_layer_inputs(model: nn.Module, adapter: ArchAdapter, batches: list[t
         layer.forward = make_recorder(i)
     try:
         for batch in batches:
-            model(batch.to(device), **fwd_kwargs)
+            try:
+                model(batch.to(device), **fwd_kwargs)
+            except _StopForward:
+                pass
     finally:
         for layer in layers:
             del layer.forward
