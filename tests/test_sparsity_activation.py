@@ -148,3 +148,134 @@ def test_bad_inputs():
         apply_activation_sparsity(model, {"model.layers.0.nope": 0.1})
     with pytest.raises(ValueError, match="must be >= 0"):
         apply_activation_sparsity(model, {"model.layers.0.mlp.down_proj": -1.0})
+
+
+def _layer_calls(model):
+    """Forward pre-hook counts of every decoder layer (paused forwards count as started)."""
+    from llmprune.arch import get_adapter
+
+    layers = get_adapter(model).decoder_layers(model)
+    calls = [0] * len(layers)
+    handles = [layer.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
+               for i, layer in enumerate(layers)]
+    return calls, handles
+
+
+@pytest.mark.parametrize("arch", ["llama", "falcon", "gpt2", "phi3", "qwen3_moe"])
+def test_staged_calibration_equals_one_pass_per_stage(arch):
+    """Paused forwards (one per batch and layer) give bit-identical thresholds to re-running each stage."""
+    if arch == "qwen3_moe":
+        from tiny_models import tiny_moe
+
+        model = tiny_moe(arch)
+    else:
+        model = tiny_causal_lm(arch)
+    batches = _batches(n=12, seq=16)
+    kw = dict(calibration=batches, sparsity=0.45, progress=False)
+    calls, handles = _layer_calls(model)
+    staged = calibrate_activation_thresholds(model, staged=True, **kw)
+    staged_calls = list(calls)
+    calls[:] = [0] * len(calls)
+    passes = calibrate_activation_thresholds(model, staged=False, **kw)
+    for h in handles:
+        h.remove()
+    assert staged == passes and all(t > 0 for t in staged.values())
+    # one forward per batch and layer (capture_layer_inputs' pass-through and its probe of layer 0 also count
+    # as calls); the stage passes run more
+    n = len(batches)
+    assert staged_calls == [2 * n + 1] + [2 * n] * (len(calls) - 1)
+    assert calls[1] > 2 * n
+    import threading
+
+    assert not [t for t in threading.enumerate() if t.name.startswith("llmprune-calibration")]
+
+
+def test_staged_falls_back_to_stage_passes_when_paused_forwards_do_not_fit(monkeypatch):
+    import llmprune.streaming
+
+    model = tiny_causal_lm("llama")
+    batches = _batches()
+    kw = dict(calibration=batches, sparsity=0.3, progress=False)
+    expected = calibrate_activation_thresholds(model, staged=True, **kw)
+    monkeypatch.setattr(llmprune.streaming, "available_memory", lambda: 1024)
+    calls, handles = _layer_calls(model)
+    got = calibrate_activation_thresholds(model, **kw)  # staged=None: decided per layer
+    for h in handles:
+        h.remove()
+    assert got == expected and calls[1] > 2 * len(batches)
+
+
+class _Routed(torch.nn.Module):
+    """Three linears; even batches skip ``b`` (data-dependent routing), odd ones call ``a``, ``b``, ``c``."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = (torch.nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, x, batch):
+        x = self.a(x)
+        if batch % 2:
+            x = self.b(x)
+        return self.c(x)
+
+
+def test_run_staged_with_routing_calibrates_each_target_on_every_batch_reaching_it():
+    from llmprune.sparsity._staged import run_staged
+
+    layer = _Routed()
+    inputs = [torch.randn(4, 8, generator=torch.Generator().manual_seed(b)) for b in range(5)]
+    seen: dict[str, list[int]] = {"a": [], "b": [], "c": []}
+    order: list[str] = []
+
+    def finalize(full):
+        order.append(full)
+        return 0.1
+
+    outs, unreached = run_staged(lambda b: layer(inputs[b], b), len(inputs),
+                                 [("a", layer.a), ("b", layer.b), ("c", layer.c)],
+                                 record=lambda full, x, b: seen[full].append(b), finalize=finalize,
+                                 sparsify=torch.nn.functional.hardshrink, keep_outputs=True)
+    assert order == ["a", "b", "c"] and unreached == []
+    # c is reached by the even batches while the odd ones wait at b: recorded out of batch order
+    assert {k: sorted(v) for k, v in seen.items()} == {"a": [0, 1, 2, 3, 4], "b": [1, 3], "c": [0, 1, 2, 3, 4]}
+    # outputs: those of the plain forward with every threshold applied as a pre-hook
+    hooks = [m.register_forward_pre_hook(lambda m, a: (torch.nn.functional.hardshrink(a[0], 0.1),))
+             for m in (layer.a, layer.b, layer.c)]
+    try:
+        for b, x in enumerate(inputs):
+            assert torch.equal(outs[b], layer(x, b))
+    finally:
+        for h in hooks:
+            h.remove()
+    # a target no batch reaches is reported
+    _, unreached = run_staged(lambda b: layer(inputs[b], 0), 2, [("b", layer.b), ("c", layer.c)],
+                              record=lambda *a: None, finalize=lambda full: 0.0,
+                              sparsify=torch.nn.functional.hardshrink, keep_outputs=False)
+    assert unreached == ["b"]
+
+
+def test_run_staged_error_in_one_forward_unwinds_every_paused_one():
+    import threading
+
+    from llmprune.sparsity._staged import run_staged
+
+    layer = _Routed()
+    inputs = [torch.randn(4, 8) for _ in range(4)]
+
+    def forward(b):
+        x = layer.a(inputs[b])
+        if b == 2:
+            raise RuntimeError("boom in batch 2")
+        return layer.c(x)
+
+    with pytest.raises(RuntimeError, match="boom in batch 2"):
+        run_staged(forward, len(inputs), [("a", layer.a), ("c", layer.c)], record=lambda *a: None,
+                   finalize=lambda full: 0.0, sparsify=torch.nn.functional.hardshrink, keep_outputs=True)
+    assert not [t for t in threading.enumerate() if t.name.startswith("llmprune-calibration")]
+    assert not layer.a._forward_pre_hooks and not layer.c._forward_pre_hooks
+    with pytest.raises(ValueError, match="bad threshold"):  # a failing finalize unwinds them too
+        run_staged(lambda b: layer(inputs[b], 1), len(inputs), [("a", layer.a)], record=lambda *a: None,
+                   finalize=lambda full: (_ for _ in ()).throw(ValueError("bad threshold")),
+                   sparsify=torch.nn.functional.hardshrink, keep_outputs=True)
+    assert not [t for t in threading.enumerate() if t.name.startswith("llmprune-calibration")]

@@ -12,8 +12,11 @@ quantile values are interpolated linearly, so ``t`` is within 0.1% of the exact 
 Calibration runs one decoder layer at a time. With ``sequential=True`` (default) every threshold is
 calibrated on the inputs the layer sees at inference time, i.e. with all earlier thresholds applied
 (earlier layers, and earlier projections of the same layer: q/k/v, then o_proj, then gate/up, then
-down_proj for Llama). Each such stage takes one pass of the layer over the calibration batches, cut short
-once the stage's projections have seen their input; the last layer's output is never computed.
+down_proj for Llama). Every batch's forward through the layer runs once, paused at each target until all
+batches have reached it and its threshold is known (:mod:`._staged`); where holding every batch's paused
+forward would not fit in memory (``staged``), each stage takes one pass of the layer over the calibration
+batches instead, cut short once the stage's projections have seen their input. The last layer's forwards
+stop once its last threshold is known.
 
 The thresholds are ``{full module name: float}`` (``model.layers.0.mlp.down_proj``), the format of
 ``llmprune.runtime.KernelConfig(thresholds=...)`` whose ``ActSparseLinear`` keeps ``|x| > t``.
@@ -32,6 +35,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import struct
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -43,6 +47,7 @@ from ..calibrate import CalibrationError, capture_layer_inputs, run_layer
 from ..progress import progress_bar
 from ..calibrate import as_batches
 from ._common import DEFAULT_TARGETS, layer_targets
+from ._staged import paused_bytes, run_staged
 
 __all__ = [
     "calibrate_activation_thresholds",
@@ -88,6 +93,11 @@ class AbsHistogram:
     def add(self, counts: torch.Tensor, n: int) -> None:
         """Add per-bin counts of ``n`` values (from :meth:`bin_counts` of a histogram with the same bits)."""
         self.counts += counts.to(self.counts.device)
+        self.seen += n
+
+    def add_bins(self, bins: torch.Tensor, counts: torch.Tensor, n: int) -> None:
+        """:meth:`add` with the counts given for ``bins`` only (the others are 0)."""
+        self.counts.index_add_(0, bins.to(self.counts.device), counts.to(self.counts.device))
         self.seen += n
 
     def all_reduce(self) -> None:
@@ -296,6 +306,7 @@ def calibrate_activation_thresholds(
     sequential: bool = True,
     progress: bool = True,
     device: torch.device | str | None = None,
+    staged: bool | None = None,
 ) -> dict[str, float]:
     """Per-layer magnitude thresholds hitting ``sparsity`` on the calibration data.
 
@@ -307,6 +318,10 @@ def calibrate_activation_thresholds(
         max_samples: unused; kept for callers of the former sampled quantile (the histogram of every
             value has a fixed size).
         sequential: calibrate each layer on inputs with all earlier thresholds applied.
+        staged: with ``sequential``, run each batch through a layer once, paused at every target until its
+            threshold is known (holds every batch's paused forward: about :func:`._staged.paused_bytes`),
+            instead of one pass per stage. ``None``: staged when that estimate fits in a quarter of the
+            available memory of the layer's device. Same thresholds either way.
     Returns:
         ``{full module name: threshold}`` for every target linear layer (0.0 where the target is 0).
     """
@@ -341,6 +356,11 @@ def calibrate_activation_thresholds(
             return run_layer(layer, hidden[b], *captured.layer_args[i][b], device)
 
         outs = None
+        if pending and sequential and _use_staged(staged, layer, hidden, device):
+            outs, unreached = _calibrate_staged(run_batch, len(hidden), pending, done, device, need_outputs)
+            if unreached:
+                raise CalibrationError(f"no calibration inputs reached {unreached[0]}")
+            pending = []
         while pending:
             applied = [(mod, done[full]) for full, mod, _ in group if done.get(full, 0.0) > 0]
             rec = _record_pass(run_batch, len(hidden), [(full, mod) for full, mod, _ in pending], applied,
@@ -368,6 +388,44 @@ def calibrate_activation_thresholds(
         if device != home:
             layers[i].to(home)
     return result
+
+
+def _use_staged(staged: bool | None, layer: nn.Module, hidden: Sequence[torch.Tensor], device: torch.device) -> bool:
+    """``staged``, or when ``None`` whether every batch's paused forward fits a quarter of the free memory."""
+    if staged is not None:
+        return staged
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        from ..streaming import available_memory  # local: streaming imports the pruners
+
+        free = available_memory()
+    return paused_bytes(layer, hidden) <= free // 4
+
+
+def _calibrate_staged(run_batch: Callable[[int], torch.Tensor], n_batches: int,
+                      pending: Sequence[tuple[str, nn.Module, float]], done: dict[str, float],
+                      device: torch.device, keep_outputs: bool) -> tuple[list[torch.Tensor] | None, list[str]]:
+    """Every pending target's threshold into ``done`` with one paused forward per batch (:func:`run_staged`)."""
+    hists = {full: AbsHistogram(device=device) for full, _, _ in pending}
+    targets = {full: s for full, _, s in pending}
+    # per batch: the input binned last (weakly: it must not outlive the forward) and its non-empty bins
+    last: dict[int, tuple[weakref.ref, torch.Tensor, torch.Tensor]] = {}
+
+    def record(full: str, x: torch.Tensor, b: int) -> None:
+        if b not in last or last[b][0]() is not x:  # q/k/v (and gate/up) share one input tensor: bin it once
+            counts = hists[full].bin_counts(x)
+            bins = counts.nonzero().squeeze(1)  # a few thousand of 2^18: cheap to keep for every batch
+            last[b] = (weakref.ref(x), bins, counts[bins])
+        hists[full].add_bins(last[b][1], last[b][2], x.numel())
+
+    def finalize(full: str) -> float:
+        hists[full].all_reduce()
+        done[full] = hists[full].threshold(targets[full])
+        return done[full]
+
+    return run_staged(run_batch, n_batches, [(full, mod) for full, mod, _ in pending], record, finalize,
+                      torch.nn.functional.hardshrink, keep_outputs)
 
 
 @dataclass
