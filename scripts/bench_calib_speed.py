@@ -210,7 +210,7 @@ def write_markdown(path: Path, res: dict) -> None:
         lines.append("")
     if "teal" in res:
         lines += [f"## TEAL threshold calibration ({res['tokens']} tokens, 42 thresholds)", "",
-                  "One old/new pair per row, in the order listed.", "",
+                  "One old/new pair per row (old first, in one process); the sequential=True rows ran first.", "",
                   "| sequential | sparsity | old (s) | new (s) | speedup | max rel. threshold diff "
                   "| median rel. diff |", "|---|---|---|---|---|---|---|"]
         for e in res["teal"].values():
@@ -229,8 +229,10 @@ def write_markdown(path: Path, res: dict) -> None:
               "- With the cores loaded by other work, every PyTorch/MKL call that opens a thread-pool region waits "
               "for a time slice (milliseconds), so 2-thread timings count such calls more than arithmetic and "
               "vary from run to run; the 1-thread rows show the algorithmic ratio.",
-              "- TEAL: both versions run the decoder layers themselves (the new one fewer and shorter passes); "
-              "that forward compute is the floor of the new timings.", ""]
+              "- TEAL: both versions run the decoder layers themselves; the new one runs each layer once per batch "
+              "(sequential=True: every batch's forward paused at each target until its threshold is known) and "
+              "stops capturing layer inputs before the LM head. That forward compute is the floor of the new "
+              "timings.", ""]
     path.write_text("\n".join(lines))
 
 
@@ -279,6 +281,8 @@ def main() -> None:
         for part in ("sparsegpt", "teal"):
             if part not in res and part in before:
                 res[part] = before[part]
+                if part == "sparsegpt":
+                    res["sgpt_repeats"] = before.get("sgpt_repeats")
                 res.setdefault("carried_over", {})[part] = before.get("carried_over", {}).get(part, before["command"])
     (out / "results.json").write_text(json.dumps(res, indent=2, sort_keys=True))
     write_markdown(out / "results.md", res)
