@@ -379,14 +379,17 @@ class LayerStream(LayerIO):
         write: write each finished layer as an output shard.
         on_leave: called with ``(i, layer)`` before the layer is written and freed (reports, plans).
         spill_bytes: hidden states above this size stay memory-mapped from the run folder instead of RAM.
+        read_output: read every layer from this run's output shards (written by an earlier pass) instead of
+            the source checkpoint.
     """
 
     def __init__(self, model: nn.Module, checkpoint: Checkpoint, prefixes: dict[int, str], part: PartialOutput,
                  phase: str, write: bool, dtype: torch.dtype, spill_bytes: int,
                  on_leave: Callable[[int, nn.Module], None] | None = None,
-                 out_index: Callable[[int], int] | None = None):
+                 out_index: Callable[[int], int] | None = None, read_output: bool = False):
         self.model, self.ck, self.prefixes, self.part = model, checkpoint, prefixes, part
         self.phase, self.write, self.dtype, self.spill_bytes = phase, write, dtype, spill_bytes
+        self.read_output = read_output
         self.on_leave = on_leave
         self.out_index = out_index or (lambda i: i)
         self.layers = get_adapter(model).decoder_layers(model)
@@ -422,6 +425,10 @@ class LayerStream(LayerIO):
 
     def _written(self, i: int) -> Path | None:
         path = self.part.dir / "layers" / f"layer-{self.out_index(i):05d}.safetensors"
+        if self.read_output:
+            if not path.is_file():
+                raise StreamingError(f"{path} is missing: the pass that writes layer {i} has not finished")
+            return path
         return path if self.write and i < self.start and path.is_file() else None
 
     def _out_prefix(self, i: int) -> str:
@@ -792,10 +799,15 @@ def sparsify_streaming(source: str | os.PathLike | nn.Module, config: Any, out: 
                        tokenizer: Any = None, calibration: Any = None, device: str | torch.device | None = None,
                        dtype: torch.dtype | str | None = None, resume: bool = False, overwrite: bool = False,
                        max_memory: int | None = None, progress: bool = True,
-                       extra: dict[str, Any] | None = None) -> StreamResult:
+                       extra: dict[str, Any] | None = None, activation_sparsity: float = 0.0) -> StreamResult:
     """Weight sparsity (:func:`llmprune.sparsity.sparsify`) of ``source`` (a checkpoint folder or a loaded,
     possibly dispatched model, as in :func:`prune_streaming`) into ``out``, one layer at a time; the same
-    tensors as in memory. OWL allocation is not streamed (it needs every layer's outliers first)."""
+    tensors as in memory. OWL allocation is not streamed (it needs every layer's outliers first).
+
+    ``activation_sparsity`` > 0: a second streamed pass over the sparsified layers calibrates TEAL thresholds
+    (:func:`llmprune.sparsity.calibrate_activation_thresholds` on the same calibration windows and targets:
+    the thresholds of the in-memory sparsified model), stored with the output as ``sparsify --activation-sparsity``
+    stores them and returned in ``report["activation_sparsity"]``."""
     import time
 
     from .sparsity._common import layer_targets
@@ -814,13 +826,18 @@ def sparsify_streaming(source: str | os.PathLike | nn.Module, config: Any, out: 
     targets = layer_targets(model, layers, config.targets)
     if not any(targets):
         raise ValueError(f"targets={config.targets} match no linear layer inside the decoder blocks")
+    if isinstance(activation_sparsity, bool) or not 0.0 <= float(activation_sparsity) < 1.0:
+        raise ValueError(f"activation_sparsity={activation_sparsity!r} must be a fraction in [0, 1)")
     batches = None
-    if config.needs_calibration:
+    if config.needs_calibration or activation_sparsity > 0:
         batches = as_batches(calibration, tokenizer, config.n_samples, config.seq_len, config.seed, config.batch_size)
         if batches is None:
-            raise CalibrationError(f"method {config.method!r} needs calibration data: pass calibration=<text file>")
-    part = PartialOutput(out, _fingerprint(ck, {"sparsify": config.to_dict()}, batches, dt), resume,
-                         overwrite)
+            needs = f"method {config.method!r}" if config.needs_calibration else "activation sparsity"
+            raise CalibrationError(f"{needs} needs calibration data: pass calibration=<text file>")
+    settings: dict[str, Any] = {"sparsify": config.to_dict()}
+    if activation_sparsity > 0:
+        settings["activation_sparsity"] = float(activation_sparsity)
+    part = PartialOutput(out, _fingerprint(ck, settings, batches, dt), resume, overwrite)
     _announce(ck, len(layers), max_memory, batches, model, progress)
     report = part.state.setdefault("report", {})
 
@@ -845,9 +862,31 @@ def sparsify_streaming(source: str | os.PathLike | nn.Module, config: Any, out: 
     total = sum(t for _, t in report.values())
     summary = {"config": config.to_dict(), "layers": {k: z / max(t, 1) for k, (z, t) in report.items()},
                "overall_sparsity": zeros / max(total, 1), "pruned_weights": zeros, "total_weights": total}
+    act_extra = {}
+    if activation_sparsity > 0:
+        thresholds = _activation_pass(model, ck, prefixes, part, dt, max_memory, batches, float(activation_sparsity),
+                                      config.targets, device, progress)
+        summary["activation_sparsity"] = act_extra["activation_sparsity"] = {
+            "target": float(activation_sparsity), "thresholds": thresholds}
     params = _count(model)
     meta = dict(config=None, plan=None, source=ck.name,
                 extra={"sparsity_config": config.to_dict(), "overall_sparsity": summary["overall_sparsity"],
-                       "streamed": True, **(extra or {})})
+                       "streamed": True, **act_extra, **(extra or {})})
     path = _finish(model, part, prefixes, ck, tokenizer, meta)
     return StreamResult(path, None, params, params, time.perf_counter() - t0, summary)
+
+
+def _activation_pass(model: nn.Module, ck: Checkpoint | ModelSource, prefixes: dict[int, str], part: PartialOutput,
+                     dtype: torch.dtype, max_memory: int | None, batches: list[torch.Tensor], sparsity: float,
+                     targets: list[str], device: Any, progress: bool) -> dict[str, float]:
+    """TEAL thresholds of the layers the weight pass wrote, read back one at a time (resumable: finished
+    layers' thresholds are kept in the run's state)."""
+    from .sparsity.activation import calibrate_activation_thresholds
+
+    saved = part.state.setdefault("activation", {}).setdefault("thresholds", {})
+    io = LayerStream(model, ck, prefixes, part, "activation", False, dtype, _spill_bytes(max_memory), read_output=True)
+    if io.start < len(io.layers):
+        calibrate_activation_thresholds(model, calibration=batches, sparsity=sparsity, targets=targets,
+                                        progress=progress, device=device, layer_io=io,
+                                        on_layer=lambda i, th: saved.update(th))
+    return dict(saved)

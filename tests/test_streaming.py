@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from llmprune import PruneConfig, load_model, prune
 from llmprune.io import CheckpointError, OutputExistsError, save_pruned
-from llmprune.sparsity import SparsityConfig, sparsify
+from llmprune.calibrate import CalibrationError
+from llmprune.sparsity import SparsityConfig, calibrate_activation_thresholds, read_activation_thresholds, sparsify
 from llmprune.streaming import StreamingError, parse_memory, prune_streaming, should_stream, sparsify_streaming
 
 from tiny_models import CAUSAL_LM_TYPES, LIGHT_VARIANTS, tiny_causal_lm
@@ -186,7 +187,7 @@ _KILLER = textwrap.dedent("""
                                   resume={resume!r})
     else:
         streaming.sparsify_streaming({src!r}, SparsityConfig(**{cfg!r}), {out!r}, calibration=ids,
-                                     progress=False, resume={resume!r})
+                                     progress=False, resume={resume!r}, activation_sparsity={act!r})
 """)
 
 KILLS = {
@@ -199,13 +200,16 @@ KILLS = {
     "bias-compensation-cut": ("prune", "cut", dict(heads=0.5, ffn=0.5, method="flap", bias_compensation=True,
                                                    n_samples=4, seq_len=32)),
     "sparsegpt": ("sparsify", "sparsify", dict(method="sparsegpt", sparsity=0.5, n_samples=4, seq_len=32)),
+    # the second pass of --activation-sparsity (TEAL thresholds of the written layers)
+    "activation": ("sparsify", "activation", dict(method="wanda", sparsity=0.5, n_samples=4, seq_len=32)),
 }
 
 
-@pytest.mark.parametrize("case", [c if c in ("reconstruct-cut", "global-score", "sparsegpt")
+@pytest.mark.parametrize("case", [c if c in ("reconstruct-cut", "global-score", "sparsegpt", "activation")
                                   else pytest.param(c, marks=pytest.mark.slow) for c in KILLS])
 def test_killed_run_resumes_to_the_uninterrupted_output(tmp_path, case):
     kind, phase, cfg = KILLS[case]
+    act = 0.4 if phase == "activation" else 0.0
     src = _checkpoint(tmp_path, "llama", num_hidden_layers=6)
     torch.save(IDS, tmp_path / "ids.pt")
     tests = str(Path(__file__).parent)
@@ -213,13 +217,15 @@ def test_killed_run_resumes_to_the_uninterrupted_output(tmp_path, case):
 
     def run(out: Path, resume: bool, kill_after: int) -> subprocess.CompletedProcess:
         code = _KILLER.format(tests=tests, kind=kind, phase=phase if kill_after >= 0 else "-", k=kill_after,
-                              ids=str(tmp_path / "ids.pt"), src=str(src), cfg=cfg, out=str(out), resume=resume)
+                              ids=str(tmp_path / "ids.pt"), src=str(src), cfg=cfg, out=str(out), resume=resume,
+                              act=act)
         return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
 
     if kind == "prune":
         prune_streaming(src, PruneConfig(**cfg), tmp_path / "straight", calibration=IDS, progress=False)
     else:
-        sparsify_streaming(src, SparsityConfig(**cfg), tmp_path / "straight", calibration=IDS, progress=False)
+        sparsify_streaming(src, SparsityConfig(**cfg), tmp_path / "straight", calibration=IDS, progress=False,
+                           activation_sparsity=act)
     killed = run(tmp_path / "out", False, 2)
     assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL
     partial = tmp_path / ".out.partial"
@@ -229,12 +235,38 @@ def test_killed_run_resumes_to_the_uninterrupted_output(tmp_path, case):
         if kind == "prune":
             prune_streaming(src, PruneConfig(**cfg), tmp_path / "out", calibration=IDS, progress=False)
         else:
-            sparsify_streaming(src, SparsityConfig(**cfg), tmp_path / "out", calibration=IDS, progress=False)
+            sparsify_streaming(src, SparsityConfig(**cfg), tmp_path / "out", calibration=IDS, progress=False,
+                               activation_sparsity=act)
     assert (partial / "stream_state.json").is_file()
     resumed = run(tmp_path / "out", True, -1)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     _assert_same_output(tmp_path / "straight", tmp_path / "out")
+    if act:
+        assert read_activation_thresholds(tmp_path / "out") == read_activation_thresholds(tmp_path / "straight")
     assert not partial.exists()
+
+
+@pytest.mark.parametrize("model_type,method,sparsity", [("llama", "sparsegpt", 0.5), ("gpt2", "wanda", 0.0),
+                                                        ("qwen2", "magnitude", 0.5)])
+def test_streamed_activation_thresholds_equal_in_memory(tmp_path, model_type, method, sparsity):
+    """--activation-sparsity with --streaming: the thresholds of the in-memory sparsified model, same weights."""
+    src = _checkpoint(tmp_path, model_type)
+    cfg = SparsityConfig(method=method, sparsity=sparsity, n_samples=4, seq_len=32)
+    model, _ = load_model(src, with_tokenizer=False)
+    sparsify(model, cfg, calibration=IDS, progress=False)
+    expected = calibrate_activation_thresholds(model, calibration=IDS, sparsity=0.4, n_samples=4, seq_len=32,
+                                               progress=False)
+    save_pruned(model, tmp_path / "mem")
+    res = sparsify_streaming(src, cfg, tmp_path / "str", calibration=IDS, progress=False, activation_sparsity=0.4)
+    _assert_same_output(tmp_path / "mem", res.out)
+    assert res.report["activation_sparsity"] == {"target": 0.4, "thresholds": expected}
+    assert read_activation_thresholds(res.out) == expected and all(t > 0 for t in expected.values())
+    with pytest.raises(CalibrationError, match="activation sparsity needs calibration"):
+        sparsify_streaming(src, SparsityConfig(method="magnitude", sparsity=0.5), tmp_path / "x", progress=False,
+                           activation_sparsity=0.4)
+    with pytest.raises(ValueError, match="activation_sparsity"):
+        sparsify_streaming(src, cfg, tmp_path / "x", calibration=IDS, progress=False, activation_sparsity=1.0)
+    assert not (tmp_path / "x").exists()
 
 
 def test_resume_refuses_state_of_other_settings(tmp_path):
@@ -307,3 +339,16 @@ def test_cli_streams_when_the_model_does_not_fit_and_output_reloads_fresh(tmp_pa
     code = main(["prune", str(ref_model_path), "--ffn", "0.25", "--calib", calib, "--out", str(tmp_path / "x"),
                  "--streaming", "--ppl", calib])
     assert code == 2 and not (tmp_path / "x").exists()
+
+
+def test_cli_streamed_activation_sparsity_matches_in_memory(tmp_path, ref_model_path, shared_dir):
+    from llmprune.cli import main
+
+    calib = str(shared_dir / "data" / "reference-train.txt")
+    base = ["sparsify", str(ref_model_path), "--method", "wanda", "--sparsity", "0.5", "--activation-sparsity", "0.3",
+            "--calib", calib, "--n-samples", "4", "--seq-len", "64", "--quiet"]
+    assert main(base + ["--out", str(tmp_path / "mem")]) == 0
+    assert main(base + ["--out", str(tmp_path / "str"), "--streaming"]) == 0
+    _assert_same_output(tmp_path / "mem", tmp_path / "str")
+    mem, streamed = read_activation_thresholds(tmp_path / "mem"), read_activation_thresholds(tmp_path / "str")
+    assert len(mem) == 6 * 7 and streamed == mem

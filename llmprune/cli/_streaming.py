@@ -68,10 +68,11 @@ def refuse_with_streaming(args: argparse.Namespace, **options: Any) -> None:
 
 
 def run_streamed(args: argparse.Namespace, stream: Callable[..., Any], cfg: Any, calibration: Any, out: Path,
-                 recipe: dict[str, Any], title: str) -> tuple[Any, list[tuple[str, str, str, str]]]:
+                 recipe: dict[str, Any], title: str, **options: Any) -> tuple[Any, list[tuple[str, str, str, str]]]:
     """Run ``stream`` (:func:`~llmprune.streaming.prune_streaming` or ``sparsify_streaming``) on the local folder
     of ``args.model`` with the shared options; returns its result and the table's rows (parameters, size on
-    disk, memory budget, calibration throughput); the caller adds its own rows and prints."""
+    disk, memory budget, calibration throughput); the caller adds its own rows and prints. ``options``: further
+    keyword arguments of ``stream``."""
     from transformers import AutoTokenizer
 
     from ..eval.efficiency import size_on_disk
@@ -82,7 +83,7 @@ def run_streamed(args: argparse.Namespace, stream: Callable[..., Any], cfg: Any,
     budget = parse_memory(args.max_memory)
     result = stream(src, cfg, out, tokenizer=tokenizer, calibration=calibration, device=layer_device(args),
                     dtype=args.dtype, resume=args.resume, overwrite=args.overwrite, max_memory=budget,
-                    progress=not args.quiet, extra={"calibration": args.calib, "run": recipe})
+                    progress=not args.quiet, extra={"calibration": args.calib, "run": recipe}, **options)
     tokens = cfg.n_samples * cfg.seq_len if calibration else 0
     size_before, size_after = size_on_disk(src), size_on_disk(out)
     rows = [("", "before", "after", "change"),

@@ -43,9 +43,8 @@ import torch
 from torch import nn
 
 from ..arch import get_adapter
-from ..calibrate import CalibrationError, capture_layer_inputs, run_layer
+from ..calibrate import CalibrationError, LayerIO, as_batches, capture_layer_inputs, run_layer
 from ..progress import progress_bar
-from ..calibrate import as_batches
 from ._common import DEFAULT_TARGETS, layer_targets
 from ._staged import paused_bytes, run_staged
 
@@ -307,6 +306,8 @@ def calibrate_activation_thresholds(
     progress: bool = True,
     device: torch.device | str | None = None,
     staged: bool | None = None,
+    layer_io: Any = None,
+    on_layer: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict[str, float]:
     """Per-layer magnitude thresholds hitting ``sparsity`` on the calibration data.
 
@@ -322,6 +323,10 @@ def calibrate_activation_thresholds(
             threshold is known (holds every batch's paused forward: about :func:`._staged.paused_bytes`),
             instead of one pass per stage. ``None``: staged when that estimate fits in a quarter of the
             available memory of the layer's device. Same thresholds either way.
+        layer_io: :class:`llmprune.calibrate.LayerIO` that loads and frees layers when streaming (its
+            ``start`` > 0 resumes at that layer; earlier layers' thresholds are then not returned).
+        on_layer: called with ``(i, {name: threshold})`` once layer ``i`` is calibrated, before the
+            layer is left (streaming keeps them in its resume state).
     Returns:
         ``{full module name: threshold}`` for every target linear layer (0.0 where the target is 0).
     """
@@ -339,11 +344,15 @@ def calibrate_activation_thresholds(
     names = {id(m): n for n, m in model.named_modules()}
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
+    io = layer_io or LayerIO()
+    io.enter(0, layers[0])  # the capture pass runs layer 0's forward once to learn its output type
     captured = capture_layer_inputs(model, adapter, batches)
-    hidden = captured.hidden
+    hidden = io.initial_hidden(captured.hidden)
     result: dict[str, float] = {}
 
-    for i in progress_bar(range(len(layers)), desc="calibrating activation thresholds", disable=not progress):
+    for i in progress_bar(range(io.start, len(layers)), desc="calibrating activation thresholds",
+                          disable=not progress, total=len(layers), initial=io.start):
+        io.enter(i, layers[i])
         layer = layers[i].to(device)
         prefix = names.get(id(layer), "")
         group = [(full, mod, _sparsity_for(sparsity, full, full[len(prefix) + 1:] if prefix else full))
@@ -375,6 +384,8 @@ def calibrate_activation_thresholds(
             pending = [g for g in pending if g[0] not in done]
             outs = rec.outs
         result.update({full: done[full] for full, _, _ in group})
+        if on_layer is not None:
+            on_layer(i, {full: done[full] for full, _, _ in group})
         if need_outputs:
             if outs is None:
                 applied = [(mod, done[full]) for full, mod, _ in group if done[full] > 0]
@@ -387,6 +398,7 @@ def calibrate_activation_thresholds(
             hidden = [o.to(home) if device != home else o for o in outs]
         if device != home:
             layers[i].to(home)
+        hidden = io.leave(i, layers[i], hidden)
     return result
 
 
