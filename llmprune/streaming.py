@@ -887,6 +887,6 @@ def _activation_pass(model: nn.Module, ck: Checkpoint | ModelSource, prefixes: d
     io = LayerStream(model, ck, prefixes, part, "activation", False, dtype, _spill_bytes(max_memory), read_output=True)
     if io.start < len(io.layers):
         calibrate_activation_thresholds(model, calibration=batches, sparsity=sparsity, targets=targets,
-                                        progress=progress, device=device, layer_io=io,
+                                        progress=progress, device=device, max_memory=max_memory, layer_io=io,
                                         on_layer=lambda i, th: saved.update(th))
     return dict(saved)

@@ -203,6 +203,11 @@ def test_staged_falls_back_to_stage_passes_when_paused_forwards_do_not_fit(monke
     for h in handles:
         h.remove()
     assert got == expected and calls[1] > 2 * len(batches)
+    calls, handles = _layer_calls(model)
+    got = calibrate_activation_thresholds(model, max_memory=1 << 40, **kw)  # an explicit budget decides instead
+    for h in handles:
+        h.remove()
+    assert got == expected and calls[1] == 2 * len(batches)
 
 
 class _Routed(torch.nn.Module):

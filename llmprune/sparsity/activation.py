@@ -306,6 +306,7 @@ def calibrate_activation_thresholds(
     progress: bool = True,
     device: torch.device | str | None = None,
     staged: bool | None = None,
+    max_memory: int | None = None,
     layer_io: Any = None,
     on_layer: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict[str, float]:
@@ -321,8 +322,9 @@ def calibrate_activation_thresholds(
         sequential: calibrate each layer on inputs with all earlier thresholds applied.
         staged: with ``sequential``, run each batch through a layer once, paused at every target until its
             threshold is known (holds every batch's paused forward: about :func:`._staged.paused_bytes`),
-            instead of one pass per stage. ``None``: staged when that estimate fits in a quarter of the
-            available memory of the layer's device. Same thresholds either way.
+            instead of one pass per stage. ``None``: staged when that estimate fits in a quarter of
+            ``max_memory`` (bytes; default: the available memory of the layer's device). Same thresholds
+            either way.
         layer_io: :class:`llmprune.calibrate.LayerIO` that loads and frees layers when streaming (its
             ``start`` > 0 resumes at that layer; earlier layers' thresholds are then not returned).
         on_layer: called with ``(i, {name: threshold})`` once layer ``i`` is calibrated, before the
@@ -365,7 +367,7 @@ def calibrate_activation_thresholds(
             return run_layer(layer, hidden[b], *captured.layer_args[i][b], device)
 
         outs = None
-        if pending and sequential and _use_staged(staged, layer, hidden, device):
+        if pending and sequential and _use_staged(staged, layer, hidden, device, max_memory):
             outs, unreached = _calibrate_staged(run_batch, len(hidden), pending, done, device, need_outputs)
             if unreached:
                 raise CalibrationError(f"no calibration inputs reached {unreached[0]}")
@@ -402,11 +404,15 @@ def calibrate_activation_thresholds(
     return result
 
 
-def _use_staged(staged: bool | None, layer: nn.Module, hidden: Sequence[torch.Tensor], device: torch.device) -> bool:
-    """``staged``, or when ``None`` whether every batch's paused forward fits a quarter of the free memory."""
+def _use_staged(staged: bool | None, layer: nn.Module, hidden: Sequence[torch.Tensor], device: torch.device,
+                max_memory: int | None) -> bool:
+    """``staged``, or when ``None`` whether every batch's paused forward fits a quarter of ``max_memory`` or
+    of the free memory."""
     if staged is not None:
         return staged
-    if device.type == "cuda":
+    if max_memory is not None:
+        free = max_memory
+    elif device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
     else:
         from ..streaming import available_memory  # local: streaming imports the pruners
