@@ -59,6 +59,9 @@ __all__ = [
     "AbsHistogram",
 ]
 
+#: ``staged=None`` pauses at most this many batches at once (one worker thread each); more run stage passes
+_MAX_PAUSED = 256
+
 #: histogram resolution: ``2**_HIST_BITS`` bins per octave, i.e. bins 0.1% wide relative to their values
 _HIST_BITS = 10
 
@@ -407,9 +410,11 @@ def calibrate_activation_thresholds(
 def _use_staged(staged: bool | None, layer: nn.Module, hidden: Sequence[torch.Tensor], device: torch.device,
                 max_memory: int | None) -> bool:
     """``staged``, or when ``None`` whether every batch's paused forward fits a quarter of ``max_memory`` or
-    of the free memory."""
+    of the free memory (and there are at most ``_MAX_PAUSED`` batches: one worker thread each)."""
     if staged is not None:
         return staged
+    if len(hidden) > _MAX_PAUSED:
+        return False
     if max_memory is not None:
         free = max_memory
     elif device.type == "cuda":
