@@ -25,6 +25,13 @@ unless asked otherwise (``dtype``), with dampening ``λ = percdamp * mean(diag H
 reading the same input (q/k/v, gate/up) share ``H`` and are solved as one stacked matrix
 (:func:`sparsegpt_prune_group`); on CPU the column-by-column steps run in NumPy (cheaper calls).
 
+Memory: the factorisation is blocked and in place (:func:`_reverse_cholesky_`, on ``H``'s upper
+triangle: no flipped copy, no separate factor), ``V`` in the column pass's precision is built from it block
+by block, and ``Ṽ`` is made in ``V``'s own memory (the mask transforms need only ``Ṽ``: :func:`_view_transform`).
+The float32 ``V`` then takes the first half of the float64 ``H``'s memory and the pass's work matrices the
+second where they fit (:func:`_upper_in_place`); a solve given ``overwrite_hessian=True`` works in ``H``
+itself, so an 8192-wide float64 solve needs little beyond ``H`` (0.54 GB) instead of about 2 GB.
+
 Example::
 
     acc = HessianAccumulator(in_features)
@@ -107,7 +114,7 @@ def _damped_reverse_cholesky(H: torch.Tensor, percdamp: float = 0.01, max_tries:
     Factorised in ``H``'s precision on a copy (:func:`_reverse_cholesky_`; ``H`` is left as it is);
     ``dtype``: that of the returned ``V``.
     """
-    work = H.clone()
+    work = H.clone(memory_format=torch.contiguous_format)
     _reverse_cholesky_(work, percdamp, max_tries)
     return _upper(work, dtype, consume=True)
 
@@ -195,9 +202,9 @@ def _factor_blocks(H: torch.Tensor, block: int) -> bool:
 
 
 def _upper(H: torch.Tensor, dtype: torch.dtype | None, consume: bool = False) -> torch.Tensor:
-    """``H``'s upper triangle (zeros below) in ``dtype`` (``None``: ``H``'s own), built block of rows by
-    block of rows (no full-size temporary); with ``consume`` in ``H``'s own memory when the dtype is the
-    same, else ``H`` is emptied (``set_()``) once copied so its memory can go."""
+    """``H``'s upper triangle (zeros below) in ``dtype`` (``None``: ``H``'s own), in new memory built block
+    of rows by block of rows (no full-size temporary); with ``consume`` and the same dtype, ``H`` itself
+    (its lower triangle zeroed), else ``H`` is emptied (``set_()``) once copied."""
     dtype = dtype or H.dtype
     if dtype == H.dtype and consume:
         return H.triu_()
@@ -210,6 +217,32 @@ def _upper(H: torch.Tensor, dtype: torch.dtype | None, consume: bool = False) ->
     if consume:
         H.set_()
     return V
+
+
+def _upper_in_place(H: torch.Tensor, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`_upper` consuming ``H``, in ``H``'s own memory also when ``dtype`` is narrower (float32 from
+    float64): returns ``(V, spare)``, ``spare`` the rest of ``H``'s memory as a flat ``dtype`` tensor (for
+    the column pass's work matrices) or None; ``H`` is emptied (``set_()``; the memory lives on in ``V``).
+
+    Row ``i`` of ``V`` is written over bytes that held rows ``<= i`` of ``H``; each block of rows of ``H``
+    is read (cast into a block-sized temporary) before its ``V`` rows are written, so nothing unread is
+    overwritten.
+    """
+    dtype = dtype or H.dtype
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if dtype == H.dtype or not H.is_contiguous() or H.element_size() % itemsize:
+        return _upper(H, dtype, consume=True), None
+    n = H.shape[0]
+    flat = H.view(-1).view(dtype)  # H's bytes as dtype: (H.element_size() // itemsize) * n * n entries
+    V = flat[:n * n].view(n, n)
+    for r0, r1 in _bounds(n, _FACTOR_BLOCK):
+        block = H[r0:r1, r0:].to(dtype)
+        V[r0:r1, :r0].zero_()
+        V[r0:r1, r0:].copy_(block)
+        V[r0:r1, r0:r1].triu_()
+    spare = flat[n * n:]
+    H.set_()
+    return V, spare
 
 
 def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float = 0.01, max_tries: int = 6) -> torch.Tensor:
@@ -264,10 +297,11 @@ def sparsegpt_prune_group(
     Rows are independent given ``H``; only the unstructured selection compares rows, and it is done per
     weight, so every ``(new_weight, keep_mask)`` is that of :func:`sparsegpt_prune` on its own.
 
-    ``overwrite_hessian``: the solve may use ``H``'s memory: it is factorised in place and, once the factor
-    is in ``dtype``, emptied (``H.set_()``: a 0-element tensor), so a caller that holds no other view of it
-    frees its memory mid-solve (:meth:`HessianAccumulator.release`). By default ``H`` is left unchanged
-    (the solve works on a copy). Results are the same either way.
+    ``overwrite_hessian``: the solve may use ``H``'s memory: it is factorised in place and the factor in
+    ``dtype`` (and, where they fit, the pass's work matrices) take its place. ``H`` is then emptied
+    (``H.set_()``: a 0-element tensor), or with ``dtype`` ``None`` / ``H``'s own, holds the factor; its memory
+    goes when the solve returns (:meth:`HessianAccumulator.release` hands it over). By default ``H`` is left
+    unchanged (the solve works on a copy). Results are the same either way.
 
     Example::
 
@@ -290,22 +324,28 @@ def sparsegpt_prune_group(
     if H.dtype not in (torch.float32, torch.float64):
         H = H.float()  # a copy: the solve's own
     elif not overwrite_hessian:
-        H = H.clone()
+        H = H.clone(memory_format=torch.contiguous_format)
     dead = torch.diagonal(H) == 0
     any_dead = bool(dead.any())
     if any_dead:
         torch.diagonal(H)[dead] = 1.0
     # the factorisation in H's precision (float64 on CPU: float32 changes too many N:M choices), in place;
-    # then the factor in the column pass's ``dtype``, H emptied (its memory freed unless referenced elsewhere)
+    # then the factor in the column pass's ``dtype``, in H's memory (H emptied: nothing else holds it)
     _reverse_cholesky_(H, percdamp)
-    Vs = _upper(H, dtype, consume=True)
+    Vs, spare = _upper_in_place(H, dtype)
     del H
     work_dtype = Vs.dtype
     sizes = [w.shape[0] for w in weights]
     rows = sum(sizes)
     # transposed [in, out] copy of the stacked rows: a column of W is a contiguous row, so column steps are
-    # contiguous
-    W0 = torch.empty(cols, rows, dtype=work_dtype, device=Vs.device)
+    # contiguous; W0 and C in the rest of H's memory where they fit (float32 pass on float64 H: half is free)
+    need = cols * rows
+    W0 = C = None
+    if spare is not None and spare.numel() >= need:
+        W0 = spare[:need].view(cols, rows)
+        C = spare[need:2 * need].view(cols, rows) if spare.numel() >= 2 * need else None
+    if W0 is None:
+        W0 = torch.empty(cols, rows, dtype=work_dtype, device=Vs.device)
     for w, part in zip(weights, W0.split(sizes, dim=1)):
         part.copy_(w.detach().t())
     if any_dead:
@@ -316,7 +356,8 @@ def sparsegpt_prune_group(
     Vs.div_(d)
     Vs.fill_diagonal_(0.0)
 
-    C = W0.clone()  # current values; holds the pruned weight (zeros included) once every column is done
+    # current values; holds the pruned weight (zeros included) once every column is done
+    C = W0.clone() if C is None else C.copy_(W0)
     prune = torch.empty(cols, rows, dtype=torch.bool, device=W0.device)  # transposed; every entry is set
     totals = [0 if nm is not None else num_pruned(n * cols, sparsity) for n in sizes]
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
