@@ -102,7 +102,7 @@ def test_consuming_the_hessian_gives_identical_results(nm, dtype):
     for (a, ka), (b, kb) in zip(kept, consumed):
         assert torch.equal(a, b) and torch.equal(ka, kb)
     if dtype is None:  # the float64 pass uses H's own memory for the factor
-        assert consumed_H.shape == (cols, cols) and torch.equal(consumed_H, consumed_H.triu())
+        assert consumed_H.shape == (cols, cols) and torch.equal(consumed_H, consumed_H.triu(1))  # Vs
     else:  # emptied once the float32 factor exists
         assert consumed_H.numel() == 0
 
@@ -140,3 +140,19 @@ def test_factor_and_work_matrices_in_the_hessians_memory(monkeypatch, rows):
     monkeypatch.setattr(sg, "_upper_in_place", lambda H, dtype: (sg._upper(H, dtype, consume=True), None))
     separate = sparsegpt_prune(w, H.clone(), 0.5, blocksize=32, overwrite_hessian=True)
     assert torch.equal(in_place[0], separate[0]) and torch.equal(in_place[1], separate[1])
+
+
+def test_overwrite_weights_writes_the_pruned_weights_in_place():
+    cols = 64
+    H = _gram(cols, seed=10)
+    g = torch.Generator().manual_seed(11)
+    weights = [torch.randn(rows, cols, generator=g).to(torch.bfloat16) for rows in (16, 8)]
+    before = [w.clone() for w in weights]
+    fresh = sparsegpt_prune_group(weights, H, 0.5, blocksize=16)
+    assert all(torch.equal(w, b) for w, b in zip(weights, before))  # untouched by default
+    written = sparsegpt_prune_group(weights, H, 0.5, blocksize=16, overwrite_weights=True)
+    for w, (a, ka), (b, kb) in zip(weights, fresh, written):
+        assert b is w and torch.equal(a, b) and torch.equal(ka, kb)
+    wt = before[0].T.contiguous().T  # a transposed view (GPT-2 Conv1D layout) is written through too
+    (c, kc), = sparsegpt_prune_group([wt], H, 0.5, blocksize=16, overwrite_weights=True)
+    assert torch.equal(wt, fresh[0][0]) and torch.equal(kc, fresh[0][1])

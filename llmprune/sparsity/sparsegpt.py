@@ -99,7 +99,7 @@ class HessianAccumulator:
 
     def release(self) -> torch.Tensor:
         """The Hessian, handed over: the accumulator drops its reference (and is spent), so a solve given
-        ``overwrite_hessian=True`` frees it as soon as it is factorised."""
+        ``overwrite_hessian=True`` works in its memory and frees it when done."""
         H = self.hessian()
         self.H = None
         return H
@@ -262,6 +262,7 @@ def sparsegpt_prune(
     percdamp: float = 0.01,
     dtype: torch.dtype | None = torch.float32,
     overwrite_hessian: bool = False,
+    overwrite_weights: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune ``weight`` ``[out, in]`` given the Hessian ``H`` ``[in, in]``; returns ``(new_weight, keep_mask)``.
 
@@ -273,11 +274,11 @@ def sparsegpt_prune(
     ``dtype``: precision of the column pass (the factorisation of ``H`` runs in ``H``'s precision, float64
     on CPU); float32 (default) is faster on CPU and agrees with float64 on >= 99.9% of mask entries with
     reconstruction errors within 1% (tests/test_sparsegpt_precision.py); ``torch.float64`` or ``None``
-    (``H``'s own precision) reproduces the float64 solve. ``overwrite_hessian``: as
-    :func:`sparsegpt_prune_group` (``H`` is consumed; default: left unchanged).
+    (``H``'s own precision) reproduces the float64 solve. ``overwrite_hessian``, ``overwrite_weights``: as
+    :func:`sparsegpt_prune_group` (``H`` consumed, ``weight`` pruned in place; default: both left unchanged).
     """
-    return sparsegpt_prune_group([weight], H, sparsity, nm=nm, blocksize=blocksize, percdamp=percdamp,
-                                 dtype=dtype, overwrite_hessian=overwrite_hessian)[0]
+    return sparsegpt_prune_group([weight], H, sparsity, nm=nm, blocksize=blocksize, percdamp=percdamp, dtype=dtype,
+                                 overwrite_hessian=overwrite_hessian, overwrite_weights=overwrite_weights)[0]
 
 
 @torch.no_grad()
@@ -290,6 +291,7 @@ def sparsegpt_prune_group(
     percdamp: float = 0.01,
     dtype: torch.dtype | None = torch.float32,
     overwrite_hessian: bool = False,
+    overwrite_weights: bool = False,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """:func:`sparsegpt_prune` of several ``[out_i, in]`` weights that read the same input (so share ``H``),
     solved as one: one factorisation and one column pass over the stacked rows.
@@ -299,14 +301,16 @@ def sparsegpt_prune_group(
 
     ``overwrite_hessian``: the solve may use ``H``'s memory: it is factorised in place and the factor in
     ``dtype`` (and, where they fit, the pass's work matrices) take its place. ``H`` is then emptied
-    (``H.set_()``: a 0-element tensor), or with ``dtype`` ``None`` / ``H``'s own, holds the factor; its memory
-    goes when the solve returns (:meth:`HessianAccumulator.release` hands it over). By default ``H`` is left
-    unchanged (the solve works on a copy). Results are the same either way.
+    (``H.set_()``: a 0-element tensor), or with ``dtype`` ``None`` / ``H``'s own, holds the solve's working
+    data; its memory goes when the solve returns (:meth:`HessianAccumulator.release` hands it over). By default ``H`` is left
+    unchanged (the solve works on a copy). ``overwrite_weights``: each pruned weight is written into its
+    tensor of ``weights`` (returned as its ``new_weight``) instead of a new tensor. Results are the same
+    either way.
 
     Example::
 
         [(q, q_keep), (k, k_keep), (v, v_keep)] = sparsegpt_prune_group([wq, wk, wv], H, 0.5)
-        sparsegpt_prune_group([w_down], acc.release(), 0.5, overwrite_hessian=True)  # H freed mid-solve
+        sparsegpt_prune_group([w_down], acc.release(), 0.5, overwrite_hessian=True)  # in H's memory
     """
     if not weights:
         return []
@@ -337,53 +341,66 @@ def sparsegpt_prune_group(
     work_dtype = Vs.dtype
     sizes = [w.shape[0] for w in weights]
     rows = sum(sizes)
-    # transposed [in, out] copy of the stacked rows: a column of W is a contiguous row, so column steps are
-    # contiguous; W0 and C in the rest of H's memory where they fit (float32 pass on float64 H: half is free)
-    need = cols * rows
-    W0 = C = None
-    if spare is not None and spare.numel() >= need:
-        W0 = spare[:need].view(cols, rows)
-        C = spare[need:2 * need].view(cols, rows) if spare.numel() >= 2 * need else None
-    if W0 is None:
-        W0 = torch.empty(cols, rows, dtype=work_dtype, device=Vs.device)
-    for w, part in zip(weights, W0.split(sizes, dim=1)):
+    # C: current values of the stacked rows, transposed [in, out] (a column of W is a contiguous row, so
+    # column steps are contiguous); holds the pruned weight (zeros included) once every column is done. In
+    # the rest of H's memory where it fits (float32 pass on a float64 H: half of it is free). The original
+    # values W0 are read from ``weights`` block by block (:func:`_original`), never as a whole.
+    C = spare[:cols * rows].view(cols, rows) if spare is not None and spare.numel() >= cols * rows else \
+        torch.empty(cols, rows, dtype=work_dtype, device=Vs.device)
+    for w, part in zip(weights, C.split(sizes, dim=1)):
         part.copy_(w.detach().t())
-    if any_dead:
-        W0[dead] = 0.0
+    if not any_dead:
+        dead = None
+    else:
+        C[dead] = 0.0
     d = torch.diagonal(Vs).clone()
     # Vs[i, j] = V_ij / V_jj above the diagonal, 0 on and below it: carries column i's change into column j;
     # made in V's memory (V itself is not needed again: see _view_transform)
     Vs.div_(d)
     Vs.fill_diagonal_(0.0)
 
-    # current values; holds the pruned weight (zeros included) once every column is done
-    C = W0.clone() if C is None else C.copy_(W0)
-    prune = torch.empty(cols, rows, dtype=torch.bool, device=W0.device)  # transposed; every entry is set
+    prune = torch.empty(cols, rows, dtype=torch.bool, device=C.device)  # transposed; every entry is set
     totals = [0 if nm is not None else num_pruned(n * cols, sparsity) for n in sizes]
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
     sub = _sub_width(rows, 1 if nm is None else nm[1], blocksize)
     # N:M: every group's view transform at once (groups never straddle a sub-block or block)
     group_T = None if nm is None else _view_transform(_diagonal_blocks(Vs, nm[1]))
-    tie_order = None if nm is None else _lower_first(nm[1], W0.device)
+    tie_order = None if nm is None else _lower_first(nm[1], C.device)
+    W0 = Z = seen = None
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
+        W0 = _original(weights, sizes, i1, i2, dead, C)
         if nm is None:
-            seen = C[i1:i2] if i1 == 0 else _seen(C[i1:i2], W0[i1:i2], _view_transform(Vs[i1:i2, i1:i2]))
+            seen = C[i1:i2] if i1 == 0 else _seen(C[i1:i2], W0, _view_transform(Vs[i1:i2, i1:i2]))
             for r0, n, total in zip(starts, sizes, totals):  # each weight selects among its own rows
                 # cumulative rounding keeps the layer total exact whatever the block count
                 k = round(total * i2 / cols) - round(total * i1 / cols)
                 _block_mask(seen[:, r0:r0 + n], d[i1:i2], k, out=prune[i1:i2, r0:r0 + n])
         groups = None if nm is None else group_T[i1 // nm[1]:i2 // nm[1]]
-        Z = _solve_block(C[i1:i2], W0[i1:i2], Vs[i1:i2, i1:i2], d[i1:i2], prune[i1:i2], nm, sub, groups, tie_order)
+        Z = _solve_block(C[i1:i2], W0, Vs[i1:i2, i1:i2], d[i1:i2], prune[i1:i2], nm, sub, groups, tie_order)
         if i2 < cols:  # lazy batch update: the block's changes reach every later column at once
             C[i2:].addmm_(Vs[i1:i2, i2:].t(), Z)
+    new_weights = [(w if overwrite_weights else torch.empty_like(w, memory_format=torch.contiguous_format))
+                   .copy_(c.t()) for w, c in zip(weights, C.split(sizes, dim=1))]
+    del C, Vs, spare, W0, Z, seen  # the masks are made without them
     results = []
-    for w, c, p in zip(weights, C.split(sizes, dim=1), prune.split(sizes, dim=1)):
-        new_weight = torch.empty_like(w, memory_format=torch.contiguous_format).copy_(c.t())
+    for w, new_weight, p in zip(weights, new_weights, prune.split(sizes, dim=1)):
         keep = torch.empty(w.shape, dtype=torch.bool, device=p.device)
         torch.logical_not(p.t(), out=keep)
         results.append((new_weight, keep.to(w.device)))
     return results
+
+
+def _original(weights: Sequence[torch.Tensor], sizes: list[int], i1: int, i2: int, dead: torch.Tensor | None,
+              like: torch.Tensor) -> torch.Tensor:
+    """Original values of columns ``i1:i2`` of the stacked weights, transposed ``[i2 - i1, rows]`` in
+    ``like``'s dtype and device (dead inputs zeroed): a block of the matrix ``C`` starts as."""
+    out = torch.empty(i2 - i1, like.shape[1], dtype=like.dtype, device=like.device)
+    for w, part in zip(weights, out.split(sizes, dim=1)):
+        part.copy_(w.detach()[:, i1:i2].t())
+    if dead is not None:
+        out[dead[i1:i2]] = 0.0
+    return out
 
 
 def _sub_width(rows: int, m: int, blocksize: int) -> int:
