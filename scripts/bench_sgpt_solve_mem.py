@@ -26,12 +26,26 @@ def _status_mb(field: str) -> float:
     return 0.0
 
 
+def _hessian(n: int, tokens: int, g):
+    import torch
+
+    H = torch.zeros(n, n, dtype=torch.float64)
+    mix = torch.randn(n, 64, generator=g, dtype=torch.float64) / 8
+    for _ in range(0, tokens, 512):  # correlated inputs with heavy-tailed feature scales
+        x = torch.randn(512, n, generator=g, dtype=torch.float64)
+        x += torch.randn(512, 64, generator=g, dtype=torch.float64) @ mix.T
+        x *= torch.logspace(-1, 1, n, dtype=torch.float64)
+        H.addmm_(x.T, x, alpha=2.0 / tokens)
+    return H
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=3072)
     ap.add_argument("--cols", type=int, default=8192)
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--sparsity", type=float, default=0.5)
+    ap.add_argument("--nm", help="N:M pattern such as 2:4 (instead of --sparsity unstructured)")
     ap.add_argument("--consume", action="store_true", help="hand H over (overwrite_hessian=True) when supported")
     ap.add_argument("--factor-only", action="store_true", help="time the factorisation alone")
     ap.add_argument("--save", help="save the keep mask and new weight here")
@@ -43,16 +57,10 @@ def main() -> None:
     from llmprune.sparsity import sparsegpt as sg
 
     torch.set_num_threads(1)
+    nm = tuple(int(v) for v in args.nm.split(":")) if args.nm else None
     g = torch.Generator().manual_seed(0)
     n = args.cols
-    H = torch.zeros(n, n, dtype=torch.float64)
-    mix = torch.randn(n, 64, generator=g, dtype=torch.float64) / 8
-    for _ in range(0, args.tokens, 512):  # correlated inputs with heavy-tailed feature scales
-        x = torch.randn(512, n, generator=g, dtype=torch.float64)
-        x += torch.randn(512, 64, generator=g, dtype=torch.float64) @ mix.T
-        x *= torch.logspace(-1, 1, n, dtype=torch.float64)
-        H.addmm_(x.T, x, alpha=2.0 / args.tokens)
-    del x, mix
+    H = _hessian(n, args.tokens, g)
     w = torch.randn(args.rows, n, generator=g) * 0.02
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM
     before = _status_mb("VmRSS")
@@ -66,7 +74,8 @@ def main() -> None:
             kwargs["overwrite_hessian"] = True
         Hh = H
         del H  # the caller keeps no reference (as api.py once the accumulator has released it)
-        result = sg.sparsegpt_prune_group([w], Hh, args.sparsity, **kwargs)
+        result = sg.sparsegpt_prune_group([w], Hh, args.sparsity if nm is None else 1 - nm[0] / nm[1], nm=nm,
+                                          **kwargs)
         del Hh
     seconds = time.perf_counter() - t0
     row = {"mode": "factor" if args.factor_only else ("solve-consume" if args.consume else "solve"),
@@ -81,6 +90,10 @@ def main() -> None:
             row["mask_agreement"] = float((ref["keep"] == keep).double().mean())
             row["identical"] = bool(torch.equal(ref["keep"], keep) and torch.equal(ref["w"], new_w))
             row["max_weight_diff"] = float((ref["w"] - new_w).abs().max())
+            H = _hessian(n, args.tokens, torch.Generator().manual_seed(0)).float()  # the same H again
+            for name, other in (("error", new_w), ("error_ref", ref["w"])):
+                D = w - other
+                row[name] = float(((D @ H) * D).sum())
     print(json.dumps(row), flush=True)
 
 
