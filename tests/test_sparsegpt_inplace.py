@@ -156,3 +156,15 @@ def test_overwrite_weights_writes_the_pruned_weights_in_place():
     wt = before[0].T.contiguous().T  # a transposed view (GPT-2 Conv1D layout) is written through too
     (c, kc), = sparsegpt_prune_group([wt], H, 0.5, blocksize=16, overwrite_weights=True)
     assert torch.equal(wt, fresh[0][0]) and torch.equal(kc, fresh[0][1])
+
+
+def test_float32_hessian_is_solved_in_its_own_memory():
+    """As on GPU (float32 accumulation): factor, Vs and the pass all in H's memory when consumed."""
+    cols = 96
+    H = _gram(cols, seed=12).float()
+    w = torch.randn(20, cols, generator=torch.Generator().manual_seed(13))
+    a, ka = sparsegpt_prune(w, H, 0.5, blocksize=32)
+    H2 = H.clone()
+    b, kb = sparsegpt_prune(w, H2, 0.5, blocksize=32, overwrite_hessian=True)
+    assert torch.equal(a, b) and torch.equal(ka, kb)
+    assert H2.shape == (cols, cols) and torch.equal(H2, H2.triu(1))  # now Vs
