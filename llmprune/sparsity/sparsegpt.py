@@ -28,8 +28,8 @@ reading the same input (q/k/v, gate/up) share ``H`` and are solved as one stacke
 Memory: the factorisation is blocked and in place (:func:`_reverse_cholesky_`, on ``H``'s upper
 triangle: no flipped copy, no separate factor), ``V`` in the column pass's precision is built from it block
 by block, and ``Ṽ`` is made in ``V``'s own memory (the mask transforms need only ``Ṽ``: :func:`_view_transform`).
-The float32 ``V`` then takes the first half of the float64 ``H``'s memory and the pass's work matrices the
-second where they fit (:func:`_upper_in_place`); a solve given ``overwrite_hessian=True`` works in ``H``
+The float32 ``V`` then takes the first half of the float64 ``H``'s memory and the pass's work matrix ``C`` the
+second where it fits (:func:`_upper_in_place`); a solve given ``overwrite_hessian=True`` works in ``H``
 itself, so an 8192-wide float64 solve needs little beyond ``H`` (0.54 GB) instead of about 2 GB.
 
 Example::
@@ -300,7 +300,7 @@ def sparsegpt_prune_group(
     weight, so every ``(new_weight, keep_mask)`` is that of :func:`sparsegpt_prune` on its own.
 
     ``overwrite_hessian``: the solve may use ``H``'s memory: it is factorised in place and the factor in
-    ``dtype`` (and, where they fit, the pass's work matrices) take its place. ``H`` is then emptied
+    ``dtype`` (and, where it fits, the pass's work matrix) take its place. ``H`` is then emptied
     (``H.set_()``: a 0-element tensor), or with ``dtype`` ``None`` / ``H``'s own, holds the solve's working
     data; its memory goes when the solve returns (:meth:`HessianAccumulator.release` hands it over). By default ``H`` is left
     unchanged (the solve works on a copy). ``overwrite_weights``: each pruned weight is written into its
