@@ -189,10 +189,9 @@ def _prune_module(module: nn.Module, config: SparsityConfig, stats: Any, sparsit
         new_w, _ = alps_prune(w, stats.hessian(), sparsity, nm=nm, per="layer", percdamp=config.percdamp)
         w.copy_(new_w)
         return
-    if config.method == "sparsegpt":
-        new_w, _ = sparsegpt_prune(w, stats.hessian(), sparsity, nm=nm,
-                                   blocksize=config.blocksize, percdamp=config.percdamp)
-        w.copy_(new_w)
+    if config.method == "sparsegpt":  # consumes the Hessian (works in its memory, frees it), writes into w
+        sparsegpt_prune(w, stats.release(), sparsity, nm=nm, blocksize=config.blocksize, percdamp=config.percdamp,
+                        overwrite_hessian=True, overwrite_weights=True)
         return
     if config.method in ("wanda", "ria"):
         if stats.count == 0:
@@ -206,15 +205,17 @@ def _prune_module(module: nn.Module, config: SparsityConfig, stats: Any, sparsit
 
 @torch.no_grad()
 def _prune_modules(modules: list[nn.Module], config: SparsityConfig, stats: Any, sparsity: float) -> None:
-    """Prune modules that read one input (``stats``); SparseGPT solves them as one (one Hessian)."""
+    """Prune modules that read one input (``stats``); SparseGPT solves them as one (one Hessian), and the
+    solve consumes the Hessian: ``stats`` releases it, the solve works in its memory (an 8192-wide float64
+    Hessian is 0.5 GB) and it is freed when the solve returns, so no Hessian outlives its group's solve; the
+    pruned weights are written straight into the modules."""
     if config.method != "sparsegpt" or len(modules) == 1:
         for mod in modules:
             _prune_module(mod, config, stats, sparsity)
         return
-    results = sparsegpt_prune_group([weight_matrix(m) for m in modules], stats.hessian(), sparsity, nm=config.nm,
-                                    blocksize=config.blocksize, percdamp=config.percdamp)
-    for mod, (new_w, _) in zip(modules, results):
-        weight_matrix(mod).copy_(new_w)
+    sparsegpt_prune_group([weight_matrix(m) for m in modules], stats.release(), sparsity, nm=config.nm,
+                          blocksize=config.blocksize, percdamp=config.percdamp, overwrite_hessian=True,
+                          overwrite_weights=True)
 
 
 @torch.no_grad()

@@ -25,6 +25,13 @@ unless asked otherwise (``dtype``), with dampening ``λ = percdamp * mean(diag H
 reading the same input (q/k/v, gate/up) share ``H`` and are solved as one stacked matrix
 (:func:`sparsegpt_prune_group`); on CPU the column-by-column steps run in NumPy (cheaper calls).
 
+Memory: the factorisation is blocked and in place (:func:`_reverse_cholesky_`, on ``H``'s upper
+triangle: no flipped copy, no separate factor), ``V`` in the column pass's precision is built from it block
+by block, and ``Ṽ`` is made in ``V``'s own memory (the mask transforms need only ``Ṽ``: :func:`_view_transform`).
+The float32 ``V`` then takes the first half of the float64 ``H``'s memory and the pass's work matrix ``C`` the
+second where it fits (:func:`_upper_in_place`); a solve given ``overwrite_hessian=True`` works in ``H``
+itself, so an 8192-wide float64 solve needs little beyond ``H`` (0.54 GB) instead of about 2 GB.
+
 Example::
 
     acc = HessianAccumulator(in_features)
@@ -86,7 +93,16 @@ class HessianAccumulator:
     def hessian(self) -> torch.Tensor:
         if self.count == 0:
             raise ValueError("HessianAccumulator saw no inputs")
+        if self.H is None:
+            raise ValueError("HessianAccumulator: the Hessian was released")
         return self.H
+
+    def release(self) -> torch.Tensor:
+        """The Hessian, handed over: the accumulator drops its reference (and is spent), so a solve given
+        ``overwrite_hessian=True`` works in its memory and frees it when done."""
+        H = self.hessian()
+        self.H = None
+        return H
 
 
 def _damped_reverse_cholesky(H: torch.Tensor, percdamp: float = 0.01, max_tries: int = 6,
@@ -95,26 +111,138 @@ def _damped_reverse_cholesky(H: torch.Tensor, percdamp: float = 0.01, max_tries:
 
     ``V`` is the lower Cholesky factor of ``H + λI`` with rows and columns reversed, taken with rows and
     columns reversed again; ``V^-1`` is then the upper Cholesky factor of ``(H + λI)^-1`` (both unique).
-    The factorisation runs in ``H``'s precision; ``dtype``: that of the returned ``V`` (cast before the
-    final reversal, which is then cheaper).
+    Factorised in ``H``'s precision on a copy (:func:`_reverse_cholesky_`; ``H`` is left as it is);
+    ``dtype``: that of the returned ``V``.
     """
+    work = H.clone(memory_format=torch.contiguous_format)
+    _reverse_cholesky_(work, percdamp, max_tries)
+    return _upper(work, dtype, consume=True)
+
+
+def _reverse_cholesky_(H: torch.Tensor, percdamp: float = 0.01, max_tries: int = 6,
+                       block: int | None = None) -> None:
+    """In place: ``H``'s upper triangle (diagonal included) becomes ``V`` with ``V V^T = H + λI``, ``V`` upper
+    triangular (``λ = percdamp * mean diag``, raised tenfold up to ``max_tries`` times while ``H + λI`` is
+    not positive definite); the strictly lower triangle holds ``H``'s upper triangle mirrored (``H`` made
+    exactly symmetric). Raises ``RuntimeError`` with ``H`` restored (symmetrised) when every try fails.
+
+    Blocked, from the bottom-right: with ``H = [[A, B], [B^T, D]]`` (``D`` the last ``block`` rows and
+    columns), ``V = [[V11, V12], [0, V22]]`` with ``V22`` the reverse Cholesky factor of ``D`` (LAPACK on a
+    flipped copy of the small block), ``V12 = B V22^-T`` and ``V11`` that of ``A - V12 V12^T``, updated
+    block by block on the upper triangle only. Only the ``H`` given is written: no full-size copy of it.
+    """
+    n = H.shape[0]
+    block = block or _FACTOR_BLOCK
+    _mirror(H, block, upper_to_lower=True)
     diag = torch.diagonal(H)
-    mean_diag = float(diag.mean()) if diag.numel() else 1.0
+    original = diag.clone()
+    mean_diag = float(original.mean()) if n else 1.0
     if not mean_diag > 0:
         mean_diag = 1.0
     damp = percdamp * mean_diag
-    flipped = H.flip(0, 1)  # a copy, dampened in place below
-    added = 0.0
-    for _ in range(max_tries):
-        torch.diagonal(flipped).add_(damp - added)
-        added = damp
-        L, info = torch.linalg.cholesky_ex(flipped)
-        # a non-finite entry of H spreads into later diagonal entries, so checking the diagonal is enough
-        if int(info) == 0 and bool(torch.isfinite(torch.diagonal(L)).all()):
-            return (L if dtype is None else L.to(dtype)).flip(0, 1)
+    for attempt in range(max_tries):
+        if attempt:  # the failed try overwrote part of the upper triangle: H again from its lower one
+            _mirror(H, block, upper_to_lower=False)
+        torch.add(original, damp, out=diag)
+        if _factor_blocks(H, block):
+            return
         damp *= 10.0
+    _mirror(H, block, upper_to_lower=False)
+    diag.copy_(original)
     raise RuntimeError("SparseGPT: the Hessian is not positive definite even after dampening; "
                        "use more calibration samples or a larger percdamp")
+
+
+#: block width of :func:`_reverse_cholesky_` (measured: 512 about as fast as LAPACK's factorisation at 8192)
+_FACTOR_BLOCK = 512
+
+
+def _bounds(n: int, block: int) -> list[tuple[int, int]]:
+    return [(i, min(i + block, n)) for i in range(0, n, block)]
+
+
+def _mirror(H: torch.Tensor, block: int, upper_to_lower: bool) -> None:
+    """Copy one strict triangle of square ``H`` onto the other, block by block (diagonal unchanged)."""
+    bounds = _bounds(H.shape[0], block)
+    for r, (r0, r1) in enumerate(bounds):
+        for c0, c1 in bounds[r:]:
+            up, low = H[r0:r1, c0:c1], H[c0:c1, r0:r1]
+            if c0 > r0:
+                (low if upper_to_lower else up).copy_((up if upper_to_lower else low).t())
+            else:  # diagonal block: its own strict triangles
+                src = up.triu(1) if upper_to_lower else up.tril(-1)
+                up.copy_(src + src.t() + torch.diag_embed(torch.diagonal(up)))
+
+
+def _factor_blocks(H: torch.Tensor, block: int) -> bool:
+    """One try of :func:`_reverse_cholesky_` on the already dampened ``H``; False when a diagonal block is
+    not positive definite (a non-finite entry spreads into a later diagonal block, so checking those is
+    enough)."""
+    bounds = _bounds(H.shape[0], block)
+    for k in range(len(bounds) - 1, -1, -1):
+        k0, k1 = bounds[k]
+        Dk = H[k0:k1, k0:k1]
+        upper = Dk.triu()
+        L, info = torch.linalg.cholesky_ex((upper + upper.triu(1).t()).flip(0, 1))
+        if int(info) != 0 or not bool(torch.isfinite(torch.diagonal(L)).all()):
+            return False
+        V22 = L.flip(0, 1)  # upper triangular: exact zeros below the diagonal
+        Dk.copy_(V22 + Dk.tril(-1))
+        if k0 == 0:
+            return True
+        B = H[:k0, k0:k1]
+        V12 = torch.linalg.solve_triangular(V22.t(), B, upper=False, left=False)  # V12 V22^T = B
+        B.copy_(V12)
+        for r0, r1 in bounds[:k]:  # A -= V12 V12^T on the upper triangle
+            Vr = V12[r0:r1]
+            H[r0:r1, r0:r1].sub_((Vr @ Vr.t()).triu_())  # zeros subtracted below the diagonal
+            if r1 < k0:
+                H[r0:r1, r1:k0].addmm_(Vr, V12[r1:k0].t(), alpha=-1.0)
+    return True
+
+
+def _upper(H: torch.Tensor, dtype: torch.dtype | None, consume: bool = False) -> torch.Tensor:
+    """``H``'s upper triangle (zeros below) in ``dtype`` (``None``: ``H``'s own), in new memory built block
+    of rows by block of rows (no full-size temporary); with ``consume`` and the same dtype, ``H`` itself
+    (its lower triangle zeroed), else ``H`` is emptied (``set_()``) once copied."""
+    dtype = dtype or H.dtype
+    if dtype == H.dtype and consume:
+        return H.triu_()
+    n = H.shape[0]
+    V = torch.empty(n, n, dtype=dtype, device=H.device)
+    for r0, r1 in _bounds(n, _FACTOR_BLOCK):
+        V[r0:r1, :r0].zero_()
+        V[r0:r1, r0:].copy_(H[r0:r1, r0:])
+        V[r0:r1, r0:r1].triu_()
+    if consume:
+        H.set_()
+    return V
+
+
+def _upper_in_place(H: torch.Tensor, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`_upper` consuming ``H``, in ``H``'s own memory also when ``dtype`` is narrower (float32 from
+    float64): returns ``(V, spare)``, ``spare`` the rest of ``H``'s memory as a flat ``dtype`` tensor (for
+    the column pass's work matrices) or None; ``H`` is emptied (``set_()``; the memory lives on in ``V``).
+
+    Row ``i`` of ``V`` is written over bytes that held rows ``<= i`` of ``H``; each block of rows of ``H``
+    is read (cast into a block-sized temporary) before its ``V`` rows are written, so nothing unread is
+    overwritten.
+    """
+    dtype = dtype or H.dtype
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if dtype == H.dtype or not H.is_contiguous() or H.element_size() % itemsize:
+        return _upper(H, dtype, consume=True), None
+    n = H.shape[0]
+    flat = H.view(-1).view(dtype)  # H's bytes as dtype: (H.element_size() // itemsize) * n * n entries
+    V = flat[:n * n].view(n, n)
+    for r0, r1 in _bounds(n, _FACTOR_BLOCK):
+        block = H[r0:r1, r0:].to(dtype)
+        V[r0:r1, :r0].zero_()
+        V[r0:r1, r0:].copy_(block)
+        V[r0:r1, r0:r1].triu_()
+    spare = flat[n * n:]
+    H.set_()
+    return V, spare
 
 
 def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float = 0.01, max_tries: int = 6) -> torch.Tensor:
@@ -133,6 +261,8 @@ def sparsegpt_prune(
     blocksize: int = 128,
     percdamp: float = 0.01,
     dtype: torch.dtype | None = torch.float32,
+    overwrite_hessian: bool = False,
+    overwrite_weights: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune ``weight`` ``[out, in]`` given the Hessian ``H`` ``[in, in]``; returns ``(new_weight, keep_mask)``.
 
@@ -144,10 +274,11 @@ def sparsegpt_prune(
     ``dtype``: precision of the column pass (the factorisation of ``H`` runs in ``H``'s precision, float64
     on CPU); float32 (default) is faster on CPU and agrees with float64 on >= 99.9% of mask entries with
     reconstruction errors within 1% (tests/test_sparsegpt_precision.py); ``torch.float64`` or ``None``
-    (``H``'s own precision) reproduces the float64 solve.
+    (``H``'s own precision) reproduces the float64 solve. ``overwrite_hessian``, ``overwrite_weights``: as
+    :func:`sparsegpt_prune_group` (``H`` consumed, ``weight`` pruned in place; default: both left unchanged).
     """
-    return sparsegpt_prune_group([weight], H, sparsity, nm=nm, blocksize=blocksize, percdamp=percdamp,
-                                 dtype=dtype)[0]
+    return sparsegpt_prune_group([weight], H, sparsity, nm=nm, blocksize=blocksize, percdamp=percdamp, dtype=dtype,
+                                 overwrite_hessian=overwrite_hessian, overwrite_weights=overwrite_weights)[0]
 
 
 @torch.no_grad()
@@ -159,6 +290,8 @@ def sparsegpt_prune_group(
     blocksize: int = 128,
     percdamp: float = 0.01,
     dtype: torch.dtype | None = torch.float32,
+    overwrite_hessian: bool = False,
+    overwrite_weights: bool = False,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """:func:`sparsegpt_prune` of several ``[out_i, in]`` weights that read the same input (so share ``H``),
     solved as one: one factorisation and one column pass over the stacked rows.
@@ -166,9 +299,18 @@ def sparsegpt_prune_group(
     Rows are independent given ``H``; only the unstructured selection compares rows, and it is done per
     weight, so every ``(new_weight, keep_mask)`` is that of :func:`sparsegpt_prune` on its own.
 
+    ``overwrite_hessian``: the solve may use ``H``'s memory: it is factorised in place and the factor in
+    ``dtype`` (and, where it fits, the pass's work matrix) take its place. ``H`` is then emptied
+    (``H.set_()``: a 0-element tensor), or with ``dtype`` ``None`` / ``H``'s own, holds the solve's working
+    data; its memory goes when the solve returns (:meth:`HessianAccumulator.release` hands it over). By default ``H`` is left
+    unchanged (the solve works on a copy). ``overwrite_weights``: each pruned weight is written into its
+    tensor of ``weights`` (returned as its ``new_weight``) instead of a new tensor. Results are the same
+    either way.
+
     Example::
 
         [(q, q_keep), (k, k_keep), (v, v_keep)] = sparsegpt_prune_group([wq, wk, wv], H, 0.5)
+        sparsegpt_prune_group([w_down], acc.release(), 0.5, overwrite_hessian=True)  # in H's memory
     """
     if not weights:
         return []
@@ -184,57 +326,81 @@ def sparsegpt_prune_group(
     else:
         num_pruned(1, sparsity)  # validates the range
     if H.dtype not in (torch.float32, torch.float64):
-        H = H.float()
+        H = H.float()  # a copy: the solve's own
+    elif not overwrite_hessian:
+        H = H.clone(memory_format=torch.contiguous_format)
     dead = torch.diagonal(H) == 0
     any_dead = bool(dead.any())
     if any_dead:
-        H = H.clone()
-        H[dead, dead] = 1.0
-    # the factorisation in H's precision (float64 on CPU: float32 changes too many N:M choices), the
-    # column pass in ``dtype``
-    V = _damped_reverse_cholesky(H, percdamp, dtype=dtype)
-    work_dtype = V.dtype
+        torch.diagonal(H)[dead] = 1.0
+    # the factorisation in H's precision (float64 on CPU: float32 changes too many N:M choices), in place;
+    # then the factor in the column pass's ``dtype``, in H's memory (H emptied: nothing else holds it)
+    _reverse_cholesky_(H, percdamp)
+    Vs, spare = _upper_in_place(H, dtype)
+    del H
+    work_dtype = Vs.dtype
     sizes = [w.shape[0] for w in weights]
     rows = sum(sizes)
-    # transposed [in, out] copy of the stacked rows: a column of W is a contiguous row, so column steps are
-    # contiguous
-    W0 = torch.empty(cols, rows, dtype=work_dtype, device=H.device)
-    for w, part in zip(weights, W0.split(sizes, dim=1)):
+    # C: current values of the stacked rows, transposed [in, out] (a column of W is a contiguous row, so
+    # column steps are contiguous); holds the pruned weight (zeros included) once every column is done. In
+    # the rest of H's memory where it fits (float32 pass on a float64 H: half of it is free). The original
+    # values W0 are read from ``weights`` block by block (:func:`_original`), never as a whole.
+    C = spare[:cols * rows].view(cols, rows) if spare is not None and spare.numel() >= cols * rows else \
+        torch.empty(cols, rows, dtype=work_dtype, device=Vs.device)
+    for w, part in zip(weights, C.split(sizes, dim=1)):
         part.copy_(w.detach().t())
-    if any_dead:
-        W0[dead] = 0.0
-    d = torch.diagonal(V)
-    # Vs[i, j] = V_ij / V_jj above the diagonal, 0 on and below it: carries column i's change into column j
-    Vs = V / d
+    if not any_dead:
+        dead = None
+    else:
+        C[dead] = 0.0
+    d = torch.diagonal(Vs).clone()
+    # Vs[i, j] = V_ij / V_jj above the diagonal, 0 on and below it: carries column i's change into column j;
+    # made in V's memory (V itself is not needed again: see _view_transform)
+    Vs.div_(d)
     Vs.fill_diagonal_(0.0)
 
-    C = W0.clone()  # current values; holds the pruned weight (zeros included) once every column is done
-    prune = torch.empty(cols, rows, dtype=torch.bool, device=W0.device)  # transposed; every entry is set
+    prune = torch.empty(cols, rows, dtype=torch.bool, device=C.device)  # transposed; every entry is set
     totals = [0 if nm is not None else num_pruned(n * cols, sparsity) for n in sizes]
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
     sub = _sub_width(rows, 1 if nm is None else nm[1], blocksize)
     # N:M: every group's view transform at once (groups never straddle a sub-block or block)
-    group_T = None if nm is None else _view_transform(_diagonal_blocks(V, nm[1]))
-    tie_order = None if nm is None else _lower_first(nm[1], W0.device)
+    group_T = None if nm is None else _view_transform(_diagonal_blocks(Vs, nm[1]))
+    tie_order = None if nm is None else _lower_first(nm[1], C.device)
+    W0 = Z = seen = None
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
+        W0 = _original(weights, sizes, i1, i2, dead, C)
         if nm is None:
-            seen = C[i1:i2] if i1 == 0 else _seen(C[i1:i2], W0[i1:i2], _view_transform(V[i1:i2, i1:i2]))
+            seen = C[i1:i2] if i1 == 0 else _seen(C[i1:i2], W0, _view_transform(Vs[i1:i2, i1:i2]))
             for r0, n, total in zip(starts, sizes, totals):  # each weight selects among its own rows
                 # cumulative rounding keeps the layer total exact whatever the block count
                 k = round(total * i2 / cols) - round(total * i1 / cols)
                 _block_mask(seen[:, r0:r0 + n], d[i1:i2], k, out=prune[i1:i2, r0:r0 + n])
         groups = None if nm is None else group_T[i1 // nm[1]:i2 // nm[1]]
-        Z = _solve_block(C[i1:i2], W0[i1:i2], Vs[i1:i2, i1:i2], d[i1:i2], prune[i1:i2], nm, sub, groups, tie_order)
+        Z = _solve_block(C[i1:i2], W0, Vs[i1:i2, i1:i2], d[i1:i2], prune[i1:i2], nm, sub, groups, tie_order)
         if i2 < cols:  # lazy batch update: the block's changes reach every later column at once
             C[i2:].addmm_(Vs[i1:i2, i2:].t(), Z)
+    new_weights = [(w if overwrite_weights else torch.empty_like(w, memory_format=torch.contiguous_format))
+                   .copy_(c.t()) for w, c in zip(weights, C.split(sizes, dim=1))]
+    del C, Vs, spare, W0, Z, seen  # the masks are made without them
     results = []
-    for w, c, p in zip(weights, C.split(sizes, dim=1), prune.split(sizes, dim=1)):
-        new_weight = torch.empty_like(w, memory_format=torch.contiguous_format).copy_(c.t())
+    for w, new_weight, p in zip(weights, new_weights, prune.split(sizes, dim=1)):
         keep = torch.empty(w.shape, dtype=torch.bool, device=p.device)
         torch.logical_not(p.t(), out=keep)
         results.append((new_weight, keep.to(w.device)))
     return results
+
+
+def _original(weights: Sequence[torch.Tensor], sizes: list[int], i1: int, i2: int, dead: torch.Tensor | None,
+              like: torch.Tensor) -> torch.Tensor:
+    """Original values of columns ``i1:i2`` of the stacked weights, transposed ``[i2 - i1, rows]`` in
+    ``like``'s dtype and device (dead inputs zeroed): a block of the matrix ``C`` starts as."""
+    out = torch.empty(i2 - i1, like.shape[1], dtype=like.dtype, device=like.device)
+    for w, part in zip(weights, out.split(sizes, dim=1)):
+        part.copy_(w.detach()[:, i1:i2].t())
+    if dead is not None:
+        out[dead[i1:i2]] = 0.0
+    return out
 
 
 def _sub_width(rows: int, m: int, blocksize: int) -> int:
@@ -253,10 +419,15 @@ def _diagonal_blocks(V: torch.Tensor, m: int) -> torch.Tensor:
     return V.reshape(g, m, g, m).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
 
 
-def _view_transform(D: torch.Tensor) -> torch.Tensor:
-    """``T = diag(D) D^-1`` for upper triangular (batches of) ``D``: see :func:`_seen`."""
-    scale = torch.diag_embed(torch.diagonal(D, dim1=-2, dim2=-1))
-    return torch.linalg.solve_triangular(D, scale, upper=True, left=False)
+def _view_transform(Vs: torch.Tensor) -> torch.Tensor:
+    """``T = diag(D) D^-1`` for a diagonal block ``D`` of ``V`` (or a batch of them) given the same block of
+    ``Vs`` (strictly upper, ``V_ij / V_jj``): see :func:`_seen`.
+
+    ``D = (I + Vs) diag(D)`` (column ``j`` of ``D`` is that of ``I + Vs`` times ``D_jj``), so
+    ``T = diag(D) diag(D)^-1 (I + Vs)^-1 = (I + Vs)^-1``: a unit triangular inverse, ``V`` not needed.
+    """
+    eye = torch.eye(Vs.shape[-1], dtype=Vs.dtype, device=Vs.device).expand(Vs.shape)
+    return torch.linalg.solve_triangular(Vs, eye, upper=True, left=False, unitriangular=True)
 
 
 def _seen(C: torch.Tensor, W0: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
