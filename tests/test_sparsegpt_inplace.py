@@ -86,9 +86,27 @@ def test_view_transform_is_inverse_of_unit_vs(m):
     torch.testing.assert_close(_view_transform(batch)[1], torch.linalg.inv(torch.eye(m, dtype=V.dtype) + 2 * Vs))
 
 
+@pytest.fixture(params=["in-place", "flipped-copy"])
+def factorisation(request, monkeypatch):
+    """Which factorisation the solve uses: the in-place one (made to apply to these narrow Hessians) or the
+    flipped copy (what Hessians of up to ``_ONE_SHOT`` columns get)."""
+    from llmprune.sparsity import sparsegpt as sg
+
+    if request.param == "in-place":
+        monkeypatch.setattr(sg, "_ONE_SHOT", 0)
+    return request.param
+
+
+@pytest.fixture
+def in_place(monkeypatch):
+    from llmprune.sparsity import sparsegpt as sg
+
+    monkeypatch.setattr(sg, "_ONE_SHOT", 0)
+
+
 @pytest.mark.parametrize("nm", [None, (2, 4)])
 @pytest.mark.parametrize("dtype", [torch.float32, None])
-def test_consuming_the_hessian_gives_identical_results(nm, dtype):
+def test_consuming_the_hessian_gives_identical_results(nm, dtype, factorisation):
     cols = 160
     H = _gram(cols, tokens=100, seed=5, dead=(7,))
     g = torch.Generator().manual_seed(6)
@@ -101,13 +119,15 @@ def test_consuming_the_hessian_gives_identical_results(nm, dtype):
                                      overwrite_hessian=True)
     for (a, ka), (b, kb) in zip(kept, consumed):
         assert torch.equal(a, b) and torch.equal(ka, kb)
-    if dtype is None:  # the float64 pass uses H's own memory for the factor
+    if factorisation == "flipped-copy":  # a narrow H is not used as memory: only its dead diagonal set
+        assert torch.equal(consumed_H.tril(-1), H_before.tril(-1))
+    elif dtype is None:  # the float64 pass uses H's own memory for the factor
         assert consumed_H.shape == (cols, cols) and torch.equal(consumed_H, consumed_H.triu(1))  # Vs
     else:  # emptied once the float32 factor exists
         assert consumed_H.numel() == 0
 
 
-def test_single_weight_consumes_too():
+def test_single_weight_consumes_too(in_place):
     H = _gram(48, seed=7)
     w = torch.randn(12, 48)
     a, ka = sparsegpt_prune(w, H.clone(), 0.5)
@@ -126,7 +146,7 @@ def test_accumulator_release_hands_over():
 
 
 @pytest.mark.parametrize("rows", [40, 100, 300])  # W0 and C in H's spare memory, W0 only, neither
-def test_factor_and_work_matrices_in_the_hessians_memory(monkeypatch, rows):
+def test_factor_and_work_matrices_in_the_hessians_memory(monkeypatch, in_place, rows):
     """The float32 factor written over the float64 H it is read from (and W0 / C in the rest) gives what a
     separately allocated factor gives."""
     from llmprune.sparsity import sparsegpt as sg
@@ -142,7 +162,7 @@ def test_factor_and_work_matrices_in_the_hessians_memory(monkeypatch, rows):
     assert torch.equal(in_place[0], separate[0]) and torch.equal(in_place[1], separate[1])
 
 
-def test_overwrite_weights_writes_the_pruned_weights_in_place():
+def test_overwrite_weights_writes_the_pruned_weights_in_place(factorisation):
     cols = 64
     H = _gram(cols, seed=10)
     g = torch.Generator().manual_seed(11)
@@ -158,7 +178,7 @@ def test_overwrite_weights_writes_the_pruned_weights_in_place():
     assert torch.equal(wt, fresh[0][0]) and torch.equal(kc, fresh[0][1])
 
 
-def test_float32_hessian_is_solved_in_its_own_memory():
+def test_float32_hessian_is_solved_in_its_own_memory(in_place):
     """As on GPU (float32 accumulation): factor, Vs and the pass all in H's memory when consumed."""
     cols = 96
     H = _gram(cols, seed=12).float()
@@ -168,3 +188,18 @@ def test_float32_hessian_is_solved_in_its_own_memory():
     b, kb = sparsegpt_prune(w, H2, 0.5, blocksize=32, overwrite_hessian=True)
     assert torch.equal(a, b) and torch.equal(ka, kb)
     assert H2.shape == (cols, cols) and torch.equal(H2, H2.triu(1))  # now Vs
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_both_factorisations_give_the_same_solve(monkeypatch, nm):
+    """Narrow Hessians (flipped copy) and wide ones (in place) differ only by rounding."""
+    from llmprune.sparsity import sparsegpt as sg
+
+    cols = 192
+    H = _gram(cols, tokens=400, seed=14, dead=(3,))
+    w = torch.randn(48, cols, generator=torch.Generator().manual_seed(15))
+    a, ka = sparsegpt_prune(w, H, 0.5, nm=nm, blocksize=32)
+    monkeypatch.setattr(sg, "_ONE_SHOT", 0)
+    b, kb = sparsegpt_prune(w, H, 0.5, nm=nm, blocksize=32)
+    assert float((ka == kb).float().mean()) >= 0.999
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
