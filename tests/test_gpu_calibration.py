@@ -12,24 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from llmprune import PruneConfig
 from llmprune.sparsity import SparsityConfig, calibrate_activation_thresholds
 from llmprune.streaming import prune_streaming, sparsify_streaming
 
-from tiny_models import tiny_causal_lm
+from tiny_models import saved_tensors, tiny_causal_lm
 
 pytestmark = pytest.mark.gpu
 
 IDS = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
-
-
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
 
 
 def _checkpoint(tmp_path: Path) -> tuple[Path, int]:
@@ -48,7 +40,7 @@ def test_streamed_structured_pruning_on_gpu_matches_cpu_and_holds_one_layer(tmp_
     torch.cuda.reset_peak_memory_stats()
     gpu = prune_streaming(src, cfg, tmp_path / "gpu", calibration=IDS, progress=False, device="cuda")
     peak = torch.cuda.max_memory_allocated()
-    a, b = _tensors(cpu.out), _tensors(gpu.out)
+    a, b = saved_tensors(cpu.out), saved_tensors(gpu.out)
     assert a.keys() == b.keys()
     for k in a:  # same units kept (same shapes); the kept weights are copied, not recomputed
         assert a[k].shape == b[k].shape and torch.equal(a[k], b[k]), k
@@ -67,7 +59,7 @@ def test_streamed_sparsegpt_on_gpu_matches_cpu_quality(tmp_path, pattern):
     gpu = sparsify_streaming(src, cfg, tmp_path / "gpu", calibration=IDS, progress=False, device="cuda")
     peak = torch.cuda.max_memory_allocated()
     assert gpu.report["overall_sparsity"] == pytest.approx(cpu.report["overall_sparsity"])
-    a, b = _tensors(cpu.out), _tensors(gpu.out)
+    a, b = saved_tensors(cpu.out), saved_tensors(gpu.out)
     agree = [float(((a[k] == 0) == (b[k] == 0)).float().mean()) for k in a if ".layers." in k and a[k].dim() == 2]
     assert min(agree) > 0.98  # float32 Hessians on CUDA: a few near-tied choices may flip
     assert peak < model_bytes / 2, (peak, model_bytes)

@@ -13,28 +13,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from llmprune import PruneConfig, load_model, prune
-from llmprune.io import CheckpointError, OutputExistsError, save_pruned
 from llmprune.calibrate import CalibrationError
+from llmprune.io import CheckpointError, OutputExistsError, save_pruned
 from llmprune.sparsity import SparsityConfig, calibrate_activation_thresholds, read_activation_thresholds, sparsify
 from llmprune.streaming import StreamingError, parse_memory, prune_streaming, should_stream, sparsify_streaming
 
-from tiny_models import CAUSAL_LM_TYPES, LIGHT_VARIANTS, tiny_causal_lm
+from tiny_models import CAUSAL_LM_TYPES, LIGHT_VARIANTS, saved_tensors, tiny_causal_lm
 
 IDS = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
 
 
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
-
 def _assert_same_output(a: Path, b: Path) -> None:
-    ta, tb = _tensors(a), _tensors(b)
+    ta, tb = saved_tensors(a), saved_tensors(b)
     assert ta.keys() == tb.keys()
     for k in ta:
         assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k
@@ -88,7 +80,7 @@ def test_streamed_structured_modes_equal_in_memory(tmp_path, mode, tied):
     mem = _in_memory_prune(src, cfg, tmp_path / "mem")
     res = prune_streaming(src, cfg, tmp_path / "str", calibration=IDS, progress=False)
     _assert_same_output(mem, res.out)
-    assert ("lm_head.weight" in _tensors(res.out)) is not tied
+    assert ("lm_head.weight" in saved_tensors(res.out)) is not tied
 
 
 SPARSITY = {

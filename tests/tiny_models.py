@@ -95,3 +95,15 @@ def assert_reloads_identically(model, folder, ids: torch.Tensor):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=0, rtol=0)
     return reloaded
+
+
+def saved_tensors(folder) -> dict[str, torch.Tensor]:
+    """Every tensor of a saved checkpoint folder's safetensors shards, by name."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
