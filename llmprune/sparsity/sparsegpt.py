@@ -233,14 +233,21 @@ def _upper(H: torch.Tensor, dtype: torch.dtype | None, consume: bool = False) ->
     dtype = dtype or H.dtype
     if dtype == H.dtype and consume:
         return H.triu_()
-    n = H.shape[0]
-    V = torch.empty(n, n, dtype=dtype, device=H.device)
-    for r0, r1 in _bounds(n, _FACTOR_BLOCK):
-        V[r0:r1, :r0].zero_()
-        V[r0:r1, r0:].copy_(H[r0:r1, r0:])
-        V[r0:r1, r0:r1].triu_()
+    V = _fill_upper(torch.empty(H.shape, dtype=dtype, device=H.device), H)
     if consume:
         H.set_()
+    return V
+
+
+def _fill_upper(V: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """Writes ``H``'s upper triangle (zeros below) into ``V`` (its dtype), one block of rows at a time; each
+    block of ``H`` is read (cast into a block-sized temporary) before ``V``'s rows are written, so ``V`` may
+    overlap rows ``<=`` those of ``H`` it replaces (:func:`_upper_in_place`). Returns ``V``."""
+    for r0, r1 in _bounds(H.shape[0], _FACTOR_BLOCK):
+        block = H[r0:r1, r0:].to(V.dtype)
+        V[r0:r1, :r0].zero_()
+        V[r0:r1, r0:].copy_(block)
+        V[r0:r1, r0:r1].triu_()
     return V
 
 
@@ -249,9 +256,8 @@ def _upper_in_place(H: torch.Tensor, dtype: torch.dtype | None) -> tuple[torch.T
     float64): returns ``(V, spare)``, ``spare`` the rest of ``H``'s memory as a flat ``dtype`` tensor (for
     the column pass's work matrices) or None; ``H`` is emptied (``set_()``; the memory lives on in ``V``).
 
-    Row ``i`` of ``V`` is written over bytes that held rows ``<= i`` of ``H``; each block of rows of ``H``
-    is read (cast into a block-sized temporary) before its ``V`` rows are written, so nothing unread is
-    overwritten.
+    Row ``i`` of ``V`` is written over bytes that held rows ``<= i`` of ``H``, which :func:`_fill_upper`
+    has read by then, so nothing unread is overwritten.
     """
     dtype = dtype or H.dtype
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -259,12 +265,7 @@ def _upper_in_place(H: torch.Tensor, dtype: torch.dtype | None) -> tuple[torch.T
         return _upper(H, dtype, consume=True), None
     n = H.shape[0]
     flat = H.view(-1).view(dtype)  # H's bytes as dtype: (H.element_size() // itemsize) * n * n entries
-    V = flat[:n * n].view(n, n)
-    for r0, r1 in _bounds(n, _FACTOR_BLOCK):
-        block = H[r0:r1, r0:].to(dtype)
-        V[r0:r1, :r0].zero_()
-        V[r0:r1, r0:].copy_(block)
-        V[r0:r1, r0:r1].triu_()
+    V = _fill_upper(flat[:n * n].view(n, n), H)
     spare = flat[n * n:]
     H.set_()
     return V, spare
