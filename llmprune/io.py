@@ -37,6 +37,8 @@ __all__ = [
     "read_safetensors_header",
     "replace_directory",
     "load_model",
+    "find_gguf",
+    "strip_quantizer",
     "save_pruned",
     "write_metadata",
     "read_recipe",
@@ -106,7 +108,9 @@ def load_model(
     revision: str | None = None,
     with_tokenizer: bool = True,
 ) -> tuple[nn.Module, Any]:
-    """Load a causal LM (local folder or Hub id) from safetensors only, and its tokenizer.
+    """Load a causal LM (local folder, Hub id, or a ``.gguf`` file / a folder holding one) from safetensors
+    or GGUF only, and its tokenizer. GGUF weights are dequantised into ``dtype`` (float32 by default) and the
+    model forgets its ``quantization_config``, so every save is plain safetensors.
 
     Local folders are validated first, so a corrupt or truncated checkpoint gives a clear
     :class:`CheckpointError` instead of a deep stack trace. ``trust_remote_code`` is never enabled.
@@ -115,9 +119,12 @@ def load_model(
 
     path = Path(name_or_path)
     is_local = path.exists()
+    gguf = find_gguf(path) if is_local else None
+    if gguf is not None:
+        return _load_gguf(gguf, dtype=dtype, device=device, with_tokenizer=with_tokenizer)
     if is_local:
         if not path.is_dir():
-            raise CheckpointError(f"{path} is a file; pass the model folder")
+            raise CheckpointError(f"{path} is a file; pass the model folder (or a .gguf file)")
         _check_local_checkpoint(path)
     elif str(name_or_path).startswith((".", "/", "~")):
         raise CheckpointError(f"model folder {str(name_or_path)!r} does not exist")
@@ -137,6 +144,73 @@ def load_model(
     tokenizer = None
     if with_tokenizer:
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), revision=revision, trust_remote_code=False)
+    return model, tokenizer
+
+
+def find_gguf(path: str | os.PathLike) -> Path | None:
+    """The GGUF file that ``path`` names: the file itself, or the single ``.gguf`` in a folder that has no
+    ``config.json`` (a Hugging Face folder always wins). ``None`` when ``path`` is not a GGUF input."""
+    p = Path(path)
+    if p.is_file():
+        return p if p.suffix.lower() == ".gguf" else None
+    if not p.is_dir() or (p / "config.json").is_file():
+        return None
+    found = sorted(p.glob("*.gguf"))
+    if len(found) > 1:
+        raise CheckpointError(f"{p} holds {len(found)} .gguf files ({', '.join(f.name for f in found)}); pass one file")
+    return found[0] if found else None
+
+
+def _check_gguf(path: Path) -> None:
+    with path.open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise CheckpointError(f"{path}: not a GGUF file (bad magic)")
+
+
+def strip_quantizer(model: nn.Module) -> nn.Module:
+    """Forget how ``model`` was loaded (GGUF dequantisation): without this ``save_pretrained`` refuses the
+    model, and a saved ``config.json`` would carry a ``quantization_config`` that points at the GGUF file.
+    The weights are already plain dequantised tensors."""
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for name in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, name):
+            setattr(model, name, None)
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
+    return model
+
+
+def _load_gguf(path: Path, dtype: Any, device: Any, with_tokenizer: bool) -> tuple[nn.Module, Any]:
+    """A GGUF file dequantised into ``dtype`` (float32 by default: GGUF blocks are not a torch dtype) by
+    transformers' own reader; the ``gguf`` package must be installed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _check_gguf(path)
+    try:
+        import gguf  # noqa: F401  (transformers needs it; a clear line beats its import error)
+    except ImportError:
+        raise CheckpointError(f"{path}: reading GGUF files needs the gguf package: pip install gguf") from None
+    if dtype is None or dtype == "auto":
+        dtype = torch.float32
+    elif isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype,
+                                                     trust_remote_code=False)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "architecture" in msg.lower() or isinstance(exc, KeyError):
+            raise CheckpointError(f"{path}: unsupported GGUF architecture ({msg}); convert it to a "
+                                  "Hugging Face safetensors folder first") from exc
+        raise CheckpointError(f"could not load GGUF file {path}: {msg}") from exc
+    strip_quantizer(model)
+    model.config.name_or_path = str(path)
+    if device is not None:
+        model.to(device)
+    tokenizer = None
+    if with_tokenizer:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
     return model, tokenizer
 
 
