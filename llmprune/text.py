@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
-__all__ = ["DATASET_ALIASES", "TextSourceError", "load_text", "is_dataset_alias"]
+__all__ = ["DATASET_ALIASES", "TextSourceError", "load_text", "is_dataset_alias", "check_is_text"]
 
 Split = Literal["train", "test"]
 
@@ -82,7 +82,8 @@ def load_text(source: str | Path, split: Split = "test", purpose: str = "text") 
     as they are. ``purpose`` names the option in error messages (``"calibration"``, ``"perplexity"``).
 
     Raises :class:`TextSourceError` (a ``FileNotFoundError``) for a missing file, a directory, an unknown
-    name, or a dataset that cannot be loaded (offline without a cache), and ``ValueError`` for empty text.
+    name, or a dataset that cannot be loaded (offline without a cache), and ``ValueError`` for empty text
+    or a file that is not text (:func:`check_is_text`).
     """
     key = str(source).strip().lower()
     path = Path(source).expanduser()
@@ -110,4 +111,22 @@ def load_text(source: str | Path, split: Split = "test", purpose: str = "text") 
         )
     if not text.strip():
         raise ValueError(f"{purpose} text from {origin} is empty")
+    check_is_text(text, origin, purpose)
     return text
+
+
+#: the most undecodable or control characters a text may hold (a few stray bytes in a real corpus pass)
+MAX_NON_TEXT = 0.01
+
+
+def check_is_text(text: str, origin: str, purpose: str = "text") -> None:
+    """Refuse what is not natural-language text: a binary file (random bytes, weights, an archive) read as
+    UTF-8 turns into replacement characters and control codes, and pruning calibrated on it wrecks the
+    model while exiting 0. Raises ``ValueError`` naming the share found."""
+    sample = text[:1_000_000]
+    bad = sum(1 for ch in sample if ch == "\ufffd" or (ch < " " and ch not in "\t\n\r\f\v"))
+    if "\x00" in sample or bad > MAX_NON_TEXT * len(sample):
+        raise ValueError(
+            f"{purpose} source {origin} is not UTF-8 text ({bad / max(len(sample), 1):.0%} of its first "
+            f"{len(sample):,} characters are undecodable bytes or control codes); give a plain text file"
+        )

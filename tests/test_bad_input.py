@@ -128,3 +128,31 @@ def test_cli_errors_leave_no_output(tmp_path, ref_model_path, capsys):
                "--out", str(out), "--quiet"])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("content", [bytes(range(256)) * 12, __import__("os").urandom(3000)])
+def test_calibration_that_is_not_text_is_refused(tmp_path, ref_model, content):
+    model, tok = ref_model
+    junk = tmp_path / "random.bin"
+    junk.write_bytes(content)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CalibrationError, match="not UTF-8 text"):
+        prune(model, PruneConfig(ffn=0.25, method="wanda"), tokenizer=tok, calibration=junk)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # untouched
+
+
+def test_text_with_a_few_stray_bytes_is_accepted(tmp_path):
+    from llmprune.text import load_text
+
+    f = tmp_path / "corpus.txt"
+    f.write_bytes(("Plain English text. " * 500).encode() + b"\xff\xfe" + " and more.".encode())
+    assert load_text(f).startswith("Plain")
+
+
+def test_cli_refuses_random_bytes_as_calibration(tmp_path, ref_model_path, capsys):
+    junk = tmp_path / "random.txt"
+    junk.write_bytes(__import__("os").urandom(3000))
+    out = tmp_path / "out"
+    rc = main(["prune", str(ref_model_path), "--ffn", "0.25", "--calib", str(junk), "--out", str(out), "--quiet"])
+    assert rc == 2 and "not UTF-8 text" in capsys.readouterr().err
+    assert not out.exists()
