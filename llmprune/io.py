@@ -126,6 +126,8 @@ def load_model(
         if not path.is_dir():
             raise CheckpointError(f"{path} is a file; pass the model folder (or a .gguf file)")
         _check_local_checkpoint(path)
+        from .compressed_tensors import refuse_sparse_compressed  # transformers 5.x would load them at random
+        refuse_sparse_compressed(path, {w.name: read_safetensors_header(w) for w in sorted(path.glob("*.safetensors"))})
     elif str(name_or_path).startswith((".", "/", "~")):
         raise CheckpointError(f"model folder {str(name_or_path)!r} does not exist")
     kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": False}

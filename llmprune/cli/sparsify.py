@@ -52,7 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_streaming_arguments(p)
 
 
-@subcommand("sparsify", "zero weights (unstructured or N:M) and/or calibrate activation sparsity, and save", add_arguments)
+@subcommand("sparsify", "zero weights (unstructured or N:M) and/or calibrate activation sparsity, and save "
+           "(dense safetensors with the zeros: transformers and vLLM load it as is)", add_arguments)
 def run(args: argparse.Namespace) -> int:
     import torch
 

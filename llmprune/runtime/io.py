@@ -26,6 +26,11 @@ All other tensors keep their usual transformers names. The write is atomic: ever
 temporary directory next to ``out_dir`` which is renamed to ``out_dir`` at the end; an existing
 ``out_dir`` is refused unless ``overwrite=True``. After ``use_kernels``, ``model.save_pretrained(dir)`` writes
 this format too (``bind_save_pretrained``).
+
+Why this format and not compressed-tensors' ``sparse-24-bitmask``: it holds exactly the 2:4 kernel's operands
+and what compressed-tensors has no field for (activation thresholds, gathered neuron indices), at the same size
+(half the values + 1 bit per weight), and no current reader decompresses compressed-tensors sparse formats
+(compressed-tensors >= 0.15, transformers 5.x, vLLM dropped them; see ``llmprune.compressed_tensors``).
 """
 from __future__ import annotations
 
