@@ -1,6 +1,3 @@
 """Moved to :mod:`llmprune.structured.compensate`; kept for compatibility."""
 
 from .structured.compensate import *  # noqa: F401,F403
-"""Moved to :mod:`llmprune.compensate.`; kept for compatibility."""
-
-from .. import *  # noqa: F401,F403

@@ -1,6 +1,3 @@
 """Moved to :mod:`llmprune.checkpoint.dispatched`; kept for compatibility."""
 
 from .checkpoint.dispatched import *  # noqa: F401,F403
-"""Moved to :mod:`llmprune.dispatched.`; kept for compatibility."""
-
-from .. import *  # noqa: F401,F403

@@ -1,6 +1,3 @@
 """Moved to :mod:`llmprune.checkpoint.io`; kept for compatibility."""
 
 from .checkpoint.io import *  # noqa: F401,F403
-"""Moved to :mod:`llmprune.io.`; kept for compatibility."""
-
-from .. import *  # noqa: F401,F403

@@ -1,6 +1,3 @@
 """Moved to :mod:`llmprune.training.iterative`; kept for compatibility."""
 
 from .training.iterative import *  # noqa: F401,F403
-"""Moved to :mod:`llmprune.iterative.`; kept for compatibility."""
-
-from .. import *  # noqa: F401,F403

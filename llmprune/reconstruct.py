@@ -1,6 +1,3 @@
 """Moved to :mod:`llmprune.structured.reconstruct`; kept for compatibility."""
 
 from .structured.reconstruct import *  # noqa: F401,F403
-"""Moved to :mod:`llmprune.reconstruct.`; kept for compatibility."""
-
-from .. import *  # noqa: F401,F403

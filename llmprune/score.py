@@ -1,6 +1,3 @@
 """Moved to :mod:`llmprune.structured.score`; kept for compatibility."""
 
 from .structured.score import *  # noqa: F401,F403
-"""Moved to :mod:`llmprune.score.`; kept for compatibility."""
-
-from .. import *  # noqa: F401,F403

@@ -1,6 +1,3 @@
 """Moved to :mod:`llmprune.structured.select`; kept for compatibility."""
 
 from .structured.select import *  # noqa: F401,F403
-"""Moved to :mod:`llmprune.select.`; kept for compatibility."""
-
-from .. import *  # noqa: F401,F403

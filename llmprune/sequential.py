@@ -1,6 +1,3 @@
 """Moved to :mod:`llmprune.structured.sequential`; kept for compatibility."""
 
 from .structured.sequential import *  # noqa: F401,F403
-"""Moved to :mod:`llmprune.sequential.`; kept for compatibility."""
-
-from .. import *  # noqa: F401,F403

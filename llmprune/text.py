@@ -1,6 +1,3 @@
 """Moved to :mod:`llmprune.calibration.text`; kept for compatibility."""
 
 from .calibration.text import *  # noqa: F401,F403
-"""Moved to :mod:`llmprune.text.`; kept for compatibility."""
-
-from .. import *  # noqa: F401,F403

@@ -26,9 +26,9 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from .arch import ArchAdapter
-from .arch.base import weight_matrix
-from .progress import progress_bar
+from ..arch import ArchAdapter
+from ..arch.base import weight_matrix
+from ..core.progress import progress_bar
 
 __all__ = [
     "CalibrationError",
@@ -361,7 +361,7 @@ def layerwise_statistics(
             returned list then starts at ``layer_io.start``.
         rerun: recompute the layer's output after ``on_layer`` (False when ``on_layer`` only reads it).
     """
-    from .sparsity.sparsegpt import HessianAccumulator  # local: sparsity imports this module
+    from ..sparsity.sparsegpt import HessianAccumulator  # local: sparsity imports this module
 
     if not batches:
         raise CalibrationError("no calibration batches")

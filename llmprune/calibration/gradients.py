@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .arch import ArchAdapter
-from .arch.base import _is_conv1d
+from ..arch import ArchAdapter
+from ..arch.base import _is_conv1d
 from .calibrate import InputStats, LayerStats, _slot_modules
-from .memory import release_freed_memory
+from ..core.memory import release_freed_memory
 
 __all__ = ["taylor_statistics"]
 
@@ -34,7 +34,7 @@ def taylor_statistics(model: nn.Module, adapter: ArchAdapter, batches: Iterable[
                       stats: list[LayerStats] | None = None, progress: bool = False) -> list[LayerStats]:
     """Add ``grad_rows`` / ``grad_cols`` (row / column sums of ``Σ_b |W ⊙ G_b|``, ``[out, in]`` layout) to the
     :class:`InputStats` of every scored module; creates ``stats`` when ``None``. Works on the model's device."""
-    from .progress import progress_bar
+    from ..core.progress import progress_bar
 
     layers = adapter.decoder_layers(model)
     stats = stats if stats is not None else [LayerStats() for _ in layers]

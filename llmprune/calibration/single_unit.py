@@ -29,8 +29,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .arch import ArchAdapter
-from .arch.base import weight_matrix
+from ..arch import ArchAdapter
+from ..arch.base import weight_matrix
 from .calibrate import InputStats, LayerStats
 
 __all__ = ["THRESHOLD", "DEFAULT_TOP_K", "cluster_analysis", "unit_scores", "single_unit_statistics"]

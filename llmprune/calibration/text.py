@@ -7,7 +7,7 @@ so calibrating and evaluating on one name never shares text.
 
 Example::
 
-    from llmprune.text import load_text
+    from llmprune.calibration.text import load_text
     calib = load_text("c4", split="train")           # online, or with a warm datasets cache
     test = load_text("../shared/data/wikitext2-raw-test.txt")
 """

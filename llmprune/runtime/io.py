@@ -89,8 +89,8 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, overwrite: boo
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from ..io import atomic_directory
-    from ..verify import VerificationError, verify_saved_model
+    from ..checkpoint.io import atomic_directory
+    from ..checkpoint.verify import VerificationError, verify_saved_model
 
     modules = {n: _describe(m) for n, m in model.named_modules() if type(m) in _TYPES}
     tensors, tied = _dedupe(model.state_dict())

@@ -82,7 +82,7 @@ class HessianAccumulator:
 
     def all_reduce(self) -> None:
         """Combine the running means of all processes (``accelerate launch``) into the mean over all tokens."""
-        from ..calibrate import all_reduce_sum, world
+        from ..calibration.calibrate import all_reduce_sum, world
 
         if world()[1] == 1:
             return

@@ -42,12 +42,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .arch import get_adapter
-from .calibrate import CalibrationError, LayerIO, as_batches, layerwise_statistics
-from .config import LayerPlan, PruneConfig, PrunePlan
-from .dispatched import ModelSource
-from .io import CheckpointError, OutputExistsError, read_safetensors_header, replace_directory, write_metadata
-from .memory import release_freed_memory
+from ..arch import get_adapter
+from ..calibration.calibrate import CalibrationError, LayerIO, as_batches, layerwise_statistics
+from ..core.config import LayerPlan, PruneConfig, PrunePlan
+from ..checkpoint.dispatched import ModelSource
+from ..checkpoint.io import CheckpointError, OutputExistsError, read_safetensors_header, replace_directory, write_metadata
+from ..core.memory import release_freed_memory
 
 __all__ = ["StreamingError", "Checkpoint", "build_skeleton", "LayerStream", "prune_streaming",
            "sparsify_streaming", "StreamResult", "checkpoint_bytes", "available_memory", "memory_budget", "parse_memory",
@@ -515,7 +515,7 @@ def _finish(model: nn.Module, part: PartialOutput, prefixes: dict[int, str], ck:
             tokenizer: Any, metadata: dict[str, Any]) -> Path:
     from safetensors.torch import save_file
 
-    from .verify import verify_saved_model
+    from ..checkpoint.verify import verify_saved_model
 
     tied = _tied_head(model)
     in_layer = tuple(prefixes.values())
@@ -581,7 +581,7 @@ class StreamResult:
 
 
 def _count(model: nn.Module) -> int:
-    from .pipeline import count_parameters
+    from ..structured.pipeline import count_parameters
 
     return count_parameters(model)
 
@@ -604,8 +604,8 @@ def prune_streaming(source: str | os.PathLike | nn.Module, config: PruneConfig, 
     """
     import time
 
-    from .criteria import get_criterion
-    from .select import check_ratios
+    from ..criteria import get_criterion
+    from ..structured.select import check_ratios
 
     t0 = time.perf_counter()
     config.validate()
@@ -644,12 +644,12 @@ def prune_streaming(source: str | os.PathLike | nn.Module, config: PruneConfig, 
     if first_pass:
         plan = _scoring_pass(model, adapter, config, batches if needs_data else None, stream, part, device,
                              progress, prunes_units)
-    from .perlayer import set_config_widths
+    from ..structured.perlayer import set_config_widths
 
     if reconstruct:
-        from .compensate import enable_biases, zero_deltas
-        from .sequential import prune_sequential
-        from .surgery import prune_layer
+        from ..structured.compensate import enable_biases, zero_deltas
+        from ..structured.sequential import prune_sequential
+        from ..structured.surgery import prune_layer
 
         if config.bias_compensation:
             enable_biases(adapter, model, zero_deltas(adapter, model))
@@ -697,11 +697,11 @@ def _scoring_pass(model, adapter, config, batches, stream, part, device, progres
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from .allocate import CostCurve
-    from .calibrate import LayerStats
-    from .score import LayerScores, score_layer
-    from .select import plan_pruning
-    from .sequential import block_influence_counts, error_counts, layer_cost_curves, output_modules
+    from ..core.allocate import CostCurve
+    from ..calibration.calibrate import LayerStats
+    from ..structured.score import LayerScores, score_layer
+    from ..structured.select import plan_pruning
+    from ..structured.sequential import block_influence_counts, error_counts, layer_cost_curves, output_modules
 
     error_alloc = config.allocation == "error" and prunes_units
     n = len(adapter.decoder_layers(model))
@@ -756,11 +756,11 @@ def _scoring_pass(model, adapter, config, batches, stream, part, device, progres
 
 def _cutting_pass(model, adapter, config, plan, stream, part, progress) -> PrunePlan:
     """Pass 2 without reconstruction: load, compensate, cut, write, free (no calibration needed)."""
-    from .calibrate import InputStats, LayerStats
-    from .compensate import Delta, add_deltas, enable_biases, layer_deltas
-    from .progress import progress_bar
-    from .sequential import output_modules
-    from .surgery import prune_layer
+    from ..calibration.calibrate import InputStats, LayerStats
+    from ..structured.compensate import Delta, add_deltas, enable_biases, layer_deltas
+    from ..core.progress import progress_bar
+    from ..structured.sequential import output_modules
+    from ..structured.surgery import prune_layer
 
     layers = adapter.decoder_layers(model)
     if config.bias_compensation:  # shapes only: which projections need a bias the checkpoint lacks
@@ -810,8 +810,8 @@ def sparsify_streaming(source: str | os.PathLike | nn.Module, config: Any, out: 
     stores them and returned in ``report["activation_sparsity"]``."""
     import time
 
-    from .sparsity._common import layer_targets
-    from .sparsity.api import SparsityConfig, _NEEDS_DATA, _prune_module, _sequential
+    from ..sparsity._common import layer_targets
+    from ..sparsity.api import SparsityConfig, _NEEDS_DATA, _prune_module, _sequential
 
     t0 = time.perf_counter()
     config = SparsityConfig.from_dict(config) if isinstance(config, dict) else config
@@ -881,7 +881,7 @@ def _activation_pass(model: nn.Module, ck: Checkpoint | ModelSource, prefixes: d
                      targets: list[str], device: Any, progress: bool) -> dict[str, float]:
     """TEAL thresholds of the layers the weight pass wrote, read back one at a time (resumable: finished
     layers' thresholds are kept in the run's state)."""
-    from .sparsity.activation import calibrate_activation_thresholds
+    from ..sparsity.activation import calibrate_activation_thresholds
 
     saved = part.state.setdefault("activation", {}).setdefault("thresholds", {})
     io = LayerStream(model, ck, prefixes, part, "activation", False, dtype, _spill_bytes(max_memory), read_output=True)

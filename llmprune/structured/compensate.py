@@ -22,10 +22,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .arch import ArchAdapter
-from .arch.base import weight_matrix
-from .calibrate import LayerStats
-from .config import LayerPlan, PrunePlan
+from ..arch import ArchAdapter
+from ..arch.base import weight_matrix
+from ..calibration.calibrate import LayerStats
+from ..core.config import LayerPlan, PrunePlan
 from .surgery import _complement
 
 __all__ = ["Delta", "compensation_deltas", "layer_deltas", "zero_deltas", "enable_biases", "add_deltas"]

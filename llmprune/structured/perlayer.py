@@ -26,8 +26,8 @@ from typing import Any
 
 from torch import nn
 
-from .arch import PER_LAYER_PREFIX, ArchAdapter, base_model_type, get_adapter, registered_adapters
-from .config import LayerPlan
+from ..arch import PER_LAYER_PREFIX, ArchAdapter, base_model_type, get_adapter, registered_adapters
+from ..core.config import LayerPlan
 from .surgery import layer_widths, prune_layer
 
 __all__ = ["WIDTHS_KEY", "set_config_widths", "register_per_layer_classes", "per_layer_config_class", "shrink_to_config"]

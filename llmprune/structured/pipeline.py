@@ -23,12 +23,12 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .arch import get_adapter
-from .calibrate import CalibrationError, as_batches, layerwise_statistics
+from ..arch import get_adapter
+from ..calibration.calibrate import CalibrationError, as_batches, layerwise_statistics
 from .compensate import add_deltas, compensation_deltas, enable_biases, zero_deltas
-from .config import PruneConfig, PrunePlan
-from .criteria import get_criterion
-from .dispatched import check_not_dispatched
+from ..core.config import PruneConfig, PrunePlan
+from ..criteria import get_criterion
+from ..checkpoint.dispatched import check_not_dispatched
 from .score import LayerScores, score_layer, score_layers
 from .select import check_ratios, plan_pruning
 from .sequential import block_influence_counts, error_counts, layer_cost_curves, output_modules, prune_sequential
@@ -49,7 +49,7 @@ class PruneResult:
     def save(self, out_dir: str | os.PathLike, tokenizer: Any = None, source: str | None = None,
              overwrite: bool = False) -> Any:
         """Save the pruned model with its recipe and plan (see :func:`llmprune.io.save_pruned`)."""
-        from .io import save_pruned
+        from ..checkpoint.io import save_pruned
 
         return save_pruned(self.model, out_dir, tokenizer=tokenizer, config=self.config, plan=self.plan,
                            source=source, overwrite=overwrite,

@@ -14,11 +14,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .arch import ArchAdapter
-from .arch.base import ExpertsSpec
-from .calibrate import LayerStats
-from .config import PruneConfig
-from .criteria import get_criterion
+from ..arch import ArchAdapter
+from ..arch.base import ExpertsSpec
+from ..calibration.calibrate import LayerStats
+from ..core.config import PruneConfig
+from ..criteria import get_criterion
 
 __all__ = ["LayerScores", "score_layers", "score_layer", "expert_scores"]
 

@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING, Literal, Sequence
 import torch
 from torch import nn
 
-from .config import LayerPlan, PruneConfig, PrunePlan
+from ..core.config import LayerPlan, PruneConfig, PrunePlan
 
 if TYPE_CHECKING:  # only for annotations: score imports the criteria, which select must not need
-    from .arch import ArchAdapter
+    from ..arch import ArchAdapter
     from .score import LayerScores
 
 __all__ = [

@@ -30,11 +30,11 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .allocate import CostCurve, allocate_by_cost, ratios_to_counts, spread_ratios
-from .arch import ArchAdapter
-from .arch.base import AttentionSpec, FFNSpec, Slot, set_weight_matrix, weight_matrix
-from .calibrate import LayerStats, layerwise_statistics
-from .config import LayerPlan, PruneConfig, PrunePlan
+from ..core.allocate import CostCurve, allocate_by_cost, ratios_to_counts, spread_ratios
+from ..arch import ArchAdapter
+from ..arch.base import AttentionSpec, FFNSpec, Slot, set_weight_matrix, weight_matrix
+from ..calibration.calibrate import LayerStats, layerwise_statistics
+from ..core.config import LayerPlan, PruneConfig, PrunePlan
 from .reconstruct import augment_gram, refit_columns, removal_error_curve
 from .score import LayerScores, score_layer
 from .select import LayerCounts, attention_units, neurons_to_remove, plan_layer, removal_counts, units_to_remove

@@ -17,9 +17,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .arch import ArchAdapter, get_adapter
-from .arch.base import ExpertsSpec, _is_conv1d, set_weight_matrix, weight_matrix
-from .config import LayerPlan, PrunePlan
+from ..arch import ArchAdapter, get_adapter
+from ..arch.base import ExpertsSpec, _is_conv1d, set_weight_matrix, weight_matrix
+from ..core.config import LayerPlan, PrunePlan
 
 __all__ = ["slice_module", "prune_experts", "prune_layer", "remove_layers", "apply_plan", "layer_widths"]
 

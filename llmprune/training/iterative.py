@@ -20,8 +20,8 @@ from typing import Any
 
 from torch import nn
 
-from .config import PruneConfig
-from .pipeline import PruneResult, count_parameters, prune
+from ..core.config import PruneConfig
+from ..structured.pipeline import PruneResult, count_parameters, prune
 from .recover import RecoveryConfig, RecoveryResult, recover
 
 __all__ = ["step_fraction", "prune_iteratively", "IterativeResult"]
@@ -62,7 +62,7 @@ def prune_iteratively(
     if steps < 1:
         raise ValueError(f"iterative steps={steps!r} must be >= 1")
     if steps > 1 and recovery is not None and data is None:
-        from .calibrate import CalibrationError
+        from ..calibration.calibrate import CalibrationError
 
         raise CalibrationError("recovery between iterative steps needs training data (--data)")
     result = IterativeResult(model=model, params_before=count_parameters(model))

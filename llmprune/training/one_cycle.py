@@ -59,10 +59,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .arch import ArchAdapter, get_adapter
-from .arch.base import weight_matrix
-from .config import PrunePlan, PruneConfig, _JsonMixin
-from .score import LayerScores
+from ..arch import ArchAdapter, get_adapter
+from ..arch.base import weight_matrix
+from ..core.config import PrunePlan, PruneConfig, _JsonMixin
+from ..structured.score import LayerScores
 
 __all__ = ["OneCycleConfig", "OneCycle", "OneCycleCallback", "jaccard", "layer_cap", "rebind_optimizer",
            "optimizer_names"]
@@ -204,10 +204,10 @@ class OneCycle:
             self.peft.unmerge_adapter()
 
     def _select(self) -> PrunePlan:
-        from .calibrate import layerwise_statistics
-        from .criteria import get_criterion
-        from .score import score_layers
-        from .select import plan_pruning, removal_counts
+        from ..calibration.calibrate import layerwise_statistics
+        from ..criteria import get_criterion
+        from ..structured.score import score_layers
+        from ..structured.select import plan_pruning, removal_counts
 
         adapter = get_adapter(self.model)
         cfg = self.config.prune_config()
@@ -288,8 +288,8 @@ class OneCycle:
 
     def _commit(self, step: int) -> PrunePlan:
         """Remove the selected units for good (refitting the output projections when ``refit``)."""
-        from .sequential import prune_sequential
-        from .surgery import apply_plan
+        from ..structured.sequential import prune_sequential
+        from ..structured.surgery import apply_plan
 
         plan = self.plans[-1]
         if self.peft is not None:

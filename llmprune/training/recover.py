@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .arch import get_adapter
-from .calibrate import CalibrationError
+from ..arch import get_adapter
+from ..calibration.calibrate import CalibrationError
 
 __all__ = ["RecoveryConfig", "RecoveryResult", "recover", "training_windows", "STATE_DIR_SUFFIX"]
 
@@ -121,7 +121,7 @@ def _token_stream(data: Any, tokenizer: Any) -> torch.Tensor:
         return data.reshape(-1).long()
     if tokenizer is None:
         raise CalibrationError("recovery from text needs the model's tokenizer (tokenizer=...)")
-    from .calibrate import read_calibration_text
+    from ..calibration.calibrate import read_calibration_text
 
     text = read_calibration_text(data) if isinstance(data, (str, os.PathLike)) and (
         os.path.isfile(os.fspath(data)) or len(os.fspath(data)) < 4096) else str(data)
@@ -196,7 +196,7 @@ def _save_state(path: Path, step: int, model: nn.Module, optimizer: torch.optim.
                 extra: dict[str, Any], best: dict[str, torch.Tensor] | None = None) -> None:
     from safetensors.torch import save_file
 
-    from .io import atomic_directory
+    from ..checkpoint.io import atomic_directory
 
     with atomic_directory(path, overwrite=True) as tmp:
         params = {n: p.detach().cpu().contiguous() for n, p in _trainable(model).items()}
@@ -331,7 +331,7 @@ def recover(
 
     save_every = config.save_every or config.eval_every
     t0, tokens = time.perf_counter(), 0
-    from .progress import progress_bar
+    from ..core.progress import progress_bar
 
     bar = progress_bar(range(start, config.steps), desc="recover", disable=not progress or not accelerator.is_main_process,
                        initial=start, total=config.steps)
