@@ -22,9 +22,9 @@ from .checkpoint.io import CheckpointError, OutputExistsError, load_model, save_
 from .structured.perlayer import register_per_layer_classes
 from .structured.select import RatioError
 from .sparsity import SparsityConfig, sparsify
-from .structured.surgery import apply_plan
+from .structured.apply import apply_plan
 
-__version__ = "0.1.0"
+from .core.version import __version__  # noqa: E402
 
 __all__ = [
     "prune", "PruneResult", "recover", "RecoveryConfig", "RecoveryResult", "load_model", "save_pruned", "sparsify", "SparsityConfig", "CheckpointError",

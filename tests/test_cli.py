@@ -25,7 +25,7 @@ def test_sparsify_exact_sparsity_and_identical_reload(tmp_path, ref_model_path, 
                                                       method, pattern):
     from transformers import AutoModelForCausalLM
 
-    import llmprune.io
+    import llmprune.checkpoint.io
 
     ids = torch.randint(0, 8000, (2, 12), generator=torch.Generator().manual_seed(0))
     in_memory = {}

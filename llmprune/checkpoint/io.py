@@ -328,7 +328,7 @@ def write_metadata(folder: str | os.PathLike, model: nn.Module, config: PruneCon
                    plan: PrunePlan | None = None, source: str | None = None,
                    extra: dict[str, Any] | None = None) -> None:
     """Write the recipe, the plan (if any) and the model card of a saved model into ``folder``."""
-    from .. import __version__
+    from ..core.version import __version__
 
     tmp = Path(folder)
     extra = dict(extra or {})

@@ -9,7 +9,9 @@ peaked at 1.7 GB instead of 0.8 GB. ``malloc_trim`` hands the free pages back.
 
 from __future__ import annotations
 
-__all__ = ["release_freed_memory"]
+from pathlib import Path
+
+__all__ = ["release_freed_memory", "available_memory"]
 
 _TRIM = None
 
@@ -26,3 +28,14 @@ def release_freed_memory() -> None:
             _TRIM = False
     if _TRIM:
         _TRIM(0)
+
+
+def available_memory() -> int:
+    """Memory this process can still use (``MemAvailable``), or 8 GiB where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30

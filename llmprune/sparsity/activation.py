@@ -420,7 +420,7 @@ def _use_staged(staged: bool | None, layer: nn.Module, hidden: Sequence[torch.Te
     elif device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
     else:
-        from ..streaming import available_memory  # local: streaming imports the pruners
+        from ..core.memory import available_memory  # read at call time (tests patch it)
 
         free = available_memory()
     return paused_bytes(layer, hidden) <= free // 4

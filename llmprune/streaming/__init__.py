@@ -47,7 +47,7 @@ from ..calibration.calibrate import CalibrationError, LayerIO, as_batches, layer
 from ..core.config import LayerPlan, PruneConfig, PrunePlan
 from ..checkpoint.dispatched import ModelSource
 from ..checkpoint.io import CheckpointError, OutputExistsError, read_safetensors_header, replace_directory, write_metadata
-from ..core.memory import release_freed_memory
+from ..core.memory import available_memory, release_freed_memory
 
 __all__ = ["StreamingError", "Checkpoint", "build_skeleton", "LayerStream", "prune_streaming",
            "sparsify_streaming", "StreamResult", "checkpoint_bytes", "available_memory", "memory_budget", "parse_memory",
@@ -80,17 +80,6 @@ def parse_memory(text: str | int | None) -> int | None:
         return int(float(t))
     except ValueError:
         raise ValueError(f"cannot read memory size {text!r}: use e.g. 24GB or 512MiB") from None
-
-
-def available_memory() -> int:
-    """Memory this process can still use (``MemAvailable``), or 8 GiB where unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 << 30
 
 
 def memory_budget(max_memory: int | None) -> int:

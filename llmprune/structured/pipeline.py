@@ -32,7 +32,7 @@ from ..checkpoint.dispatched import check_not_dispatched
 from .score import LayerScores, score_layer, score_layers
 from .select import check_ratios, plan_pruning
 from .sequential import block_influence_counts, error_counts, layer_cost_curves, output_modules, prune_sequential
-from .surgery import apply_plan
+from .apply import apply_plan
 
 __all__ = ["prune", "PruneResult", "count_parameters"]
 

@@ -21,7 +21,7 @@ from ..arch import ArchAdapter, get_adapter
 from ..arch.base import ExpertsSpec, _is_conv1d, set_weight_matrix, weight_matrix
 from ..core.config import LayerPlan, PrunePlan
 
-__all__ = ["slice_module", "prune_experts", "prune_layer", "remove_layers", "apply_plan", "layer_widths"]
+__all__ = ["slice_module", "prune_experts", "prune_layer", "remove_layers", "layer_widths"]
 
 
 def slice_module(module: nn.Module, dim: str, keep: torch.Tensor) -> None:
@@ -183,23 +183,3 @@ def layer_widths(model: nn.Module, adapter: ArchAdapter | None = None) -> list[d
     return out
 
 
-def apply_plan(model: nn.Module, plan: PrunePlan, adapter: ArchAdapter | None = None) -> nn.Module:
-    """Apply ``plan`` in place and update ``model.config``; returns ``model``.
-
-    Layers are pruned first (indices refer to the original layers), then removed. If all layers end up
-    with the same widths the config stays standard; otherwise it becomes llmprune's per-layer config
-    (see :mod:`llmprune.perlayer`).
-    """
-    from .perlayer import set_config_widths  # local import: perlayer imports this module
-
-    adapter = adapter or get_adapter(model)
-    layers = adapter.decoder_layers(model)
-    if plan.layers and len(plan.layers) != len(layers):
-        raise ValueError(f"plan has {len(plan.layers)} layers, model has {len(layers)}")
-    with torch.no_grad():
-        for i, layer_plan in enumerate(plan.layers):
-            if i not in set(plan.removed_layers):
-                prune_layer(adapter, layers[i], layer_plan)
-        remove_layers(model, adapter, plan.removed_layers)
-    set_config_widths(model, adapter)
-    return model

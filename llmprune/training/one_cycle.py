@@ -289,7 +289,7 @@ class OneCycle:
     def _commit(self, step: int) -> PrunePlan:
         """Remove the selected units for good (refitting the output projections when ``refit``)."""
         from ..structured.sequential import prune_sequential
-        from ..structured.surgery import apply_plan
+        from ..structured.apply import apply_plan
 
         plan = self.plans[-1]
         if self.peft is not None:
