@@ -30,7 +30,7 @@ from ..arch import ArchAdapter
 from ..arch.base import weight_matrix
 from ..core.progress import progress_bar
 from ..core.stats import InputStats, LayerStats
-from .distributed import all_reduce_sum, world
+from ..core.distributed import all_reduce_sum, world
 from .hessian import HessianAccumulator
 
 __all__ = [

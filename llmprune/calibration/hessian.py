@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .distributed import all_reduce_sum, world
+from ..core.distributed import all_reduce_sum, world
 
 __all__ = ["HessianAccumulator"]
 

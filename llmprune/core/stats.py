@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .distributed import all_reduce_sum, world
+
 __all__ = ["InputStats", "LayerStats"]
 
 
