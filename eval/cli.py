@@ -46,7 +46,7 @@ def load_model(path: str, dtype: str = "float32", device: str | None = None) -> 
     (safetensors only, checkpoint validated, llmprune's per-layer classes registered)."""
     import torch
 
-    from llmprune.io import load_model as load_checked
+    from llmprune.checkpoint.io import load_model as load_checked
 
     model, tokenizer = load_checked(str(Path(path).expanduser()) if Path(path).expanduser().exists() else path,
                                     dtype=getattr(torch, dtype),

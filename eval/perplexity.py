@@ -32,7 +32,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
-from llmprune.text import DATASET_ALIASES, load_text as _load_text
+from llmprune.calibration.text import DATASET_ALIASES, load_text as _load_text
 
 from ._checks import check_compatible, check_ids, max_positions, model_device
 

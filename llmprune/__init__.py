@@ -11,20 +11,20 @@ Example::
     result.save("pruned/", tokenizer=tok)          # safetensors + recipe + kept indices, atomically
 """
 
-from .pipeline import PruneResult, prune
-from .recover import RecoveryConfig, RecoveryResult, recover
+from .structured.pipeline import PruneResult, prune
+from .training.recover import RecoveryConfig, RecoveryResult, recover
 from .arch import UnsupportedArchitectureError, get_adapter, supported_model_types
-from .calibrate import CalibrationError
-from .config import LayerPlan, PruneConfig, PrunePlan
+from .calibration.calibrate import CalibrationError
+from .core.config import LayerPlan, PruneConfig, PrunePlan
 from .criteria import available_criteria
-from .dispatched import DispatchedModelError
-from .io import CheckpointError, OutputExistsError, load_model, save_pruned
-from .perlayer import register_per_layer_classes
-from .select import RatioError
+from .checkpoint.dispatched import DispatchedModelError
+from .checkpoint.io import CheckpointError, OutputExistsError, load_model, save_pruned
+from .structured.perlayer import register_per_layer_classes
+from .structured.select import RatioError
 from .sparsity import SparsityConfig, sparsify
-from .surgery import apply_plan
+from .structured.apply import apply_plan
 
-__version__ = "0.1.0"
+from .core.version import __version__  # noqa: E402
 
 __all__ = [
     "prune", "PruneResult", "recover", "RecoveryConfig", "RecoveryResult", "load_model", "save_pruned", "sparsify", "SparsityConfig", "CheckpointError",

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .config import PruneConfig
-from .recover import RecoveryConfig
+from .core.config import PruneConfig
+from .training.recover import RecoveryConfig
 from .sparsity import SparsityConfig
 
 __all__ = ["Recipe", "read_recipe_file", "run_recipe"]
@@ -130,11 +130,11 @@ def run_recipe(recipe: Recipe, out: str | os.PathLike | None = None, overwrite: 
 
     Returns ``{"out", "params_before", "params_after", "ppl_before", "ppl_after"}``.
     """
-    from .calibrate import read_calibration_text
-    from .io import OutputExistsError, load_model, save_pruned
-    from .iterative import prune_iteratively
-    from .pipeline import count_parameters, prune
-    from .recover import recover
+    from .calibration.calibrate import read_calibration_text
+    from .checkpoint.io import OutputExistsError, load_model, save_pruned
+    from .training.iterative import prune_iteratively
+    from .structured.pipeline import count_parameters, prune
+    from .training.recover import recover
     from .sparsity import sparsify
 
     target = Path(out or recipe.output or "")

@@ -37,7 +37,7 @@ import teal_reference  # noqa: E402
 
 from llmprune.arch import get_adapter  # noqa: E402
 from llmprune.arch.base import weight_matrix  # noqa: E402
-from llmprune.calibrate import calibration_batches, layerwise_statistics, read_calibration_text  # noqa: E402
+from llmprune.calibration.calibrate import calibration_batches, layerwise_statistics, read_calibration_text  # noqa: E402
 from llmprune.sparsity import calibrate_activation_thresholds  # noqa: E402
 from llmprune.sparsity.sparsegpt import sparsegpt_prune_group  # noqa: E402
 

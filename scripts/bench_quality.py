@@ -79,7 +79,7 @@ def run_row(row: dict, args: argparse.Namespace) -> dict:
     from llmprune import PruneConfig, load_model, prune
     from llmprune.cli.table import block_parameters
     from llmprune.eval.perplexity import load_text, perplexity
-    from llmprune.pipeline import count_parameters
+    from llmprune.structured.pipeline import count_parameters
     from llmprune.sparsity import SparsityConfig, sparsify
 
     torch.set_num_threads(args.threads)
@@ -153,7 +153,7 @@ def _calibration(args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from llmprune.calibrate import calibration_batches, read_calibration_text
+    from llmprune.calibration.calibrate import calibration_batches, read_calibration_text
 
     tok = AutoTokenizer.from_pretrained(args.model)
     batches = calibration_batches(tok, read_calibration_text(args.calib), args.n_samples, args.seq_len, args.seed)

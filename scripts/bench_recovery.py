@@ -69,8 +69,8 @@ def main() -> int:
     from llmprune import PruneConfig, load_model, prune
     from llmprune.cli.table import block_parameters
     from llmprune.eval.perplexity import load_text, perplexity
-    from llmprune.iterative import prune_iteratively
-    from llmprune.recover import RecoveryConfig, recover
+    from llmprune.training.iterative import prune_iteratively
+    from llmprune.training.recover import RecoveryConfig, recover
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # taskset pins a benchmark next to other work
     dense, tok = load_model(args.model)
@@ -138,7 +138,7 @@ def main() -> int:
         for name, overrides in ONE_CYCLE_ROWS.items():  # structure chosen during full fine-tuning, same budget
             if name not in wanted:
                 continue
-            from llmprune.one_cycle import OneCycle, OneCycleConfig
+            from llmprune.training.one_cycle import OneCycle, OneCycleConfig
 
             model = copy.deepcopy(dense)
             callback = OneCycle(model, OneCycleConfig(heads=ratio, ffn=ratio, **overrides), total_steps=args.steps)

@@ -83,7 +83,7 @@ def child(folder: str, job: str, mode: str, out: str, n_samples: int, seq_len: i
     import torch
 
     from llmprune import PruneConfig, load_model, prune
-    from llmprune.io import save_pruned
+    from llmprune.checkpoint.io import save_pruned
     from llmprune.sparsity import SparsityConfig, sparsify
     from llmprune.streaming import prune_streaming, sparsify_streaming
 
@@ -184,7 +184,7 @@ def _peer(python: Path, folder: Path, target: Path, work: Path, args: argparse.N
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    from llmprune.calibrate import calibration_batches, read_calibration_text
+    from llmprune.calibration.calibrate import calibration_batches, read_calibration_text
 
     calib = work / f"calib-{args.n_samples}x{args.seq_len}.safetensors"
     if not calib.is_file():

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llmprune.calibrate import calibration_batches, read_calibration_text  # noqa: E402
+from llmprune.calibration.calibrate import calibration_batches, read_calibration_text  # noqa: E402
 from llmprune.sparsity import (  # noqa: E402
     SparsityConfig,
     apply_activation_sparsity,

@@ -49,7 +49,7 @@ def child(mode: str, tokens: int) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from llmprune.arch import get_adapter
-    from llmprune.gradients import taylor_statistics
+    from llmprune.calibration.gradients import taylor_statistics
 
     torch.manual_seed(0)
     torch.set_num_threads(2)

@@ -13,7 +13,7 @@ import bench_calib_speed as b
 import teal_reference
 from llmprune.sparsity import calibrate_activation_thresholds
 from llmprune.sparsity import activation as A
-from llmprune.calibrate import capture_layer_inputs, run_layer
+from llmprune.calibration.calibrate import capture_layer_inputs, run_layer
 from llmprune.arch import get_adapter
 from transformers import AutoModelForCausalLM, AutoTokenizer
 torch.set_num_threads(1)

@@ -58,7 +58,7 @@ def real_model_path(install: bool = True) -> Path:
         return out
     import torch
 
-    from llmprune.io import atomic_directory, load_model
+    from llmprune.checkpoint.io import atomic_directory, load_model
 
     model, tok = load_model(gguf_path(install), dtype=torch.float32)
     with atomic_directory(out, overwrite=True) as tmp:

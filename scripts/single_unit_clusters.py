@@ -29,8 +29,8 @@ def main() -> int:
     import torch
 
     from llmprune import get_adapter, load_model
-    from llmprune.calibrate import calibration_batches, read_calibration_text
-    from llmprune.single_unit import cluster_analysis, single_unit_statistics
+    from llmprune.calibration.calibrate import calibration_batches, read_calibration_text
+    from llmprune.calibration.single_unit import cluster_analysis, single_unit_statistics
 
     model, tok = load_model(args.model)
     model.eval()

@@ -25,18 +25,18 @@ def test_sparsify_exact_sparsity_and_identical_reload(tmp_path, ref_model_path, 
                                                       method, pattern):
     from transformers import AutoModelForCausalLM
 
-    import llmprune.io
+    import llmprune.checkpoint.io
 
     ids = torch.randint(0, 8000, (2, 12), generator=torch.Generator().manual_seed(0))
     in_memory = {}
-    save = llmprune.io.save_pruned
+    save = llmprune.checkpoint.io.save_pruned
 
     def capture(model, *args, **kwargs):  # the CLI's in-memory result, just before its verified save
         with torch.no_grad():
             in_memory["logits"] = model(ids).logits
         return save(model, *args, **kwargs)
 
-    monkeypatch.setattr(llmprune.io, "save_pruned", capture)
+    monkeypatch.setattr(llmprune.checkpoint.io, "save_pruned", capture)
     out = tmp_path / "sparse"
     rc = main(["sparsify", str(ref_model_path), "--method", method, "--sparsity", "0.5", "--pattern", pattern,
                "--calib", str(shared_dir / "data" / "reference-train.txt"), "--n-samples", "8", "--seq-len", "64",

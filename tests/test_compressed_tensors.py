@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from llmprune.compressed_tensors import SPARSE_FORMATS, sparse_compression_format
+from llmprune.checkpoint.compressed_tensors import SPARSE_FORMATS, sparse_compression_format
 from llmprune.io import CheckpointError, load_model
 from tiny_models import tiny_causal_lm
 

@@ -191,13 +191,13 @@ def test_staged_calibration_equals_one_pass_per_stage(arch):
 
 
 def test_staged_falls_back_to_stage_passes_when_paused_forwards_do_not_fit(monkeypatch):
-    import llmprune.streaming
+    import llmprune.core.memory
 
     model = tiny_causal_lm("llama")
     batches = _batches()
     kw = dict(calibration=batches, sparsity=0.3, progress=False)
     expected = calibrate_activation_thresholds(model, staged=True, **kw)
-    monkeypatch.setattr(llmprune.streaming, "available_memory", lambda: 1024)
+    monkeypatch.setattr(llmprune.core.memory, "available_memory", lambda: 1024)
     calls, handles = _layer_calls(model)
     got = calibrate_activation_thresholds(model, **kw)  # staged=None: decided per layer
     for h in handles:

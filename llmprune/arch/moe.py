@@ -68,7 +68,7 @@ class Qwen3MoeAdapter(LlamaAdapter):
 
     def calibration_hooks(self, layer: nn.Module, stats: Any) -> list[Any]:
         """Router statistics (routing mass per expert) and per-expert input statistics for Wanda."""
-        from ..calibrate import InputStats  # local: calibrate imports the adapters package
+        from ..core.stats import InputStats
 
         spec = self.experts(layer)
         if spec is None:

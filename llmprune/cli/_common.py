@@ -68,13 +68,13 @@ def init_distributed() -> None:
 
 
 def is_main_process() -> bool:
-    from ..calibrate import world
+    from ..calibration.calibrate import world
 
     return world()[0] == 0
 
 
 def wait_for_everyone() -> None:
-    from ..calibrate import world
+    from ..calibration.calibrate import world
 
     if world()[1] > 1:
         import torch.distributed as dist
@@ -110,7 +110,7 @@ def configure_output(args: argparse.Namespace) -> None:
 
 def check_output(args: argparse.Namespace) -> Path:
     """The output folder, refused before any work if it exists and ``--overwrite`` was not given."""
-    from ..io import OutputExistsError
+    from ..checkpoint.io import OutputExistsError
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -122,7 +122,7 @@ def read_calibration(args: argparse.Namespace) -> str | None:
     """The ``--calib`` text, read before the model is loaded so a bad source fails fast."""
     if not args.calib:
         return None
-    from ..calibrate import read_calibration_text
+    from ..calibration.calibrate import read_calibration_text
 
     return read_calibration_text(args.calib)
 

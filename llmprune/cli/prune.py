@@ -75,12 +75,12 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from ..eval.efficiency import size_on_disk
 
-    from ..config import PruneConfig
-    from ..io import load_model, save_pruned
-    from ..calibrate import read_calibration_text
-    from ..pipeline import PruneResult, count_parameters, prune
+    from ..core.config import PruneConfig
+    from ..checkpoint.io import load_model, save_pruned
+    from ..calibration.calibrate import read_calibration_text
+    from ..structured.pipeline import PruneResult, count_parameters, prune
     from ..recipe import Recipe
-    from ..surgery import layer_widths
+    from ..structured.surgery import layer_widths
     from .table import block_parameters
 
     cfg = PruneConfig(heads=args.heads, ffn=args.ffn, layers=args.layers, experts=args.experts, method=args.method,
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
                       min_keep=args.min_keep, n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed,
                       reconstruct=args.reconstruct, percdamp=args.percdamp, spread=args.spread)
     if args.recover_steps and not args.data:
-        from ..calibrate import CalibrationError
+        from ..calibration.calibrate import CalibrationError
 
         raise CalibrationError("--recover-steps needs training text: pass --data with a file or a dataset name")
     out = check_output(args) if not args.resume else Path(args.out)  # fail before any work
@@ -107,8 +107,8 @@ def run(args: argparse.Namespace) -> int:
               "size": size_on_disk(src) if src.is_dir() else None}
     widths_before = layer_widths(model)
     if args.iterative_steps > 1:
-        from ..iterative import prune_iteratively
-        from ..recover import RecoveryConfig
+        from ..training.iterative import prune_iteratively
+        from ..training.recover import RecoveryConfig
 
         data = read_calibration_text(args.data) if args.data else None
         teacher = None

@@ -24,7 +24,7 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..recover import RecoveryConfig
+    from ..training.recover import RecoveryConfig
 
     d = RecoveryConfig()
     p.add_argument("model", help="pruned model folder (or any model folder / Hub id)")
@@ -59,11 +59,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from accelerate import Accelerator
 
-    from ..calibrate import read_calibration_text
-    from ..io import OutputExistsError, load_model, read_plan, read_recipe, save_pruned
-    from ..config import PruneConfig
-    from ..pipeline import count_parameters
-    from ..recover import STATE_DIR_SUFFIX, RecoveryConfig, recover
+    from ..calibration.calibrate import read_calibration_text
+    from ..checkpoint.io import OutputExistsError, load_model, read_plan, read_recipe, save_pruned
+    from ..core.config import PruneConfig
+    from ..structured.pipeline import count_parameters
+    from ..training.recover import STATE_DIR_SUFFIX, RecoveryConfig, recover
     from .table import block_parameters
 
     cfg = RecoveryConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,

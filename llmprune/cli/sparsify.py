@@ -58,8 +58,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..eval.efficiency import size_on_disk
-    from ..io import load_model, save_pruned
-    from ..pipeline import count_parameters
+    from ..checkpoint.io import load_model, save_pruned
+    from ..structured.pipeline import count_parameters
     from ..sparsity import (SparsityConfig, apply_activation_sparsity, calibrate_activation_thresholds,
                             measure_activation_sparsity, sparsify)
     from ..sparsity._common import DEFAULT_TARGETS
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     out = check_output(args) if not args.resume else Path(args.out)
     calibration = read_calibration(args)
     if calibration is None and (cfg.needs_calibration or act > 0):
-        from ..calibrate import CalibrationError
+        from ..calibration.calibrate import CalibrationError
 
         needs = f"--method {cfg.method}" if cfg.needs_calibration else "--activation-sparsity"
         raise CalibrationError(f"{needs} needs calibration data: pass --calib with a text file or wikitext2|c4|ptb")

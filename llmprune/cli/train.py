@@ -23,8 +23,8 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..one_cycle import SELECTION_METHODS, OneCycleConfig
-    from ..recover import RecoveryConfig
+    from ..training.one_cycle import SELECTION_METHODS, OneCycleConfig
+    from ..training.recover import RecoveryConfig
 
     d, o = RecoveryConfig(), OneCycleConfig()
     p.add_argument("model", help="model folder / Hub id (prune while training), or a config.json (train from scratch)")
@@ -71,11 +71,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import copy
 
-    from ..calibrate import read_calibration_text
-    from ..io import OutputExistsError, load_model, save_pruned
-    from ..one_cycle import OneCycle, OneCycleConfig
-    from ..pipeline import count_parameters
-    from ..recover import RecoveryConfig, recover
+    from ..calibration.calibrate import read_calibration_text
+    from ..checkpoint.io import OutputExistsError, load_model, save_pruned
+    from ..training.one_cycle import OneCycle, OneCycleConfig
+    from ..structured.pipeline import count_parameters
+    from ..training.recover import RecoveryConfig, recover
     from .table import block_parameters
 
     out = Path(args.out)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..arch.base import Slot, weight_matrix
-from ..calibrate import InputStats
+from ..calibration.calibrate import InputStats
 
 __all__ = ["Criterion", "register_criterion", "get_criterion", "available_criteria", "slot_weights", "slot_input_feature"]
 

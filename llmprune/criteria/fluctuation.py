@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..arch.base import Slot
-from ..calibrate import InputStats
+from ..calibration.calibrate import InputStats
 from .base import register_criterion, slot_input_feature, slot_weights
 
 __all__ = ["fluctuation"]

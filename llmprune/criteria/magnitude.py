@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..arch.base import Slot
-from ..calibrate import InputStats
+from ..calibration.calibrate import InputStats
 from .base import register_criterion, slot_weights
 
 __all__ = ["magnitude_l2", "magnitude_l1"]

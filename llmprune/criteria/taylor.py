@@ -17,14 +17,14 @@ import torch
 from torch import nn
 
 from ..arch.base import Slot
-from ..calibrate import InputStats
+from ..calibration.calibrate import InputStats
 from .base import register_criterion
 
 __all__ = ["taylor"]
 
 
 def _prepare(model: nn.Module, adapter, batches, progress: bool):
-    from ..gradients import taylor_statistics
+    from ..calibration.gradients import taylor_statistics
 
     return taylor_statistics(model, adapter, batches, progress=progress)
 

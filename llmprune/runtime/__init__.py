@@ -16,7 +16,8 @@ from .modules import (
     reset_fallback_warning,
     set_backend,
 )
-from .convert import DEFAULT_TARGETS, KernelConfig, calibrate_thresholds, find_targets, use_kernels
+from .convert import DEFAULT_TARGETS, KernelConfig, calibrate_thresholds, find_targets
+from .use import use_kernels
 
 __all__ = [
     "ActSparseLinear",

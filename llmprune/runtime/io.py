@@ -30,7 +30,7 @@ this format too (``bind_save_pretrained``).
 Why this format and not compressed-tensors' ``sparse-24-bitmask``: it holds exactly the 2:4 kernel's operands
 and what compressed-tensors has no field for (activation thresholds, gathered neuron indices), at the same size
 (half the values + 1 bit per weight), and no current reader decompresses compressed-tensors sparse formats
-(compressed-tensors >= 0.15, transformers 5.x, vLLM dropped them; see ``llmprune.compressed_tensors``).
+(compressed-tensors >= 0.15, transformers 5.x, vLLM dropped them; see ``llmprune.checkpoint.compressed_tensors``).
 """
 from __future__ import annotations
 
@@ -94,8 +94,8 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, overwrite: boo
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from ..io import atomic_directory
-    from ..verify import VerificationError, verify_saved_model
+    from ..checkpoint.io import atomic_directory
+    from ..checkpoint.verify import VerificationError, verify_saved_model
 
     modules = {n: _describe(m) for n, m in model.named_modules() if type(m) in _TYPES}
     tensors, tied = _dedupe(model.state_dict())

@@ -43,8 +43,8 @@ import torch
 from torch import nn
 
 from ..arch import get_adapter
-from ..calibrate import CalibrationError, LayerIO, as_batches, capture_layer_inputs, run_layer
-from ..progress import progress_bar
+from ..calibration.calibrate import CalibrationError, LayerIO, as_batches, capture_layer_inputs, run_layer
+from ..core.progress import progress_bar
 from ._common import DEFAULT_TARGETS, layer_targets
 from ._staged import paused_bytes, run_staged
 
@@ -104,7 +104,7 @@ class AbsHistogram:
 
     def all_reduce(self) -> None:
         """Sum the counts of all processes (``accelerate launch``): the histogram of all their values."""
-        from ..calibrate import all_reduce_sum, world
+        from ..calibration.calibrate import all_reduce_sum, world
 
         if world()[1] == 1:
             return
@@ -420,7 +420,7 @@ def _use_staged(staged: bool | None, layer: nn.Module, hidden: Sequence[torch.Te
     elif device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
     else:
-        from ..streaming import available_memory  # local: streaming imports the pruners
+        from ..core.memory import available_memory  # read at call time (tests patch it)
 
         free = available_memory()
     return paused_bytes(layer, hidden) <= free // 4
@@ -534,7 +534,7 @@ def read_activation_thresholds(folder: str | os.PathLike) -> dict[str, float]:
         model = AutoModelForCausalLM.from_pretrained(folder)
         apply_activation_sparsity(model, read_activation_thresholds(folder))
     """
-    from ..io import read_recipe
+    from ..checkpoint.io import read_recipe
 
     entry = read_recipe(folder).get("activation_sparsity")
     if not isinstance(entry, dict) or not isinstance(entry.get("thresholds"), dict):

@@ -26,10 +26,10 @@ from torch import nn
 
 from ..arch import get_adapter
 from ..arch.base import weight_matrix
-from ..calibrate import CalibrationError, InputStats, capture_layer_inputs, run_layer
-from ..dispatched import check_not_dispatched
-from ..progress import progress_bar
-from ..calibrate import as_batches
+from ..calibration.calibrate import CalibrationError, InputStats, capture_layer_inputs, run_layer
+from ..checkpoint.dispatched import check_not_dispatched
+from ..core.progress import progress_bar
+from ..calibration.calibrate import as_batches
 from ._common import DEFAULT_TARGETS, layer_targets
 from .magnitude import magnitude_mask
 from .masks import check_nm, parse_pattern
@@ -293,7 +293,7 @@ def sparsify(
 
 def _owl_sparsity(model, adapter, targets, batches, config, device) -> list[float]:
     """OWL: per-block sparsity from the blocks' outlier ratios on the dense model's activations."""
-    from ..calibrate import layerwise_statistics
+    from ..calibration.calibrate import layerwise_statistics
 
     mods = {id(layer): [m for _, m in group] for layer, group in zip(adapter.decoder_layers(model), targets)}
     stats = layerwise_statistics(model, adapter, batches, modules_of=lambda layer: mods[id(layer)],
@@ -312,7 +312,7 @@ def _sequential(model, adapter, layers, targets, batches, config, progress, devi
                 layer_io=None) -> None:
     """Calibrate and prune one decoder layer at a time; ``layer_io`` (:class:`llmprune.calibrate.LayerIO`)
     loads / writes / frees layers when streaming."""
-    from ..calibrate import LayerIO
+    from ..calibration.calibrate import LayerIO
 
     io = layer_io or LayerIO()
     home = next(model.parameters()).device

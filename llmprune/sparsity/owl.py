@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from ..allocate import spread_ratios
+from ..core.allocate import spread_ratios
 from .wanda import wanda_scores
 
 __all__ = ["outlier_ratio", "owl_ratios", "DEFAULT_THRESHOLD", "DEFAULT_SPREAD"]

@@ -1,0 +1,385 @@
+"""Loading checkpoints safely and saving pruned models atomically, with recipe, plan and model card.
+
+Saved folder layout::
+
+    out/
+      config.json, model.safetensors (+ index if sharded), generation_config.json, tokenizer files
+      llmprune_recipe.json   # versioned: PruneConfig, source model, parameter counts, llmprune version
+      llmprune_plan.json     # kept head / KV-head / neuron indices per original layer, removed layers
+      README.md              # model card (base_model, library_name, tags)
+
+Example::
+
+    model, tok = load_model("path/or/hub-id")
+    save_pruned(result, "out/", tokenizer=tok, source="path/or/hub-id")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.config import RECIPE_VERSION, PruneConfig, PrunePlan
+from .verify import VerificationError, verify_saved_model
+
+__all__ = [
+    "CheckpointError",
+    "OutputExistsError",
+    "check_safetensors",
+    "read_safetensors_header",
+    "replace_directory",
+    "load_model",
+    "find_gguf",
+    "strip_quantizer",
+    "save_pruned",
+    "write_metadata",
+    "read_recipe",
+    "read_plan",
+    "atomic_directory",
+    "push_to_hub",
+    "verify_saved_model",
+    "VerificationError",
+]
+
+RECIPE_FILE = "llmprune_recipe.json"
+PLAN_FILE = "llmprune_plan.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, truncated, or not in safetensors format."""
+
+
+class OutputExistsError(FileExistsError):
+    """The output directory exists and overwriting was not asked for."""
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
+    """A ``.safetensors`` file's header (``{name: {"dtype", "shape", "data_offsets"}}``, ``__metadata__``
+    removed), validated against the file's length without loading tensors."""
+    p = Path(path)
+    size = p.stat().st_size
+    with p.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{p}: truncated safetensors file ({size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100_000_000:
+            raise CheckpointError(f"{p}: corrupt safetensors header (declares {n} bytes, file has {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{p}: corrupt safetensors header ({exc})") from None
+    header.pop("__metadata__", None)
+    end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{p}: truncated safetensors file: tensors need {8 + n + end} bytes, file has {size}")
+    return header
+
+
+def check_safetensors(path: str | os.PathLike) -> None:
+    """Validate a ``.safetensors`` file's header and length without loading tensors."""
+    read_safetensors_header(path)
+
+
+def _check_local_checkpoint(path: Path) -> None:
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} has no config.json: not a Hugging Face model folder")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+        hint = f" (found {', '.join(pickles)}: pickled weights are not loaded; convert them to safetensors)" if pickles else ""
+        raise CheckpointError(f"{path} has no .safetensors weights{hint}")
+    for w in weights:
+        check_safetensors(w)
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    revision: str | None = None,
+    with_tokenizer: bool = True,
+) -> tuple[nn.Module, Any]:
+    """Load a causal LM (local folder, Hub id, or a ``.gguf`` file / a folder holding one) from safetensors
+    or GGUF only, and its tokenizer. GGUF weights are dequantised into ``dtype`` (float32 by default) and the
+    model forgets its ``quantization_config``, so every save is plain safetensors.
+
+    Local folders are validated first, so a corrupt or truncated checkpoint gives a clear
+    :class:`CheckpointError` instead of a deep stack trace. ``trust_remote_code`` is never enabled.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(name_or_path)
+    is_local = path.exists()
+    gguf = find_gguf(path) if is_local else None
+    if gguf is not None:
+        return _load_gguf(gguf, dtype=dtype, device=device, with_tokenizer=with_tokenizer)
+    if is_local:
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is a file; pass the model folder (or a .gguf file)")
+        _check_local_checkpoint(path)
+        from .compressed_tensors import refuse_sparse_compressed  # transformers 5.x would load them at random
+        refuse_sparse_compressed(path, {w.name: read_safetensors_header(w) for w in sorted(path.glob("*.safetensors"))})
+    elif str(name_or_path).startswith((".", "/", "~")):
+        raise CheckpointError(f"model folder {str(name_or_path)!r} does not exist")
+    kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": False}
+    if dtype is not None:
+        kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
+    if revision is not None:
+        kwargs["revision"] = revision
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
+    except (OSError, ValueError, RuntimeError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"could not load model {str(name_or_path)!r}: {exc}") from exc
+    if device is not None:
+        model.to(device)
+    tokenizer = None
+    if with_tokenizer:
+        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), revision=revision, trust_remote_code=False)
+    return model, tokenizer
+
+
+def find_gguf(path: str | os.PathLike) -> Path | None:
+    """The GGUF file that ``path`` names: the file itself, or the single ``.gguf`` in a folder that has no
+    ``config.json`` (a Hugging Face folder always wins). ``None`` when ``path`` is not a GGUF input."""
+    p = Path(path)
+    if p.is_file():
+        return p if p.suffix.lower() == ".gguf" else None
+    if not p.is_dir() or (p / "config.json").is_file():
+        return None
+    found = sorted(p.glob("*.gguf"))
+    if len(found) > 1:
+        raise CheckpointError(f"{p} holds {len(found)} .gguf files ({', '.join(f.name for f in found)}); pass one file")
+    return found[0] if found else None
+
+
+def _check_gguf(path: Path) -> None:
+    with path.open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise CheckpointError(f"{path}: not a GGUF file (bad magic)")
+
+
+def strip_quantizer(model: nn.Module) -> nn.Module:
+    """Forget how ``model`` was loaded (GGUF dequantisation): without this ``save_pretrained`` refuses the
+    model, and a saved ``config.json`` would carry a ``quantization_config`` that points at the GGUF file.
+    The weights are already plain dequantised tensors."""
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for name in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, name):
+            setattr(model, name, None)
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
+    return model
+
+
+def _load_gguf(path: Path, dtype: Any, device: Any, with_tokenizer: bool) -> tuple[nn.Module, Any]:
+    """A GGUF file dequantised into ``dtype`` (float32 by default: GGUF blocks are not a torch dtype) by
+    transformers' own reader; the ``gguf`` package must be installed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _check_gguf(path)
+    try:
+        import gguf  # noqa: F401  (transformers needs it; a clear line beats its import error)
+    except ImportError:
+        raise CheckpointError(f"{path}: reading GGUF files needs the gguf package: pip install gguf") from None
+    if dtype is None or dtype == "auto":
+        dtype = torch.float32
+    elif isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype,
+                                                     trust_remote_code=False)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "architecture" in msg.lower() or isinstance(exc, KeyError):
+            raise CheckpointError(f"{path}: unsupported GGUF architecture ({msg}); convert it to a "
+                                  "Hugging Face safetensors folder first") from exc
+        raise CheckpointError(f"could not load GGUF file {path}: {msg}") from exc
+    strip_quantizer(model)
+    model.config.name_or_path = str(path)
+    if device is not None:
+        model.to(device)
+    tokenizer = None
+    if with_tokenizer:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
+    return model, tokenizer
+
+
+class atomic_directory:
+    """Context manager yielding a temp dir next to ``out``; renamed to ``out`` only on success.
+
+    Refuses an existing ``out`` unless ``overwrite``; on failure nothing is left behind.
+    """
+
+    def __init__(self, out: str | os.PathLike, overwrite: bool = False) -> None:
+        self.out = Path(out).absolute()
+        self.overwrite = overwrite
+
+    def __enter__(self) -> Path:
+        if self.out.exists() and not self.overwrite:
+            raise OutputExistsError(f"output directory {self.out} already exists; pass --overwrite (overwrite=True) to replace it")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        replace_directory(self.tmp, self.out)
+
+
+def replace_directory(src: Path, out: Path) -> None:
+    """Rename the finished folder ``src`` to ``out``; an existing ``out`` is moved aside first and removed only
+    after the rename, so a failure never leaves neither."""
+    backup = None
+    if out.exists():
+        backup = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, backup)
+    os.replace(src, out)
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    import re
+
+    return not Path(name).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
+
+
+def _model_card(source: str | None, cfg: PruneConfig | None, extra: dict[str, Any], needs_llmprune: bool) -> str:
+    sparsity = extra.get("sparsity_config")
+    tags = ["pruned", "llmprune"] + ([f"pruning-{cfg.method}"] if cfg else [])
+    if isinstance(sparsity, dict):
+        tags.append(f"sparsity-{sparsity.get('method')}")
+    lines = ["---", "library_name: transformers"]
+    if source and _looks_like_hub_id(source):  # the Hub rejects local paths as base_model
+        lines.append(f"base_model: {source}")
+    lines.append("tags:")
+    lines += [f"- {t}" for t in tags]
+    what = "structurally pruned" if cfg is not None else "sparsified (weights set to zero, shapes unchanged)"
+    lines += ["---", "", f"# Pruned {source or 'model'}", "",
+              f"This model was {what} with [llmprune](https://github.com/llmprune/llmprune).", ""]
+    for title, settings in (("pruning", cfg.to_dict() if cfg is not None else None),
+                            ("sparsity", sparsity if isinstance(sparsity, dict) else None)):
+        if settings:
+            lines += [f"| {title} setting | value |", "|---|---|"]
+            lines += [f"| {k} | {v} |" for k, v in sorted(settings.items())]
+            lines.append("")
+    scalars = {k: v for k, v in extra.items() if isinstance(v, (int, float, str)) or v is None}
+    for k, v in scalars.items():
+        lines.append(f"- {k}: {v}")
+    if scalars:
+        lines.append("")
+    if needs_llmprune:
+        lines += ["Its layers have different widths, so load it after `import llmprune` (which registers "
+                  "llmprune's per-layer model classes with transformers):", "",
+                  "```python", "import llmprune  # registers llmprune's per-layer model classes"]
+    else:
+        lines += ["It is a standard checkpoint: plain `transformers` loads it.", "", "```python"]
+    lines += ["from transformers import AutoModelForCausalLM",
+              "model = AutoModelForCausalLM.from_pretrained(\"<this folder or repo>\")", "```", ""]
+    if isinstance(extra.get("activation_sparsity"), dict):
+        lines += ["Dynamic activation sparsity (TEAL thresholds, stored in `llmprune_recipe.json`) is applied with:",
+                  "", "```python", "from llmprune.sparsity import apply_activation_sparsity, read_activation_thresholds",
+                  "apply_activation_sparsity(model, read_activation_thresholds(\"<this folder>\"))", "```", ""]
+    return "\n".join(lines)
+
+
+def save_pruned(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    tokenizer: Any = None,
+    config: PruneConfig | None = None,
+    plan: PrunePlan | None = None,
+    source: str | None = None,
+    overwrite: bool = False,
+    extra: dict[str, Any] | None = None,
+    verify: bool = True,
+) -> Path:
+    """Save model (safetensors), tokenizer, recipe, plan and model card atomically into ``out_dir``.
+
+    Before the folder is renamed into place it is reloaded and checked against ``model``
+    (:func:`llmprune.verify.verify_saved_model`): with ``verify=True`` (default) outputs on a short batch
+    must match; ``verify=False`` still checks every key and shape on the meta device. A failed check raises
+    :class:`~llmprune.verify.VerificationError` and leaves nothing behind.
+    """
+    from .verify import verify_saved_model
+
+    with atomic_directory(out_dir, overwrite) as tmp:
+        model.save_pretrained(tmp)
+        verify_saved_model(model, tmp, full=verify)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_metadata(tmp, model, config=config, plan=plan, source=source, extra=extra)
+    return Path(out_dir)
+
+
+def write_metadata(folder: str | os.PathLike, model: nn.Module, config: PruneConfig | None = None,
+                   plan: PrunePlan | None = None, source: str | None = None,
+                   extra: dict[str, Any] | None = None) -> None:
+    """Write the recipe, the plan (if any) and the model card of a saved model into ``folder``."""
+    from ..core.version import __version__
+
+    tmp = Path(folder)
+    extra = dict(extra or {})
+    recipe = {
+        "llmprune_recipe_version": RECIPE_VERSION,
+        "llmprune_version": __version__,
+        "source_model": source,
+        "config": config.to_dict() if config else None,
+        **extra,
+    }
+    (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2, sort_keys=True))
+    if plan is not None:
+        (tmp / PLAN_FILE).write_text(plan.to_json())
+    needs_llmprune = str(getattr(model.config, "model_type", "")).startswith("llmprune_")
+    (tmp / "README.md").write_text(_model_card(source, config, extra, needs_llmprune))
+
+
+def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    """The saved recipe; its ``config`` entry round-trips through :class:`PruneConfig`."""
+    data = json.loads((Path(path) / RECIPE_FILE).read_text())
+    version = data.get("llmprune_recipe_version")
+    if version is None or version > RECIPE_VERSION:
+        raise ValueError(f"recipe version {version!r} is not supported by this llmprune (max {RECIPE_VERSION})")
+    return data
+
+
+def read_plan(path: str | os.PathLike) -> PrunePlan:
+    return PrunePlan.from_json((Path(path) / PLAN_FILE).read_text())
+
+
+def push_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = False, token: str | None = None,
+                revision: str | None = None, commit_message: str | None = None) -> str:
+    """Upload a saved (pruned or sparsified) model folder to the Hugging Face Hub; returns the commit URL.
+
+    The folder's ``README.md`` (written by :func:`save_pruned`) is the model card. The folder is
+    validated first (config and safetensors weights), so a broken save is never pushed.
+
+    Example::
+
+        push_to_hub("runs/pruned", "me/llama-pruned-25")
+    """
+    from huggingface_hub import HfApi
+
+    path = Path(folder)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a folder")
+    _check_local_checkpoint(path)
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    info = api.upload_folder(folder_path=str(path), repo_id=repo_id, repo_type="model", revision=revision,
+                             commit_message=commit_message or "Upload model pruned with llmprune")
+    return str(getattr(info, "commit_url", info))

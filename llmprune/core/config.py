@@ -1,0 +1,153 @@
+"""Typed configuration of a pruning run and the resulting plan, both round-tripping through JSON.
+
+Example::
+
+    cfg = PruneConfig(heads=0.25, ffn=0.25, method="wanda")
+    assert PruneConfig.from_json(cfg.to_json()) == cfg
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+__all__ = ["PruneConfig", "LayerPlan", "PrunePlan", "RECIPE_VERSION"]
+
+#: bumped whenever the saved recipe's meaning changes
+RECIPE_VERSION = 1
+
+
+class _JsonMixin:
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str):
+        return cls.from_dict(json.loads(text))
+
+
+@dataclass
+class PruneConfig(_JsonMixin):
+    """What to prune and how.
+
+    Attributes:
+        heads: fraction of attention (query) heads removed per layer on average, in [0, 1).
+        ffn: fraction of FFN neurons removed, in [0, 1).
+        layers: number of whole decoder blocks removed (ranked by Block Influence, ShortGPT).
+        experts: fraction of experts removed from every mixture-of-experts layer, in [0, 1) (uniform).
+            With calibration data experts are ranked by routing mass (selection frequency x mean routing
+            weight on the calibration tokens); without, by the L2 norm of their weights. In MoE layers
+            ``ffn`` prunes neurons inside each expert (each expert its own, the same count in all).
+        method: importance criterion name (see ``llmprune.criteria.available_criteria()``).
+        allocation: ``uniform`` (same widths in every layer -> a standard checkpoint), ``global``
+            (per-layer widths from globally comparable, per-layer-normalised scores), ``error`` (the
+            parameters that ``heads``/``ffn`` remove uniformly go where each layer's output reconstruction
+            error per parameter is lowest, heads and FFN neurons competing for the same budget) or
+            ``block_influence`` (each layer's ratios move within ``±spread`` of ``heads``/``ffn``, less
+            pruning where the layer's Block Influence is higher). See :mod:`llmprune.allocate`.
+        attention_unit: ``group`` removes whole KV groups (a KV head with its query heads; shrinks the KV
+            cache) or ``query`` removes the same number of query heads from every KV group.
+        rounding: what to do when ``heads`` does not give whole units: ``nearest`` (default: the closest
+            valid count, which may be 0), ``down``, ``up``, or ``error`` (a :class:`RatioError` listing the
+            valid ratios). FFN counts are always rounded to the nearest neuron.
+        multiple_of: kept FFN widths are rounded down to a multiple of this (hardware-friendly sizes).
+        min_keep: in non-uniform allocations, the smallest fraction of a layer's units that is kept.
+        n_samples, seq_len, seed: calibration windows drawn from the calibration text.
+        batch_size: calibration batch size.
+        bias_compensation: add the removed heads' / neurons' mean contribution over the calibration
+            tokens to the bias of o_proj / down_proj (FLAP); biases are created where the family's config
+            can declare them. With ``reconstruct`` the bias is refitted jointly with the weights.
+        reconstruct: after removing heads / neurons, refit the projection that consumes them (the
+            adapter's ``output`` slot: o_proj, down_proj, GPT-2 ``c_proj``, ...) by damped least squares on
+            calibration inputs, layer by layer with the inputs of the already pruned layers
+            (:mod:`llmprune.reconstruct`).
+        percdamp: damping of the reconstruction, as a fraction of the mean diagonal of the Gram matrix.
+        spread: ``block_influence`` allocation: layer ratios span ``2 * spread`` around the target.
+    """
+
+    heads: float = 0.0
+    ffn: float = 0.0
+    layers: int = 0
+    experts: float = 0.0
+    method: str = "wanda"
+    allocation: Literal["uniform", "global", "error", "block_influence"] = "uniform"
+    attention_unit: Literal["group", "query"] = "group"
+    rounding: Literal["error", "down", "up", "nearest"] = "nearest"
+    multiple_of: int = 1
+    min_keep: float = 0.1
+    n_samples: int = 32
+    seq_len: int = 256
+    seed: int = 0
+    batch_size: int = 8
+    bias_compensation: bool = False
+    reconstruct: bool = False
+    percdamp: float = 0.01
+    spread: float = 0.1
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("heads", "ffn", "experts"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+                raise ValueError(f"{name}={value!r} is out of range: it is the fraction removed and must be in [0, 1)")
+        if not isinstance(self.layers, int) or self.layers < 0:
+            raise ValueError(f"layers={self.layers!r} must be a non-negative number of blocks to remove")
+        choices = {"allocation": ("uniform", "global", "error", "block_influence"), "attention_unit": ("group", "query"),
+                   "rounding": ("error", "down", "up", "nearest")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {', '.join(allowed)}")
+        if self.multiple_of < 1:
+            raise ValueError("multiple_of must be >= 1")
+        if not 0.0 < self.min_keep <= 1.0:
+            raise ValueError("min_keep must be in (0, 1]")
+        for name in ("n_samples", "seq_len", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if not 0.0 <= self.percdamp < 1.0:
+            raise ValueError(f"percdamp={self.percdamp!r} must be in [0, 1)")
+        if not 0.0 <= self.spread <= 0.5:
+            raise ValueError(f"spread={self.spread!r} must be in [0, 0.5]")
+
+
+@dataclass
+class LayerPlan(_JsonMixin):
+    """Kept unit indices of one original layer (``None``: that kind is untouched)."""
+
+    kept_heads: list[int] | None = None
+    kept_kv_heads: list[int] | None = None
+    kept_neurons: list[int] | None = None
+    #: mixture of experts: kept experts (original indices), and per original expert its kept neurons
+    kept_experts: list[int] | None = None
+    kept_expert_neurons: list[list[int]] | None = None
+
+
+@dataclass
+class PrunePlan(_JsonMixin):
+    """Kept indices for every original layer, plus the removed layers (original indices)."""
+
+    layers: list[LayerPlan] = field(default_factory=list)
+    removed_layers: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PrunePlan":
+        return cls(layers=[LayerPlan.from_dict(x) for x in data.get("layers", [])],
+                   removed_layers=list(data.get("removed_layers", [])))
+
+    @property
+    def kept_layers(self) -> list[int]:
+        return [i for i in range(len(self.layers)) if i not in set(self.removed_layers)]

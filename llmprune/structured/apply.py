@@ -1,0 +1,34 @@
+"""Applying a whole :class:`~llmprune.core.config.PrunePlan` to a model: its layers cut (:mod:`.surgery`),
+removed, and the config made per-layer where widths differ (:mod:`.perlayer`)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..arch import ArchAdapter, get_adapter
+from ..core.config import PrunePlan
+from .perlayer import set_config_widths
+from .surgery import prune_layer, remove_layers
+
+__all__ = ["apply_plan"]
+
+
+def apply_plan(model: nn.Module, plan: PrunePlan, adapter: ArchAdapter | None = None) -> nn.Module:
+    """Apply ``plan`` in place and update ``model.config``; returns ``model``.
+
+    Layers are pruned first (indices refer to the original layers), then removed. If all layers end up
+    with the same widths the config stays standard; otherwise it becomes llmprune's per-layer config
+    (see :mod:`llmprune.perlayer`).
+    """
+    adapter = adapter or get_adapter(model)
+    layers = adapter.decoder_layers(model)
+    if plan.layers and len(plan.layers) != len(layers):
+        raise ValueError(f"plan has {len(plan.layers)} layers, model has {len(layers)}")
+    with torch.no_grad():
+        for i, layer_plan in enumerate(plan.layers):
+            if i not in set(plan.removed_layers):
+                prune_layer(adapter, layers[i], layer_plan)
+        remove_layers(model, adapter, plan.removed_layers)
+    set_config_widths(model, adapter)
+    return model

@@ -1,0 +1,171 @@
+"""The one-call entry point of structured pruning, in the order a reader follows it:
+calibrate (:mod:`.calibrate`) -> score (:mod:`.score`) -> select (:mod:`.select`, with the ``error`` /
+``block_influence`` counts from :mod:`.allocate`) -> compensate (:mod:`.compensate`) -> cut
+(:mod:`.surgery`); saving is :mod:`.io`. With ``reconstruct`` the cut happens layer by layer in
+:mod:`.sequential`, each layer re-scored on the already pruned model's activations and its output
+projections refitted (:mod:`.reconstruct`).
+
+Example::
+
+    from llmprune import PruneConfig, prune
+    result = prune(model, PruneConfig(heads=0.25, ffn=0.25, method="wanda"),
+                   tokenizer=tok, calibration="calib.txt")
+    result.model      # the same object, now smaller
+    result.plan       # kept indices per layer (saved next to the model)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..arch import get_adapter
+from ..calibration.calibrate import CalibrationError, as_batches, layerwise_statistics
+from .compensate import add_deltas, compensation_deltas, enable_biases, zero_deltas
+from ..core.config import PruneConfig, PrunePlan
+from ..criteria import get_criterion
+from ..checkpoint.dispatched import check_not_dispatched
+from .score import LayerScores, score_layer, score_layers
+from .select import check_ratios, plan_pruning
+from .sequential import block_influence_counts, error_counts, layer_cost_curves, output_modules, prune_sequential
+from .apply import apply_plan
+
+__all__ = ["prune", "PruneResult", "count_parameters"]
+
+
+@dataclass
+class PruneResult:
+    model: nn.Module
+    plan: PrunePlan
+    config: PruneConfig
+    params_before: int
+    params_after: int
+    scores: list[LayerScores] = field(default_factory=list, repr=False)
+
+    def save(self, out_dir: str | os.PathLike, tokenizer: Any = None, source: str | None = None,
+             overwrite: bool = False) -> Any:
+        """Save the pruned model with its recipe and plan (see :func:`llmprune.io.save_pruned`)."""
+        from ..checkpoint.io import save_pruned
+
+        return save_pruned(self.model, out_dir, tokenizer=tokenizer, config=self.config, plan=self.plan,
+                           source=source, overwrite=overwrite,
+                           extra={"params_before": self.params_before, "params_after": self.params_after})
+
+
+_PREPARED_FIELDS = ("grad_rows", "grad_cols", "label_sums", "label_counts", "readout")
+
+
+def _adopt_gradients(stats: Any, grad_stats: list | None, i: int) -> None:
+    """Copy layer ``i``'s statistics from a criterion's own pass (``Criterion.prepare``: Taylor sums, per-label
+    readouts, gathered on the dense model) into the layer-wise pass's statistics."""
+    if grad_stats is None:
+        return
+    for module, s in grad_stats[i].inputs.items():
+        target = stats.inputs.setdefault(module, type(s)())
+        for name in _PREPARED_FIELDS:
+            setattr(target, name, getattr(s, name))
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Distinct parameters (tied embeddings counted once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def prune(
+    model: nn.Module,
+    config: PruneConfig,
+    tokenizer: Any = None,
+    calibration: str | os.PathLike | torch.Tensor | Sequence[torch.Tensor] | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> PruneResult:
+    """Prune ``model`` in place according to ``config`` and return the result with its plan.
+
+    Args:
+        calibration: a text file path, a ``[n, seq_len]`` tensor of token ids, or a list of batches.
+            Needed by activation-aware criteria and by layer removal.
+        device: where each layer runs during calibration (the model may stay on CPU).
+
+    A model dispatched with accelerate (offloaded weights, several devices) is refused with a
+    :class:`~llmprune.dispatched.DispatchedModelError` naming :func:`llmprune.streaming.prune_streaming`,
+    which prunes it one layer at a time into a checkpoint folder.
+    """
+    config.validate()
+    check_not_dispatched(model, "prune")
+    adapter = get_adapter(model)
+    criterion = get_criterion(config.method)
+    check_ratios(model, adapter, config)
+    prunes_units = config.heads > 0 or config.ffn > 0
+    needs_data = ((criterion.needs_calibration or config.bias_compensation or config.reconstruct
+                   or config.allocation in ("error", "block_influence")) and prunes_units) or config.layers > 0
+    batches = as_batches(calibration, tokenizer, config.n_samples, config.seq_len, config.seed, config.batch_size)
+    if needs_data and batches is None:
+        why = ("bias compensation" if config.bias_compensation else "reconstruction" if config.reconstruct
+               else f"{config.allocation} allocation" if config.allocation in ("error", "block_influence") else "")
+        raise CalibrationError(
+            f"method {config.method!r}{f' with {why}' if why else ''}"
+            f"{' (and layer removal)' if config.layers else ''} needs calibration data: "
+            "pass calibration=<text file> (CLI: --calib FILE)"
+        )
+    params_before = count_parameters(model)
+    was_training = model.training
+    model.eval()
+    # Expert removal uses routing statistics whenever calibration data is given (weight norms otherwise).
+    use_data = needs_data or (config.experts > 0 and batches is not None)
+    reconstruct = config.reconstruct and prunes_units
+    # A first, dense pass decides the counts unless reconstruction alone (uniform counts) needs none.
+    first_pass = criterion.prepare is not None or not (
+        reconstruct and config.allocation == "uniform" and not config.layers and not config.experts
+        and not any(adapter.experts(layer) is not None for layer in adapter.decoder_layers(model)))
+    stats = scores = plan = None
+    counts = None
+    if first_pass:
+        curves: list = []
+        error_alloc = config.allocation == "error" and prunes_units
+
+        def price_layer(i: int, layer: nn.Module, layer_stats: Any) -> None:  # error allocation: cost curves
+            curves.append(layer_cost_curves(adapter, layer, config, score_layer(adapter, layer, config, layer_stats),
+                                            layer_stats))
+            layer_stats.grams.clear()
+
+        if use_data and criterion.prepare is not None and prunes_units:  # e.g. gradients, before the layer pass
+            stats = criterion.prepare(model, adapter, batches, progress)
+        if use_data:
+            grad_stats = stats
+
+            def priced(i: int, layer: nn.Module, layer_stats: Any) -> None:
+                _adopt_gradients(layer_stats, grad_stats, i)
+                price_layer(i, layer, layer_stats)
+
+            stats = layerwise_statistics(model, adapter, batches, device=device, progress=progress,
+                                         on_layer=priced if error_alloc else None,
+                                         grams_of=(lambda layer: output_modules(adapter, layer)) if error_alloc else None)
+            for i, layer_stats in enumerate(stats):
+                _adopt_gradients(layer_stats, grad_stats, i)
+        scores = score_layers(model, adapter, config, stats)
+        if error_alloc:
+            counts = error_counts(model, adapter, config, curves)
+        elif config.allocation == "block_influence" and prunes_units:
+            counts = block_influence_counts(model, adapter, config, [s.block_influence for s in stats])
+        plan = plan_pruning(model, adapter, config, scores, counts)
+    if reconstruct:
+        if config.bias_compensation:  # biases are created here and refitted with the weights
+            enable_biases(adapter, model, zero_deltas(adapter, model))
+        plan = prune_sequential(model, adapter, config, batches, plan, device=device, progress=progress,
+                                fixed_scores=scores if criterion.prepare is not None else None)
+    else:
+        deltas = compensation_deltas(adapter, model, plan, stats) if config.bias_compensation and stats else []
+        enable_biases(adapter, model, deltas)
+        apply_plan(model, plan, adapter)
+        add_deltas(deltas)
+    model.train(was_training)
+    return PruneResult(model, plan, config, params_before, count_parameters(model), scores or [])

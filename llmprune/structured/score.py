@@ -1,0 +1,82 @@
+"""Score every unit of every layer with the configured criterion (pure given weights and statistics).
+
+Example::
+
+    scores = score_layers(model, adapter, PruneConfig(heads=0.25, ffn=0.25), stats)
+    scores[0].neurons          # importance of layer 0's FFN neurons (higher = more important)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..arch import ArchAdapter
+from ..arch.base import ExpertsSpec
+from ..calibration.calibrate import LayerStats
+from ..core.config import PruneConfig
+from ..criteria import get_criterion
+
+__all__ = ["LayerScores", "score_layers", "score_layer", "expert_scores"]
+
+
+@dataclass
+class LayerScores:
+    """Importance scores of one layer's units (higher = more important)."""
+
+    q_heads: torch.Tensor | None = None
+    kv_heads: torch.Tensor | None = None
+    neurons: torch.Tensor | None = None
+    expert_neurons: torch.Tensor | None = None  # [num_experts, neurons per expert]
+    experts: torch.Tensor | None = None  # [num_experts]
+    group_size: int = 1
+    block_influence: float | None = None
+
+
+def score_layers(
+    model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig, stats: Sequence[LayerStats] | None
+) -> list[LayerScores]:
+    """Per-layer unit scores with the configured criterion (pure given weights and statistics)."""
+    return [score_layer(adapter, layer, cfg, stats[i] if stats is not None else None)
+            for i, layer in enumerate(adapter.decoder_layers(model))]
+
+
+def score_layer(adapter: ArchAdapter, layer: nn.Module, cfg: PruneConfig, stats: LayerStats | None) -> LayerScores:
+    """Unit scores of one layer (used alone by the sequential reconstruction pass)."""
+    criterion = get_criterion(cfg.method)
+    layer_stats = stats.inputs if stats is not None else None
+    attn, ffn = adapter.attention(layer), adapter.ffn(layer)
+    s = LayerScores(block_influence=stats.block_influence if stats is not None else None)
+    if attn is not None and cfg.heads > 0:
+        s.q_heads = criterion.fn(attn.q_slots, attn.num_heads, layer_stats)
+        s.kv_heads = criterion.fn(attn.kv_slots, attn.num_kv_heads, layer_stats)
+        s.group_size = attn.group_size
+    if ffn is not None and cfg.ffn > 0:
+        s.neurons = criterion.fn(ffn.slots, ffn.num_neurons, layer_stats)
+    moe = adapter.experts(layer)
+    if moe is not None and cfg.ffn > 0:
+        s.expert_neurons = torch.stack([criterion.fn(moe.neuron_slots(e), moe.num_neurons, layer_stats)
+                                        for e in range(moe.num_experts)])
+    if moe is not None and cfg.experts > 0:
+        s.experts = expert_scores(moe, stats)
+    return s
+
+
+def expert_scores(moe: ExpertsSpec, stats: LayerStats | None) -> torch.Tensor:
+    """Importance of each expert (higher = more important).
+
+    With calibration statistics: the *routing mass*, i.e. the sum over calibration tokens of the routing
+    weight the router gave the expert when it was among the top-k, divided by the number of tokens
+    (= selection frequency x mean routing weight when selected). Without: the L2 norm of the expert's
+    weights (all of its batched parameters).
+    """
+    if stats is not None and "router_mass" in stats.extra:
+        return stats.extra["router_mass"].double() / max(int(stats.extra.get("router_tokens", 1)), 1)
+    total = torch.zeros(moe.num_experts, dtype=torch.float64)
+    for p in moe.params:
+        w = getattr(p.module, p.name).detach()
+        total += w.double().pow(2).sum(dim=(1, 2)).cpu()
+    return total.sqrt()

@@ -1,0 +1,162 @@
+"""The package's layering: every module imports alone, and imports only point down the table below.
+
+Each folder may import the folders listed for it (and itself). Modules are read with ``ast`` (function-level
+imports count too), so a circle between folders cannot hide in a local import.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: folder -> the folders it may import, lowest layer first
+LAYERS = {
+    "kernels": set(),
+    "core": set(),
+    "arch": {"core"},
+    "calibration": {"core", "arch"},
+    "criteria": {"core", "arch", "calibration"},
+    "checkpoint": {"core"},
+    "sparsity": {"core", "arch", "calibration", "checkpoint"},
+    "structured": {"core", "arch", "calibration", "criteria", "checkpoint"},
+    "training": {"core", "arch", "calibration", "criteria", "checkpoint", "structured"},
+    "streaming": {"core", "arch", "calibration", "criteria", "checkpoint", "structured", "sparsity"},
+    "runtime": {"core", "checkpoint", "sparsity", "kernels"},
+    "eval": {"core", "calibration", "checkpoint"},
+    "top": {"core", "arch", "calibration", "criteria", "checkpoint", "structured", "sparsity", "training",
+            "streaming", "runtime", "eval"},  # llmprune/__init__, recipe, support
+    "cli": {"core", "arch", "calibration", "criteria", "checkpoint", "structured", "sparsity", "training",
+            "streaming", "runtime", "eval", "top"},
+    # the old module paths: each re-exports one moved module; no layer imports them
+    "compat": {"core", "calibration", "checkpoint", "structured", "training"},
+}
+#: the old module paths, kept as re-exports (README lists them); nothing in the package imports them
+COMPAT = {"allocate", "calibrate", "compensate", "config", "dispatched", "gradients", "io", "iterative", "memory",
+          "one_cycle", "perlayer", "pipeline", "progress", "reconstruct", "recover", "score", "select", "sequential",
+          "single_unit", "surgery", "text", "verify"}
+SOURCES = {"llmprune": ROOT / "llmprune", "llmprune.kernels": ROOT / "triton_kernels", "llmprune.eval": ROOT / "eval"}
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for pkg, folder in SOURCES.items():
+        for path in sorted(folder.rglob("*.py")):
+            rel = path.relative_to(folder).with_suffix("").parts
+            if rel[-1] == "__init__":
+                rel = rel[:-1]
+            if pkg == "llmprune" and rel and rel[0] == "__main__":
+                continue
+            out[".".join((pkg,) + rel)] = path
+    return out
+
+
+def layer(module: str) -> str:
+    parts = module.split(".")[1:]
+    if not parts or parts[0] in ("recipe", "support"):
+        return "top"
+    if parts == ["eval", "cli"]:  # the eval harness's own command line builds on the package's
+        return "cli"
+    if len(parts) == 1 and parts[0] in COMPAT:
+        return "compat"
+    return parts[0]
+
+
+def imports(module: str, path: Path) -> set[str]:
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+                if node.module is None:  # from . import a, b
+                    out.update(f"{target}.{a.name}" for a in node.names)
+                    continue
+            else:
+                target = node.module or ""
+            if target.startswith("llmprune"):
+                out.add(target)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith("llmprune"))
+    return out
+
+
+_ALONE = """
+import importlib, os, sys
+import torch, transformers, accelerate, safetensors.torch  # third-party modules loaded once; then each
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer  # llmprune module
+import transformers.models.llama.modeling_llama, transformers.conversion_mapping, datasets, peft  # imports in a fresh fork
+assert not any(m == "llmprune" or m.startswith("llmprune.") for m in sys.modules)
+failed = []
+for name in sys.argv[1:]:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            importlib.import_module(name)
+        except BaseException as e:
+            print(name, type(e).__name__, e, flush=True)
+            os._exit(1)
+        os._exit(0)
+    if os.waitpid(pid, 0)[1] != 0:
+        failed.append(name)
+print("FAILED", failed)
+sys.exit(1 if failed else 0)
+"""
+
+
+def test_every_module_imports_alone():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    r = subprocess.run([sys.executable, "-c", _ALONE, *sorted(modules())], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_imports_point_down_the_layer_table():
+    mods = modules()
+    wrong = []
+    for name, path in mods.items():
+        own = layer(name)
+        allowed = LAYERS.get(own, set()) | {own}
+        for target in imports(name, path):
+            if target == "llmprune" or target.startswith("llmprune.__"):
+                wrong.append(f"{name} imports the package root ({target})")
+                continue
+            if layer(target) not in allowed:
+                wrong.append(f"{name} ({own}) imports {target} ({layer(target)})")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_no_import_circles():
+    mods = modules()
+    graph = {n: {t if t in mods else t.rsplit(".", 1)[0] for t in imports(n, p)} & set(mods) for n, p in mods.items()}
+    for g in graph.values():
+        g.discard("llmprune")
+    state: dict[str, int] = {}
+    circles = []
+
+    def visit(n: str, stack: list[str]) -> None:
+        state[n] = 1
+        for m in sorted(graph[n]):
+            if state.get(m) == 1:
+                circles.append(stack[stack.index(m):] + [m] if m in stack else [n, m])
+            elif m not in state:
+                visit(m, stack + [m])
+        state[n] = 2
+
+    for n in sorted(graph):
+        if n not in state:
+            visit(n, [n])
+    assert not circles, circles
+
+
+def test_table_has_no_circles_and_every_folder_is_in_it():
+    folders = {layer(n) for n in modules()}
+    assert folders <= set(LAYERS), folders - set(LAYERS)
+    for name, allowed in LAYERS.items():
+        for other in allowed:
+            assert name not in LAYERS[other], (name, other)
