@@ -54,7 +54,7 @@ def refuse_sparse_compressed(folder: str | Path, headers: dict[str, dict[str, An
     fmt = sparse_compression_format(folder, headers)
     if fmt is None:
         return
-    from .io import CheckpointError
+    from .errors import CheckpointError
 
     raise CheckpointError(
         f"{folder} holds compressed-tensors '{fmt}' weights (bitmask-compressed sparse layers): transformers 5.x "

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..core.config import RECIPE_VERSION, PruneConfig, PrunePlan
+from .errors import CheckpointError, OutputExistsError
 from .verify import VerificationError, verify_saved_model
 
 __all__ = [
@@ -53,12 +54,6 @@ RECIPE_FILE = "llmprune_recipe.json"
 PLAN_FILE = "llmprune_plan.json"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint is missing, corrupt, truncated, or not in safetensors format."""
-
-
-class OutputExistsError(FileExistsError):
-    """The output directory exists and overwriting was not asked for."""
 
 
 def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
