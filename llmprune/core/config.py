@@ -56,7 +56,9 @@ class PruneConfig(_JsonMixin):
             parameters that ``heads``/``ffn`` remove uniformly go where each layer's output reconstruction
             error per parameter is lowest, heads and FFN neurons competing for the same budget) or
             ``block_influence`` (each layer's ratios move within ``±spread`` of ``heads``/``ffn``, less
-            pruning where the layer's Block Influence is higher). See :mod:`llmprune.allocate`.
+            pruning where the layer's Block Influence is higher), or ``fisher`` (method ``obs``: each
+            kind's uniform total goes where the estimated loss increase, the OBS cost weighed by the output
+            Fisher, is lowest; :mod:`llmprune.calibration.fisher`). See :mod:`llmprune.allocate`.
         attention_unit: ``group`` removes whole KV groups (a KV head with its query heads; shrinks the KV
             cache) or ``query`` removes the same number of query heads from every KV group.
         rounding: what to do when ``heads`` does not give whole units: ``nearest`` (default: the closest
@@ -75,6 +77,10 @@ class PruneConfig(_JsonMixin):
             (:mod:`llmprune.reconstruct`).
         percdamp: damping of the reconstruction, as a fraction of the mean diagonal of the Gram matrix.
         spread: ``block_influence`` allocation: layer ratios span ``2 * spread`` around the target.
+        fisher_samples: ``fisher`` allocation: calibration windows of the one forward/backward pass that
+            estimates the output Fisher (:mod:`llmprune.calibration.fisher`).
+        fisher_diagonal: keep only the Fisher's diagonal (``hidden`` floats per projection instead of
+            ``hidden²``: for models whose full factors would not fit in memory).
     """
 
     heads: float = 0.0
@@ -82,7 +88,7 @@ class PruneConfig(_JsonMixin):
     layers: int = 0
     experts: float = 0.0
     method: str = "wanda"
-    allocation: Literal["uniform", "global", "error", "block_influence"] = "uniform"
+    allocation: Literal["uniform", "global", "error", "block_influence", "fisher"] = "uniform"
     attention_unit: Literal["group", "query"] = "group"
     rounding: Literal["error", "down", "up", "nearest"] = "nearest"
     multiple_of: int = 1
@@ -95,6 +101,8 @@ class PruneConfig(_JsonMixin):
     reconstruct: bool = False
     percdamp: float = 0.01
     spread: float = 0.1
+    fisher_samples: int = 16
+    fisher_diagonal: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -106,7 +114,7 @@ class PruneConfig(_JsonMixin):
                 raise ValueError(f"{name}={value!r} is out of range: it is the fraction removed and must be in [0, 1)")
         if not isinstance(self.layers, int) or self.layers < 0:
             raise ValueError(f"layers={self.layers!r} must be a non-negative number of blocks to remove")
-        choices = {"allocation": ("uniform", "global", "error", "block_influence"), "attention_unit": ("group", "query"),
+        choices = {"allocation": ("uniform", "global", "error", "block_influence", "fisher"), "attention_unit": ("group", "query"),
                    "rounding": ("error", "down", "up", "nearest")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -115,11 +123,16 @@ class PruneConfig(_JsonMixin):
             raise ValueError("multiple_of must be >= 1")
         if not 0.0 < self.min_keep <= 1.0:
             raise ValueError("min_keep must be in (0, 1]")
-        for name in ("n_samples", "seq_len", "batch_size"):
+        for name in ("n_samples", "seq_len", "batch_size", "fisher_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if not 0.0 <= self.percdamp < 1.0:
             raise ValueError(f"percdamp={self.percdamp!r} must be in [0, 1)")
+        if self.allocation == "fisher" and self.method != "obs":
+            raise ValueError("allocation='fisher' prices removals with the obs method; use method='obs'")
+        if self.method == "obs" and self.allocation in ("global", "block_influence"):
+            raise ValueError(f"method 'obs' chooses units inside the sequential pass; allocation "
+                             f"{self.allocation!r} needs per-unit scores: use uniform, error or fisher")
         if not 0.0 <= self.spread <= 0.5:
             raise ValueError(f"spread={self.spread!r} must be in [0, 0.5]")
 

@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -31,7 +32,8 @@ from ..criteria import get_criterion
 from ..checkpoint.dispatched import check_not_dispatched
 from .score import LayerScores, score_layer, score_layers
 from .select import check_ratios, plan_pruning
-from .sequential import block_influence_counts, error_counts, layer_cost_curves, output_modules, prune_sequential
+from .sequential import (block_influence_counts, error_counts, layer_cost_curves, output_modules, per_kind_cost_counts,
+                         prune_sequential)
 from .apply import apply_plan
 
 __all__ = ["prune", "PruneResult", "count_parameters"]
@@ -105,6 +107,9 @@ def prune(
     criterion = get_criterion(config.method)
     check_ratios(model, adapter, config)
     prunes_units = config.heads > 0 or config.ffn > 0
+    if config.method == "obs" and (config.layers or config.experts or config.bias_compensation):
+        raise ValueError("method 'obs' prunes heads and FFN neurons; remove layers / experts, or compensate biases, "
+                         "in a separate run with another method")
     needs_data = ((criterion.needs_calibration or config.bias_compensation or config.reconstruct
                    or config.allocation in ("error", "block_influence")) and prunes_units) or config.layers > 0
     batches = as_batches(calibration, tokenizer, config.n_samples, config.seq_len, config.seed, config.batch_size)
@@ -119,6 +124,10 @@ def prune(
     params_before = count_parameters(model)
     was_training = model.training
     model.eval()
+    if config.method == "obs" and prunes_units:
+        plan = _prune_obs(model, adapter, config, batches, device, progress)
+        model.train(was_training)
+        return PruneResult(model, plan, config, params_before, count_parameters(model), [])
     # Expert removal uses routing statistics whenever calibration data is given (weight norms otherwise).
     use_data = needs_data or (config.experts > 0 and batches is not None)
     reconstruct = config.reconstruct and prunes_units
@@ -169,3 +178,30 @@ def prune(
         add_deltas(deltas)
     model.train(was_training)
     return PruneResult(model, plan, config, params_before, count_parameters(model), scores or [])
+
+
+def _prune_obs(model: nn.Module, adapter: Any, config: PruneConfig, batches: list[torch.Tensor], device: Any,
+               progress: bool) -> PrunePlan:
+    """Method ``obs``: the output Fisher (allocation ``fisher``), then a dense pass pricing every layer's greedy
+    removals (``fisher`` / ``error``), then the sequential pass choosing and refitting layer by layer."""
+    from ..calibration.fisher import output_fisher
+    from .obs import obs_cost_curves
+
+    fisher = None
+    if config.allocation == "fisher":
+        fisher = output_fisher(model, adapter, batches[:max(1, math.ceil(config.fisher_samples / config.batch_size))],
+                               diagonal=config.fisher_diagonal, device=device)
+    counts = None
+    if config.allocation in ("fisher", "error"):
+        curves: list = []
+
+        def price(i: int, layer: nn.Module, stats: Any) -> None:
+            curves.append(obs_cost_curves(adapter, layer, config, stats, fisher[i] if fisher else None))
+            stats.grams.clear()
+
+        layerwise_statistics(model, adapter, batches, device=device, progress=progress, on_layer=price,
+                             grams_of=lambda layer: output_modules(adapter, layer), rerun=False,
+                             modules_of=lambda layer: [])
+        counts = (per_kind_cost_counts if config.allocation == "fisher" else error_counts)(model, adapter, config, curves)
+    return prune_sequential(model, adapter, config, batches, device=device, progress=progress, counts=counts,
+                            fisher=fisher)

@@ -32,15 +32,17 @@ from torch import nn
 
 from ..core.allocate import CostCurve, allocate_by_cost, ratios_to_counts, spread_ratios
 from ..arch import ArchAdapter
-from ..arch.base import AttentionSpec, FFNSpec, Slot, set_weight_matrix, weight_matrix
+from ..arch.base import set_weight_matrix, weight_matrix
 from ..calibration.calibrate import LayerStats, layerwise_statistics
 from ..core.config import LayerPlan, PruneConfig, PrunePlan
+from .obs import obs_layer_scores
 from .reconstruct import augment_gram, refit_columns, removal_error_curve
 from .score import LayerScores, score_layer
 from .select import LayerCounts, attention_units, neurons_to_remove, plan_layer, removal_counts, units_to_remove
 from .surgery import _complement, prune_layer, remove_layers
 
-__all__ = ["output_modules", "prune_sequential", "layer_cost_curves", "error_counts", "block_influence_counts"]
+__all__ = ["output_modules", "prune_sequential", "layer_cost_curves", "error_counts", "per_kind_cost_counts",
+           "block_influence_counts"]
 
 
 def output_modules(adapter: ArchAdapter, layer: nn.Module) -> list[nn.Module]:
@@ -53,27 +55,7 @@ def output_modules(adapter: ArchAdapter, layer: nn.Module) -> list[nn.Module]:
     return out
 
 
-# ---- parameter counts of one unit ------------------------------------------------------------------
-def _slot_params(slot: Slot) -> int:
-    """Parameters one unit owns through ``slot`` (its rows or columns, and its bias entries)."""
-    out_f, in_f = weight_matrix(slot.module).shape
-    if slot.dim == "out":
-        bias = getattr(slot.module, "bias", None)
-        return slot.width * (in_f + (1 if isinstance(bias, torch.Tensor) else 0))
-    return slot.width * out_f
-
-
-def _attention_unit_params(attn: AttentionSpec, mode: str) -> tuple[int, int]:
-    """(parameters, query heads) of one attention unit in ``mode``."""
-    per_q = sum(_slot_params(s) for s in attn.q_slots)
-    per_kv = sum(_slot_params(s) for s in attn.kv_slots)
-    if mode == "group" or attn.group_size == 1:
-        return attn.group_size * per_q + per_kv, attn.group_size
-    return attn.num_kv_heads * per_q, attn.num_kv_heads
-
-
-def _neuron_params(ffn: FFNSpec) -> int:
-    return sum(_slot_params(s) for s in ffn.slots)
+from .unit_params import attention_unit_params as _attention_unit_params, neuron_params as _neuron_params
 
 
 # ---- error allocation --------------------------------------------------------------------------------
@@ -113,6 +95,11 @@ def layer_cost_curves(adapter: ArchAdapter, layer: nn.Module, cfg: PruneConfig, 
 
 def _uniform_budget(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig) -> int:
     """Parameters that ``cfg.heads`` / ``cfg.ffn`` would remove with uniform widths."""
+    return sum(_uniform_budgets(model, adapter, cfg))
+
+
+def _uniform_budgets(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig) -> tuple[int, int]:
+    """(head, FFN neuron) parameters that ``cfg.heads`` / ``cfg.ffn`` would remove with uniform widths."""
     layers = adapter.decoder_layers(model)
     total = 0
     attns = [adapter.attention(layer) for layer in layers]
@@ -121,12 +108,13 @@ def _uniform_budget(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig) ->
         unit_params, unit_q = _attention_unit_params(attns[0], cfg.attention_unit)
         units = units_to_remove(cfg.heads, sum(a.num_heads for a in attns), unit_q, cfg.rounding)
         total += units * unit_params
+    neurons = 0
     if cfg.ffn > 0:
         for layer in layers:
             ffn = adapter.ffn(layer)
             if ffn is not None:
-                total += neurons_to_remove(cfg.ffn, ffn.num_neurons, cfg.multiple_of) * _neuron_params(ffn)
-    return total
+                neurons += neurons_to_remove(cfg.ffn, ffn.num_neurons, cfg.multiple_of) * _neuron_params(ffn)
+    return total, neurons
 
 
 def error_counts(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig,
@@ -141,6 +129,19 @@ def error_counts(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig,
         n = next(chosen) * cfg.multiple_of if neurons_curve is not None else 0
         out.append(LayerCounts(h, n))
     return out
+
+
+def per_kind_cost_counts(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig,
+                         curves: Sequence[tuple[CostCurve | None, CostCurve | None]]) -> list[LayerCounts]:
+    """Per-layer counts of the ``fisher`` allocation: heads and FFN neurons each keep the uniform setting's
+    total, spent where the summed cost (estimated loss increase) of that kind is lowest."""
+    budgets = _uniform_budgets(model, adapter, cfg)
+    picks = []
+    for kind in (0, 1):
+        kind_curves = [pair[kind] for pair in curves if pair[kind] is not None]
+        picks.append(iter(allocate_by_cost(kind_curves, budgets[kind]) if kind_curves else []))
+    return [LayerCounts(next(picks[0]) if h is not None else 0, next(picks[1]) * cfg.multiple_of if n is not None else 0)
+            for h, n in curves]
 
 
 def block_influence_counts(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig,
@@ -183,6 +184,17 @@ def _counts_from_plan(adapter: ArchAdapter, layer: nn.Module, cfg: PruneConfig, 
     return LayerCounts(units, neurons)
 
 
+def _shape_scores(adapter: ArchAdapter, layer: nn.Module, cfg: PruneConfig) -> LayerScores:
+    """Scores of the right shapes only: what the uniform counts of :func:`removal_counts` read."""
+    attn, ffn = adapter.attention(layer), adapter.ffn(layer)
+    s = LayerScores()
+    if attn is not None and cfg.heads > 0:
+        s.q_heads, s.kv_heads, s.group_size = torch.zeros(attn.num_heads), torch.zeros(attn.num_kv_heads), attn.group_size
+    if ffn is not None and cfg.ffn > 0:
+        s.neurons = torch.zeros(ffn.num_neurons)
+    return s
+
+
 def _refit_jobs(adapter: ArchAdapter, layer: nn.Module, lp: LayerPlan) -> list[tuple[nn.Module, torch.Tensor]]:
     """(output module, kept input columns in original numbering) for every output projection that loses columns."""
     jobs = []
@@ -221,7 +233,9 @@ def _refit(module: nn.Module, original: torch.Tensor, kept: torch.Tensor, stats:
 
 def prune_sequential(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig, batches: list[torch.Tensor],
                      plan: PrunePlan | None = None, device: Any = None, progress: bool = True,
-                     fixed_scores: list[LayerScores] | None = None, layer_io: Any = None) -> PrunePlan:
+                     fixed_scores: list[LayerScores] | None = None, layer_io: Any = None,
+                     counts: Sequence[LayerCounts] | None = None,
+                     fisher: Sequence[dict] | None = None) -> PrunePlan:
     """Prune and reconstruct layer by layer, in place; returns the plan that was applied (original layer
     indices). ``model.config`` describes the new widths afterwards, as after :func:`~llmprune.surgery.apply_plan`.
 
@@ -233,6 +247,9 @@ def prune_sequential(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig, b
     Layers removed by the plan are dropped first, so the stream skips them as the pruned model will.
     ``layer_io`` (:class:`llmprune.calibrate.LayerIO`, streaming) sees each layer's plan in its ``plans``
     dict before the layer is cut; on resume, its ``plans`` already hold the finished layers'.
+    Method ``obs`` chooses each layer's units greedily from its current Gram matrices
+    (:func:`llmprune.structured.obs.obs_layer_scores`), with per-layer ``counts`` (``fisher`` / ``error`` allocation; per
+    original layer) or the uniform ones, and output errors weighed by ``fisher`` (per original layer).
     """
     from .perlayer import set_config_widths  # local import: perlayer imports surgery
 
@@ -246,10 +263,15 @@ def prune_sequential(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig, b
 
     def on_layer(j: int, layer: nn.Module, stats: LayerStats) -> None:
         i = kept_layers[j]
-        scores = fixed_scores[i] if fixed_scores is not None else score_layer(adapter, layer, cfg, stats)
-        counts = (_counts_from_plan(adapter, layer, cfg, plan.layers[i]) if plan is not None
-                  else removal_counts(cfg, [scores])[0])
-        lp = plan_layer(scores, cfg, counts)
+        if cfg.method == "obs":
+            n = counts[i] if counts is not None else removal_counts(cfg, [_shape_scores(adapter, layer, cfg)])[0]
+            scores = obs_layer_scores(adapter, layer, cfg, stats, n, fisher[i] if fisher is not None else None)
+            lp = plan_layer(scores, cfg, n)
+        else:
+            scores = fixed_scores[i] if fixed_scores is not None else score_layer(adapter, layer, cfg, stats)
+            n = (_counts_from_plan(adapter, layer, cfg, plan.layers[i]) if plan is not None
+                 else removal_counts(cfg, [scores])[0])
+            lp = plan_layer(scores, cfg, n)
         if plan is not None:
             lp.kept_experts = plan.layers[i].kept_experts
             lp.kept_expert_neurons = plan.layers[i].kept_expert_neurons

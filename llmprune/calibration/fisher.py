@@ -1,0 +1,90 @@
+"""The empirical Fisher of the loss with respect to each projection's output (pure statistics gathering).
+
+For the output ``y = W x`` of a projection that writes into the residual stream (o_proj, down_proj: the
+adapter's ``output`` slots), the Kronecker-factored second-order estimate of how much a weight change
+``ΔW`` raises the summed token loss is ``ΔL ≈ ½ tr(F ΔW G ΔWᵀ)``, with ``G = Σ_t x_t x_tᵀ`` the input Gram
+matrix and ``F = mean_t g_t g_tᵀ``, ``g_t = ∂L/∂y_t`` (K-FAC, Martens & Grosse 2015; used for pruning by the
+LLM Surgeon, van der Ouderaa et al. 2024). ``F`` is what makes a removal in layer 2 and one in layer 28
+comparable: a plain output error ignores that the residual stream, and the loss's sensitivity to it,
+differ by orders of magnitude between layers.
+
+One forward and backward pass of the whole model over ``batches`` (no weight gradients are kept: only
+the output gradients are read, by hooks). ``diagonal=True`` keeps ``diag(F)`` only: ``hidden`` floats per
+projection instead of ``hidden²``, for models whose full factors would not fit.
+
+Example::
+
+    fisher = output_fisher(model, adapter, batches[:2])       # [{o_proj: F, down_proj: F}, ...] per layer
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..arch import ArchAdapter
+from ..arch.base import weight_matrix
+
+__all__ = ["output_fisher", "output_modules_of"]
+
+
+def output_modules_of(adapter: ArchAdapter, layer: nn.Module) -> list[nn.Module]:
+    out = []
+    for spec in (adapter.attention(layer), adapter.ffn(layer)):
+        if spec is not None and isinstance(spec.output.module, nn.Module) and spec.output.module not in out:
+            out.append(spec.output.module)
+    return out
+
+
+def output_fisher(model: nn.Module, adapter: ArchAdapter, batches: list[torch.Tensor], diagonal: bool = False,
+                  device: Any = None) -> list[dict[nn.Module, torch.Tensor]] | None:
+    """Per decoder layer, ``{output module: F}`` (float64 on CPU, ``[out, out]``, or ``[out]`` when
+    ``diagonal``), from the next-token loss on ``batches``. ``None`` for models without a language-model head
+    (encoders): callers then weigh output errors plainly."""
+    layers = adapter.decoder_layers(model)
+    mods = [output_modules_of(adapter, layer) for layer in layers]
+    acc: dict[nn.Module, torch.Tensor] = {}
+    handles = []
+    for per_layer in mods:
+        for m in per_layer:
+            n_out = weight_matrix(m).shape[0]
+            acc[m] = torch.zeros(n_out if diagonal else (n_out, n_out), dtype=torch.float64)
+
+            def hook(module: nn.Module, grad_in: Any, grad_out: Any, m: nn.Module = m) -> None:
+                g = grad_out[0].detach().reshape(-1, grad_out[0].shape[-1])
+                if diagonal:
+                    acc[m] += g.double().pow(2).sum(0).cpu()
+                else:
+                    g = g.double()
+                    acc[m] += (g.t() @ g).cpu()
+
+            handles.append(m.register_full_backward_hook(hook))
+    was_training = model.training
+    model.eval()
+    requires = {p: p.requires_grad for p in model.parameters()}
+    tokens = 0
+    try:
+        for p in model.parameters():  # only activation gradients are needed; no weight gradient is stored
+            p.requires_grad_(False)
+        dev = torch.device(device) if device is not None else next(model.parameters()).device
+        for batch in batches:
+            batch = batch.to(dev)
+            with torch.enable_grad():
+                emb = model.get_input_embeddings()(batch).detach().requires_grad_(True)
+                out = model(inputs_embeds=emb, use_cache=False)
+                logits = getattr(out, "logits", None)
+                if logits is None or logits.shape[-1] != model.get_input_embeddings().num_embeddings:
+                    return None
+                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
+                loss.backward()
+            tokens += batch.numel()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, r in requires.items():
+            p.requires_grad_(r)
+        model.train(was_training)
+    return [{m: acc[m] / max(tokens, 1) for m in per_layer} for per_layer in mods]
