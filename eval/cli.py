@@ -21,7 +21,7 @@ __all__ = ["add_arguments", "load_model", "main", "run"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the eval options to ``parser`` (a sub-parser of ``llmprune`` or a fresh one)."""
-    parser.add_argument("models", nargs="+", metavar="MODEL", help="model folders or Hub ids; the first is the baseline")
+    parser.add_argument("models", nargs="+", metavar="MODEL", help="model folders, Hub ids or .gguf files; the first is the baseline")
     parser.add_argument("--ppl", metavar="FILE_OR_NAME", help="text file or wikitext2|ptb|c4 for perplexity")
     parser.add_argument("--seq-len", type=int, default=None, help="window length L (default: model max, capped at 2048)")
     parser.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: L, non-overlapping)")

@@ -145,6 +145,13 @@ def run_recipe(recipe: Recipe, out: str | os.PathLike | None = None, overwrite: 
     calibration = read_calibration_text(recipe.calibration) if recipe.calibration else None
     data = read_calibration_text(recipe.data) if recipe.data else None
     model, tokenizer = load_model(recipe.model, dtype=recipe.dtype)
+    if recipe.prune is not None:  # attention_unit "auto" resolved once, so the saved recipe names the unit
+        import dataclasses
+
+        from .arch import get_adapter
+        from .structured.select import resolve_config
+
+        recipe = dataclasses.replace(recipe, prune=resolve_config(model, get_adapter(model), recipe.prune))
     teacher = None
     if recipe.teacher:
         teacher = load_model(recipe.model if recipe.teacher == "source" else recipe.teacher, dtype=recipe.dtype,

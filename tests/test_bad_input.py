@@ -34,11 +34,12 @@ def test_ratio_out_of_range(kwargs):
 def test_ratio_incompatible_with_gqa_and_rounding():
     model = tiny_causal_lm("llama")  # 4 heads, 2 KV heads: whole groups of 2 heads
     with pytest.raises(RatioError, match=r"removes 1 of 4 heads.*2 at a time.*Valid ratios: 0.5"):
-        prune(model, PruneConfig(heads=0.25, method="magnitude", rounding="error"))
+        prune(model, PruneConfig(heads=0.25, method="magnitude", attention_unit="group", rounding="error"))
     # 'query' mode removes one head from each of the 2 groups at a time: 0.25 still impossible
     with pytest.raises(RatioError):
         prune(model, PruneConfig(heads=0.25, method="magnitude", attention_unit="query", rounding="error"))
-    result = prune(model, PruneConfig(heads=0.25, method="magnitude", rounding="up"), progress=False)
+    result = prune(model, PruneConfig(heads=0.25, method="magnitude", attention_unit="group", rounding="up"),
+                   progress=False)
     assert model.config.num_attention_heads == 2 and model.config.num_key_value_heads == 1
     assert result.plan.layers[0].kept_kv_heads is not None
 

@@ -40,10 +40,10 @@ def test_step_fractions_compose_to_the_target():
 def test_iterative_reaches_the_one_shot_widths():
     kwargs = dict(num_attention_heads=8, num_key_value_heads=4, head_dim=8, intermediate_size=96)
     one = tiny_causal_lm("llama", **kwargs)
-    prune(one, PruneConfig(heads=0.5, ffn=0.5, method="magnitude"), progress=False)
+    prune(one, PruneConfig(heads=0.5, ffn=0.5, method="magnitude", attention_unit="group"), progress=False)
     it = tiny_causal_lm("llama", **kwargs)
     data = torch.randint(0, 128, (5000,), generator=torch.Generator().manual_seed(0))
-    res = prune_iteratively(it, PruneConfig(heads=0.5, ffn=0.5, method="magnitude"), steps=2,
+    res = prune_iteratively(it, PruneConfig(heads=0.5, ffn=0.5, method="magnitude", attention_unit="group"), steps=2,
                             recovery=RecoveryConfig(steps=1, batch_size=2, seq_len=16, eval_every=1, eval_windows=2),
                             data=data, progress=False)
     assert layer_widths(res.model) == layer_widths(one)
@@ -88,7 +88,7 @@ def test_run_recipe_then_rerun_its_saved_recipe_reproduces_the_model(tmp_path, r
 def test_prune_cli_iterative_and_its_recipe(tmp_path, ref_model_path, shared_dir):
     calib = str(shared_dir / "data" / "reference-train.txt")
     out = tmp_path / "it"
-    assert main(["prune", str(ref_model_path), "--heads", "0.5", "--ffn", "0.5", "--method", "wanda",
+    assert main(["prune", str(ref_model_path), "--heads", "0.5", "--ffn", "0.5", "--method", "wanda", "--attention-unit", "group",
                  "--calib", calib, "--n-samples", "4", "--seq-len", "64", "--iterative-steps", "2",
                  "--recover-steps", "1", "--data", calib, "--out", str(out), "--quiet"]) == 0
     config = json.loads((out / "config.json").read_text())

@@ -164,6 +164,22 @@ def _check_gguf(path: Path) -> None:
             raise CheckpointError(f"{path}: not a GGUF file (bad magic)")
 
 
+def _gguf_architecture(path: Path) -> str:
+    """``general.architecture`` of a GGUF file, read with the ``gguf`` package, which also checks that every
+    tensor fits the file: a truncated or corrupt file is one :class:`CheckpointError` line here."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+        field = reader.fields["general.architecture"]
+        return bytes(field.parts[field.data[0]]).decode("utf-8")
+    except KeyError:
+        raise CheckpointError(f"{path}: GGUF file without general.architecture") from None
+    except Exception as exc:  # struct / numpy errors of a short or damaged file
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path}: corrupt or truncated GGUF file ({msg})") from None
+
+
 def strip_quantizer(model: nn.Module) -> nn.Module:
     """Forget how ``model`` was loaded (GGUF dequantisation): without this ``save_pretrained`` refuses the
     model, and a saved ``config.json`` would carry a ``quantization_config`` that points at the GGUF file.
@@ -188,6 +204,7 @@ def _load_gguf(path: Path, dtype: Any, device: Any, with_tokenizer: bool) -> tup
         import gguf  # noqa: F401  (transformers needs it; a clear line beats its import error)
     except ImportError:
         raise CheckpointError(f"{path}: reading GGUF files needs the gguf package: pip install gguf") from None
+    architecture = _gguf_architecture(path)
     if dtype is None or dtype == "auto":
         dtype = torch.float32
     elif isinstance(dtype, str):
@@ -198,9 +215,9 @@ def _load_gguf(path: Path, dtype: Any, device: Any, with_tokenizer: bool) -> tup
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if "architecture" in msg.lower() or isinstance(exc, KeyError):
-            raise CheckpointError(f"{path}: unsupported GGUF architecture ({msg}); convert it to a "
-                                  "Hugging Face safetensors folder first") from exc
-        raise CheckpointError(f"could not load GGUF file {path}: {msg}") from exc
+            raise CheckpointError(f"{path}: unsupported GGUF architecture {architecture!r} (transformers: {msg}); "
+                                  "convert it to a Hugging Face safetensors folder first") from exc
+        raise CheckpointError(f"could not load GGUF file {path} (architecture {architecture!r}): {msg}") from exc
     strip_quantizer(model)
     model.config.name_or_path = str(path)
     if device is not None:

@@ -43,6 +43,10 @@ def wants_streaming(args: argparse.Namespace) -> bool:
     path = Path(args.model)
     if not path.is_dir():
         return False
+    from ..checkpoint.io import find_gguf
+
+    if find_gguf(path) is not None:  # a GGUF is loaded in memory (dequantised); --streaming refuses it
+        return False
     import torch
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
@@ -76,8 +80,9 @@ def run_streamed(args: argparse.Namespace, stream: Callable[..., Any], cfg: Any,
     from transformers import AutoTokenizer
 
     from ..eval.efficiency import size_on_disk
-    from ..streaming import memory_budget, parse_memory
+    from ..streaming import memory_budget, parse_memory, refuse_gguf
 
+    refuse_gguf(args.model)
     src = local_folder(args.model)
     tokenizer = AutoTokenizer.from_pretrained(str(src), trust_remote_code=False)
     budget = parse_memory(args.max_memory)

@@ -15,7 +15,7 @@ from ._common import (add_calibration_arguments, add_output_arguments, add_ppl_a
                       check_output, is_main_process, ppl_function, ppl_protocol, read_calibration,
                       wait_for_everyone)
 from ._registry import subcommand
-from ._streaming import add_streaming_arguments, refuse_with_streaming, run_streamed, wants_streaming
+from ._streaming import add_streaming_arguments, local_folder, refuse_with_streaming, run_streamed, wants_streaming
 from .table import before_after_rows, format_table, unit_fraction_rows
 
 __all__ = ["add_arguments", "run"]
@@ -24,7 +24,8 @@ __all__ = ["add_arguments", "run"]
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..criteria import available_criteria
 
-    p.add_argument("model", help="local model folder or Hugging Face Hub id")
+    p.add_argument("model", help="local model folder, Hugging Face Hub id, or a .gguf file (or a folder holding one; "
+                                 "dequantised to float32, saved as plain safetensors)")
     p.add_argument("--heads", type=float, default=0.0, help="fraction of attention heads removed (default 0)")
     p.add_argument("--ffn", type=float, default=0.0, help="fraction of FFN neurons removed (default 0)")
     p.add_argument("--layers", type=int, default=0, help="number of whole decoder blocks removed (Block Influence)")
@@ -38,8 +39,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="per-layer widths: uniform (standard config), global (normalised scores), error (the uniform "
                         "setting's parameters removed where the output reconstruction error is lowest; heads and FFN "
                         "compete), block_influence (ratios within +-spread, less pruning in high-influence layers)")
-    p.add_argument("--attention-unit", choices=("group", "query"), default="group",
-                   help="group: remove whole KV groups; query: remove query heads evenly from every KV group")
+    p.add_argument("--attention-unit", choices=("auto", "group", "query"), default="auto",
+                   help="group: remove whole KV groups; query: remove query heads evenly from every KV group; auto "
+                        "(default): group for MHA, query with <= 4 KV heads (MQA, 2-4 groups), else group when "
+                        "--heads x KV heads is within 0.25 of a whole number of groups, else query (resolved once; "
+                        "the recipe and the table name the unit used)")
     p.add_argument("--rounding", choices=("nearest", "down", "up", "error"), default="nearest",
                    help="when --heads does not give whole units: round to the nearest valid count (default), "
                         "down, up, or stop with an error listing the valid ratios")
@@ -98,6 +102,11 @@ def run(args: argparse.Namespace) -> int:
         return _run_streaming(args, cfg, calibration, out)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
+    from ..arch import get_adapter
+    from ..structured.select import check_ratios, resolve_config
+
+    cfg = resolve_config(model, get_adapter(model), cfg)  # attention_unit "auto" -> the concrete unit, once
+    check_ratios(model, get_adapter(model), cfg)  # before perplexity or any other work
     main = is_main_process()  # under accelerate launch: every process calibrates, the main one evaluates and saves
     progress = not args.quiet and main
     ppl_of = ppl_function(args, tokenizer, progress) if main else (lambda m: None)
@@ -145,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
                                      iterative_steps=args.iterative_steps, recover_between=args.recover_steps,
                                      data=args.data, teacher=args.teacher).to_dict()})
     after["size"] = size_on_disk(out)
-    print(f"\nllmprune: {args.method}, {args.allocation} allocation -> {out}")
+    print(f"\nllmprune: {args.method}, {args.allocation} allocation, {cfg.attention_unit} attention units -> {out}")
     print(format_table(unit_fraction_rows(cfg, widths_before, layer_widths(model), result.plan)))
     print()
     print(format_table(before_after_rows(before, after, ppl_label=args.ppl and
@@ -172,7 +181,24 @@ def _run_streaming(args: argparse.Namespace, cfg, calibration, out: Path) -> int
     refuse_with_streaming(args, **{"--ppl": args.ppl, "--eval": args.eval,
                                    "--iterative-steps": args.iterative_steps > 1})
     recipe = Recipe(model=str(args.model), prune=cfg, calibration=args.calib, dtype=args.dtype).to_dict()
-    _, rows = run_streamed(args, prune_streaming, cfg, calibration, out, recipe,
-                           f"{args.method}, {args.allocation} allocation")
+    result, rows = run_streamed(args, prune_streaming, cfg, calibration, out, recipe,
+                                f"{args.method}, {args.allocation} allocation")
+    print(format_table(_streamed_unit_rows(cfg, local_folder(args.model), out, result.plan)))
+    print()
     print(format_table(rows))
     return 0
+
+
+def _streamed_unit_rows(cfg, src: Path, out: Path, plan) -> list[tuple[str, ...]]:
+    """Requested vs achieved fractions of a streamed run, from the two checkpoints' configs (meta device)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..structured.surgery import layer_widths
+
+    widths = []
+    for folder in (src, out):
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(folder), trust_remote_code=False))
+        widths.append(layer_widths(model))
+    return unit_fraction_rows(cfg, widths[0], widths[1], plan)

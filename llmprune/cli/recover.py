@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..training.recover import RecoveryConfig
 
     d = RecoveryConfig()
-    p.add_argument("model", help="pruned model folder (or any model folder / Hub id)")
+    p.add_argument("model", help="pruned model folder (or any model folder / Hub id / .gguf file)")
     p.add_argument("--data", required=True, metavar="FILE_OR_NAME",
                    help="training text: a file, or wikitext2|c4|ptb (train split); its tail is the held-out slice")
     p.add_argument("--full", action="store_true", help="train every parameter instead of LoRA adapters")

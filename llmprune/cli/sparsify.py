@@ -30,7 +30,7 @@ _METHOD_HELP = {"magnitude": "|W|, no data", "wanda": "|W| * ||X||",
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..sparsity import ALLOCATIONS, METHODS
 
-    p.add_argument("model", help="local model folder or Hugging Face Hub id")
+    p.add_argument("model", help="local model folder, Hugging Face Hub id, or a .gguf file (or a folder holding one)")
     p.add_argument("--method", default="wanda", choices=METHODS,
                    help="; ".join(f"{m}: {_METHOD_HELP.get(m, '')}" for m in METHODS)
                    + " (default wanda; all but magnitude need --calib)")

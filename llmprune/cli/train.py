@@ -27,7 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..training.recover import RecoveryConfig
 
     d, o = RecoveryConfig(), OneCycleConfig()
-    p.add_argument("model", help="model folder / Hub id (prune while training), or a config.json (train from scratch)")
+    p.add_argument("model", help="model folder / Hub id / .gguf file (prune while training), or a config.json "
+                                 "(train from scratch)")
     p.add_argument("--tokenizer", help="tokenizer folder when MODEL is a config.json")
     p.add_argument("--data", required=True, metavar="FILE_OR_NAME", help="training text (its tail is held out)")
     p.add_argument("--heads", type=float, default=0.0, help="fraction of attention heads removed")
@@ -114,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
     after = {"params": count_parameters(model), "block": block_parameters(model), "ppl": ppl_of(model),
              "extra_rows": [("structure committed at step", str(callback.committed_at)),
                             ("final stability", f"{callback.stability[-1]:.4f}" if callback.stability else "-")]}
-    extra = {"one_cycle": {**one.to_dict(), "stability": callback.stability, "committed_at": callback.committed_at},
+    extra = {"one_cycle": {**callback.config.to_dict(), "stability": callback.stability,  # "auto" resolved
+                           "committed_at": callback.committed_at},
              "recovery": cfg.to_dict(), "recovery_history": result.history, "training_data": args.data,
              "training_tokens": result.tokens}
     if args.ppl:

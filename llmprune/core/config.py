@@ -60,7 +60,11 @@ class PruneConfig(_JsonMixin):
             kind's uniform total goes where the estimated loss increase, the OBS cost weighed by the output
             Fisher, is lowest; :mod:`llmprune.calibration.fisher`). See :mod:`llmprune.allocate`.
         attention_unit: ``group`` removes whole KV groups (a KV head with its query heads; shrinks the KV
-            cache) or ``query`` removes the same number of query heads from every KV group.
+            cache) or ``query`` removes the same number of query heads from every KV group. ``auto`` (default)
+            is resolved once per model, before any work, by :func:`llmprune.select.resolve_attention_unit`:
+            ``group`` for MHA, ``query`` with at most 4 KV heads (MQA, 2-4 groups), else ``group`` when
+            ``heads * num_kv_heads`` is within 0.25 of a non-zero whole number of groups, else ``query``.
+            :func:`llmprune.prune` works on the resolved copy, so results and saved recipes name the concrete unit.
         rounding: what to do when ``heads`` does not give whole units: ``nearest`` (default: the closest
             valid count, which may be 0), ``down``, ``up``, or ``error`` (a :class:`RatioError` listing the
             valid ratios). FFN counts are always rounded to the nearest neuron.
@@ -89,7 +93,7 @@ class PruneConfig(_JsonMixin):
     experts: float = 0.0
     method: str = "wanda"
     allocation: Literal["uniform", "global", "error", "block_influence", "fisher"] = "uniform"
-    attention_unit: Literal["group", "query"] = "group"
+    attention_unit: Literal["auto", "group", "query"] = "auto"
     rounding: Literal["error", "down", "up", "nearest"] = "nearest"
     multiple_of: int = 1
     min_keep: float = 0.1
@@ -114,8 +118,8 @@ class PruneConfig(_JsonMixin):
                 raise ValueError(f"{name}={value!r} is out of range: it is the fraction removed and must be in [0, 1)")
         if not isinstance(self.layers, int) or self.layers < 0:
             raise ValueError(f"layers={self.layers!r} must be a non-negative number of blocks to remove")
-        choices = {"allocation": ("uniform", "global", "error", "block_influence", "fisher"), "attention_unit": ("group", "query"),
-                   "rounding": ("error", "down", "up", "nearest")}
+        choices = {"allocation": ("uniform", "global", "error", "block_influence", "fisher"),
+                   "attention_unit": ("auto", "group", "query"), "rounding": ("error", "down", "up", "nearest")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {', '.join(allowed)}")

@@ -31,7 +31,8 @@ Example::
 from __future__ import annotations
 
 from ..core.memory import available_memory
-from .source import StreamingError, Checkpoint, build_skeleton, checkpoint_bytes, memory_budget, parse_memory, should_stream, key_renames
+from .source import (StreamingError, Checkpoint, build_skeleton, checkpoint_bytes, memory_budget, parse_memory,
+                     refuse_gguf, should_stream, key_renames)
 from .resume import STATE_FILE, STATE_VERSION, PartialOutput
 from .layers import LayerStream
 from .prune import prune_streaming, StreamResult
@@ -39,4 +40,4 @@ from .sparsify import sparsify_streaming
 
 __all__ = ["StreamingError", "Checkpoint", "build_skeleton", "LayerStream", "prune_streaming",
            "sparsify_streaming", "StreamResult", "checkpoint_bytes", "available_memory", "memory_budget", "parse_memory",
-           "should_stream"]
+           "should_stream", "refuse_gguf"]

@@ -56,7 +56,7 @@ def prune_streaming(source: str | os.PathLike | nn.Module, config: PruneConfig, 
     import time
 
     from ..criteria import get_criterion
-    from ..structured.select import check_ratios
+    from ..structured.select import check_ratios, resolve_config
 
     t0 = time.perf_counter()
     config.validate()
@@ -72,6 +72,10 @@ def prune_streaming(source: str | os.PathLike | nn.Module, config: PruneConfig, 
     if any(adapter.experts(layer) is not None for layer in adapter.decoder_layers(model)):
         raise StreamingError("mixture-of-experts models are not streamed yet; prune in memory")
     dt = next(p for p in model.parameters() if p.device.type != "meta").dtype
+    config = resolve_config(model, adapter, config)  # attention_unit "auto" -> "group" / "query", once
+    run = (extra or {}).get("run")
+    if isinstance(run, dict) and isinstance(run.get("prune"), dict):  # the CLI's recipe names the concrete unit too
+        extra = {**extra, "run": {**run, "prune": {**run["prune"], "attention_unit": config.attention_unit}}}
     check_ratios(model, adapter, config)
     prunes_units = config.heads > 0 or config.ffn > 0
     needs_data = (criterion.needs_calibration or config.bias_compensation or config.reconstruct

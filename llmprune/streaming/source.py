@@ -63,6 +63,18 @@ def should_stream(folder: str | os.PathLike, max_memory: int | None, dtype: torc
 
 
 # ---- the checkpoint on disk ------------------------------------------------------------------------------
+def refuse_gguf(path: str | os.PathLike) -> None:
+    """A clear :class:`CheckpointError` when ``path`` is a GGUF input (a ``.gguf`` file or a folder holding one):
+    streaming reads safetensors shards one tensor at a time, which a GGUF file does not have."""
+    from ..checkpoint.io import find_gguf
+
+    if Path(path).exists() and find_gguf(path) is not None:
+        raise CheckpointError(f"{path}: --streaming reads safetensors checkpoints, not GGUF; convert it first "
+                              "(llmprune.load_model(path) then model.save_pretrained(folder) and "
+                              "tokenizer.save_pretrained(folder), as scripts/real_model.py does), or prune "
+                              "it in memory without --streaming")
+
+
 class Checkpoint:
     """A local safetensors checkpoint (one file or an index of shards), read one tensor at a time."""
 
@@ -70,6 +82,7 @@ class Checkpoint:
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
+        refuse_gguf(self.folder)
         if not (self.folder / "config.json").is_file():
             raise CheckpointError(f"{self.folder} has no config.json: streaming needs a local model folder")
         index = self.folder / "model.safetensors.index.json"

@@ -31,7 +31,7 @@ from ..core.config import PruneConfig, PrunePlan
 from ..criteria import get_criterion
 from ..checkpoint.dispatched import check_not_dispatched
 from .score import LayerScores, score_layer, score_layers
-from .select import check_ratios, plan_pruning
+from .select import check_ratios, plan_pruning, resolve_config
 from .sequential import (block_influence_counts, error_counts, layer_cost_curves, output_modules, per_kind_cost_counts,
                          prune_sequential)
 from .apply import apply_plan
@@ -105,6 +105,7 @@ def prune(
     check_not_dispatched(model, "prune")
     adapter = get_adapter(model)
     criterion = get_criterion(config.method)
+    config = resolve_config(model, adapter, config)  # attention_unit "auto" -> "group" / "query", once
     check_ratios(model, adapter, config)
     prunes_units = config.heads > 0 or config.ffn > 0
     if config.method == "obs" and (config.layers or config.experts or config.bias_compensation):

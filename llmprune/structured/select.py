@@ -43,6 +43,8 @@ __all__ = [
     "allocate_global",
     "kept_heads_from_units",
     "check_ratios",
+    "resolve_attention_unit",
+    "resolve_config",
     "experts_to_remove",
     "plan_pruning",
     "plan_layer",
@@ -170,11 +172,61 @@ def kept_heads_from_units(
     return ([h for h in range(num_heads) if h not in removed_q], [h for h in range(num_kv_heads) if h not in removed_kv])
 
 
+def resolve_attention_unit(heads_ratio: float, num_heads: int, num_kv_heads: int) -> Literal["group", "query"]:
+    """The concrete attention unit that ``attention_unit="auto"`` means for a model with ``num_heads`` query
+    and ``num_kv_heads`` KV heads per layer, pruned by ``heads_ratio``: the unit whose nearest whole count
+    comes closest to the requested ratio. A tie goes to ``query`` with at most 4 KV heads (MQA and 2-4
+    groups: a whole group is a large share of the KV cache and of what attention can still see), to
+    ``group`` above (whole groups also shrink the KV cache). MHA gives ``group`` (both remove single heads);
+    MQA always ``query`` (its one group cannot go).
+
+    Examples: 9 query / 3 KV heads at 0.25 -> ``query`` (both remove 3 heads); 8 / 4 at 0.25 -> ``group``
+    (2 heads, where ``query`` could only remove 4); 32 / 8 at 0.25 -> ``group``; 4 / 1 -> ``query``.
+    """
+    if num_kv_heads == num_heads:
+        return "group"
+    if num_kv_heads == 1:
+        return "query"
+    gs = num_heads // num_kv_heads
+
+    def miss(unit: int) -> float:
+        whole = min(max(round(heads_ratio * num_heads / unit), 0), num_heads // unit - 1)
+        return abs(whole * unit / num_heads - heads_ratio)
+
+    group, query = miss(gs), miss(num_kv_heads)
+    if abs(group - query) <= 1e-9:
+        return "query" if num_kv_heads <= 4 else "group"
+    return "group" if group < query else "query"
+
+
+def resolve_config(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig) -> PruneConfig:
+    """``cfg`` itself, or a copy with ``attention_unit="auto"`` resolved (:func:`resolve_attention_unit`) from
+    the first attention layer of ``model``; called once per model before any work."""
+    if cfg.attention_unit != "auto":
+        return cfg
+    import dataclasses
+
+    attn = next((a for a in map(adapter.attention, adapter.decoder_layers(model)) if a is not None), None)
+    unit = "group" if attn is None else resolve_attention_unit(cfg.heads, attn.num_heads, attn.num_kv_heads)
+    return dataclasses.replace(cfg, attention_unit=unit)
+
+
+def _nothing_removed(flag: str, ratio: float, what: str, smallest: float, how: str) -> RatioError:
+    return RatioError(f"--{flag} {ratio:g} would remove no {what}: {how}, so the smallest ratio that removes "
+                      f"exactly one is {smallest:.3g}; raise --{flag} (or pass 0 to leave them alone)")
+
+
 def check_ratios(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig) -> None:
-    """Fail fast (before any calibration) on ratios the structure cannot realise."""
+    """Fail fast (before any calibration) on ratios the structure cannot realise, and on a non-zero ratio
+    that would remove nothing at all (rounded to zero units in every layer)."""
+    if cfg.attention_unit == "auto":
+        cfg = resolve_config(model, adapter, cfg)
     layers = adapter.decoder_layers(model)
     if cfg.layers >= len(layers):
         raise RatioError(f"--layers {cfg.layers} would remove all {len(layers)} layers")
+    uniform = cfg.allocation == "uniform"
+    head_units = neurons = experts = 0
+    attns, ffn_sizes, moe_sizes = [], [], []
     for layer in layers:
         attn, ffn = adapter.attention(layer), adapter.ffn(layer)
         if cfg.heads > 0:
@@ -182,20 +234,48 @@ def check_ratios(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig) -> No
                 raise RatioError("this model has no prunable attention heads")
             # as in select.attention_units: with one query head per KV head (MHA) both modes remove single heads
             unit = attn.group_size if cfg.attention_unit == "group" or attn.group_size == 1 else attn.num_kv_heads
-            if cfg.allocation == "uniform":
-                units_to_remove(cfg.heads, attn.num_heads, unit, cfg.rounding)
+            attns.append((attn.num_heads, unit))
+            if uniform:
+                head_units += units_to_remove(cfg.heads, attn.num_heads, unit, cfg.rounding)
         moe = adapter.experts(layer)
         if cfg.ffn > 0:
             if ffn is None and moe is None:
                 raise RatioError("this model has no prunable FFN neurons")
             if ffn is not None:
-                neurons_to_remove(cfg.ffn, ffn.num_neurons, cfg.multiple_of)
+                ffn_sizes.append(ffn.num_neurons)
+                neurons += (round(cfg.ffn * ffn.num_neurons) if cfg.allocation == "global" else
+                            neurons_to_remove(cfg.ffn, ffn.num_neurons, cfg.multiple_of))
             if moe is not None:
-                neurons_to_remove(cfg.ffn, moe.num_neurons, math.lcm(cfg.multiple_of, EXPERT_WIDTH_MULTIPLE))
+                moe_sizes.append(moe.num_neurons)
+                neurons += neurons_to_remove(cfg.ffn, moe.num_neurons, math.lcm(cfg.multiple_of, EXPERT_WIDTH_MULTIPLE))
         if cfg.experts > 0 and moe is not None:
-            experts_to_remove(cfg.experts, moe.num_experts)
+            experts += experts_to_remove(cfg.experts, moe.num_experts)
     if cfg.experts > 0 and not any(adapter.experts(layer) is not None for layer in layers):
         raise RatioError("--experts: this model has no mixture-of-experts layers")
+    if cfg.heads > 0 and attns:
+        num_heads, unit = min(attns)
+        if not uniform:  # the non-uniform allocations share one model-wide count of units (first layer's unit)
+            total, unit = sum(n for n, _ in attns), attns[0][1]
+            head_units = units_to_remove(cfg.heads, total, unit, cfg.rounding)
+            num_heads, how = total, f"the model's {total} heads go {unit} at a time"
+        else:
+            how = f"{num_heads} heads per layer go {unit} at a time"
+        if head_units == 0:
+            raise _nothing_removed("heads", cfg.heads, "attention head", unit / num_heads,
+                                   f"{how} ({cfg.attention_unit} units) and --rounding {cfg.rounding} rounds "
+                                   f"{cfg.heads * num_heads / unit:.2g} units to 0")
+    if cfg.ffn > 0 and neurons == 0 and (ffn_sizes or moe_sizes):
+        if ffn_sizes:
+            size, step = min(ffn_sizes), cfg.multiple_of
+        else:
+            size, step = min(moe_sizes), math.lcm(cfg.multiple_of, EXPERT_WIDTH_MULTIPLE)
+        kept = "" if step == 1 else f" kept in multiples of {step}"
+        raise _nothing_removed("ffn", cfg.ffn, "FFN neuron", step / size,
+                               f"{cfg.ffn:g} of {size} neurons per layer{kept} rounds to 0")
+    if cfg.experts > 0 and experts == 0:
+        n = min(moe.num_experts for moe in map(adapter.experts, layers) if moe is not None)
+        raise _nothing_removed("experts", cfg.experts, "expert", 1 / n,
+                               f"{cfg.experts:g} of {n} experts per layer rounds to 0")
 
 
 def experts_to_remove(ratio: float, num_experts: int) -> int:

@@ -65,6 +65,10 @@ def prune_iteratively(
         from ..calibration.calibrate import CalibrationError
 
         raise CalibrationError("recovery between iterative steps needs training data (--data)")
+    from ..arch import get_adapter
+    from ..structured.select import resolve_config
+
+    config = resolve_config(model, get_adapter(model), config)  # "auto" resolved once, on the unpruned model
     result = IterativeResult(model=model, params_before=count_parameters(model))
     for i in range(1, steps + 1):
         step_cfg = dataclasses.replace(

@@ -53,6 +53,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from contextlib import contextmanager
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,7 +76,7 @@ SELECTION_METHODS = ("wanda", "flap", "magnitude", "magnitude_l1")
 class OneCycleConfig(_JsonMixin):
     heads: float = 0.0
     ffn: float = 0.0
-    attention_unit: str = "group"
+    attention_unit: str = "auto"  # resolved by OneCycle like PruneConfig's (llmprune.select.resolve_config)
     method: str = "wanda"
     allocation: str = "global"
     cap_limit: float = 0.75
@@ -160,6 +161,11 @@ class OneCycle:
 
     def __post_init__(self) -> None:
         self.config.validate()
+        if self.config.attention_unit == "auto":
+            from ..structured.select import resolve_config
+
+            unit = resolve_config(self.model, get_adapter(self.model), self.config.prune_config()).attention_unit
+            self.config = dataclasses.replace(self.config, attention_unit=unit)
         keep = max(self.config.select_batches, self.config.refit_batches if self.config.refit else 0)
         self._recent: deque[torch.Tensor] = deque(maxlen=keep)
         self._peak_lr = 0.0
