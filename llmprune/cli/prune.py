@@ -32,13 +32,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experts", type=float, default=0.0,
                    help="fraction of experts removed from every mixture-of-experts layer (routing mass with --calib, "
                         "else weight norm); --ffn then prunes neurons inside each expert")
-    p.add_argument("--method", default="wanda",
-                   help=f"importance criterion: {', '.join(available_criteria())} (default wanda; "
-                        "activation-aware ones need --calib)")
-    p.add_argument("--allocation", choices=("uniform", "global", "error", "block_influence"), default="uniform",
-                   help="per-layer widths: uniform (standard config), global (normalised scores), error (the uniform "
-                        "setting's parameters removed where the output reconstruction error is lowest; heads and FFN "
-                        "compete), block_influence (ratios within +-spread, less pruning in high-influence layers)")
+    p.add_argument("--method", default=None,
+                   help=f"how units are chosen: {', '.join(available_criteria())}. Default: obs (structured optimal "
+                        "brain surgeon: each layer's heads / neurons removed greedily by the output error left after "
+                        "the optimal refit of o_proj / down_proj, weighed by the loss's Fisher) when only --heads / "
+                        "--ffn are given and not --streaming; wanda otherwise. Calibrated methods need --calib")
+    p.add_argument("--allocation", choices=("uniform", "global", "error", "block_influence", "fisher"), default=None,
+                   help="per-layer widths: fisher (default with obs: each kind's total goes where the estimated loss "
+                        "increase is lowest; per-layer widths, reloads through llmprune or as a Mistral config), "
+                        "uniform (same widths everywhere: a standard config; default for other methods), global "
+                        "(normalised scores), error (the uniform setting's parameters removed where the output "
+                        "reconstruction error is lowest; heads and FFN compete), block_influence (ratios within "
+                        "+-spread, less pruning in high-influence layers)")
     p.add_argument("--attention-unit", choices=("auto", "group", "query"), default="auto",
                    help="group: remove whole KV groups; query: remove query heads evenly from every KV group; auto "
                         "(default): group for MHA, query with <= 4 KV heads (MQA, 2-4 groups), else group when "
@@ -64,7 +69,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --iterative-steps: recovery steps (LoRA defaults) after every step but the last")
     p.add_argument("--data", metavar="FILE_OR_NAME", help="training text for --recover-steps")
     p.add_argument("--teacher", help="with --recover-steps: distil from this model ('source': the input model)")
-    add_calibration_arguments(p, n_samples=32, needed_by="needed by wanda, flap, --reconstruct and --layers")
+    add_calibration_arguments(p, n_samples=32, needed_by="needed by obs, wanda, flap, --reconstruct and --layers")
+    p.add_argument("--fisher-samples", type=int, default=16,
+                   help="allocation fisher: calibration windows of its one forward/backward pass (default 16)")
+    p.add_argument("--fisher-diagonal", action="store_true",
+                   help="allocation fisher: keep only the Fisher's diagonal (hidden floats per projection instead of "
+                        "hidden^2; for very wide models)")
     add_output_arguments(p)
     add_ppl_arguments(p)
     add_runtime_arguments(p)
@@ -72,6 +82,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval", action="store_true", help="run the eval harness on the original and pruned model at the end")
     p.add_argument("--eval-tasks", default="", help="tasks for --eval, e.g. lambada,piqa")
     p.add_argument("--eval-limit", type=int, default=None, help="documents per task for --eval")
+
+
+def resolve_method_defaults(args: argparse.Namespace) -> None:
+    """The recommended recipe when ``--method`` / ``--allocation`` are not given: ``obs`` with the ``fisher``
+    allocation for heads and FFN neurons in memory (measured best on real models, BENCHMARKS.md), ``wanda``
+    (uniform) where obs does not apply: layer or expert removal, bias compensation, ``--streaming``."""
+    streaming = wants_streaming(args)
+    args.streaming = streaming  # decided once (an automatic choice prints its reason once)
+    obs_ok = not (args.layers or args.experts or args.bias_compensation or streaming)
+    if args.method is None:
+        args.method = "obs" if obs_ok else "wanda"
+    if args.allocation is None:
+        args.allocation = "fisher" if args.method == "obs" and obs_ok else "uniform"
 
 
 @subcommand("prune", "prune heads, FFN neurons, layers or experts and save the smaller model", add_arguments)
@@ -87,11 +110,13 @@ def run(args: argparse.Namespace) -> int:
     from ..structured.surgery import layer_widths
     from .table import block_parameters
 
+    resolve_method_defaults(args)
     cfg = PruneConfig(heads=args.heads, ffn=args.ffn, layers=args.layers, experts=args.experts, method=args.method,
                       allocation=args.allocation, attention_unit=args.attention_unit, rounding=args.rounding,
                       multiple_of=args.multiple_of, bias_compensation=args.bias_compensation,
                       min_keep=args.min_keep, n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed,
-                      reconstruct=args.reconstruct, percdamp=args.percdamp, spread=args.spread)
+                      reconstruct=args.reconstruct, percdamp=args.percdamp, spread=args.spread,
+                      fisher_samples=args.fisher_samples, fisher_diagonal=args.fisher_diagonal)
     if args.recover_steps and not args.data:
         from ..calibration.calibrate import CalibrationError
 

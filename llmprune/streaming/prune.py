@@ -64,6 +64,10 @@ def prune_streaming(source: str | os.PathLike | nn.Module, config: PruneConfig, 
     if criterion.prepare is not None:
         raise StreamingError(f"method {config.method!r} takes gradients through the whole model; it cannot be "
                              "streamed layer by layer (use wanda, flap or magnitude, or prune in memory)")
+    if config.method == "obs":
+        raise StreamingError("method 'obs' is not streamed yet (its fisher allocation takes gradients through the "
+                             "whole model); stream with wanda, flap or magnitude (--reconstruct refits), or prune in "
+                             "memory")
     if config.layers or config.experts:
         raise StreamingError("layer and expert removal are not streamed yet; prune in memory")
     model, ck, prefixes = build_skeleton(source, dtype)
