@@ -312,7 +312,30 @@ def layerwise_statistics(
         stats.block_influence = _block_influence(hidden, outs)
         _all_reduce_layer(stats, sum(h.shape[0] * h.shape[1] for h in hidden))
         if on_layer is not None:
+            def regram(module: nn.Module, layer: nn.Module = layer, i: int = i, stats: LayerStats = stats) -> None:
+                """Re-gather ``module``'s input Gram and statistics on the layer as it is now (e.g. after its
+                attention was cut, for the FFN that reads it), in place of the first ones."""
+                g = HessianAccumulator(weight_matrix(module).shape[1], device=device)
+                s = InputStats()
+
+                def record(m: nn.Module, a: tuple) -> None:
+                    g.update(a[0])
+                    s.update(a[0])
+
+                h = module.register_forward_pre_hook(record)
+                try:
+                    for b, hb in enumerate(hidden):
+                        run_layer(layer, hb, *captured.layer_args[i][b], device)
+                finally:
+                    h.remove()
+                g.all_reduce()
+                s.all_reduce()
+                stats.grams[module] = g
+                stats.inputs[module] = s
+
+            stats.extra["regram"] = regram
             on_layer(i, layer, stats)
+            stats.extra.pop("regram", None)
             if rerun:
                 outs = [run_layer(layer, h, *captured.layer_args[i][b], device) for b, h in enumerate(hidden)]
         hidden = [o.to(home) if device != home else o for o in outs]

@@ -53,15 +53,17 @@ def output_fisher(model: nn.Module, adapter: ArchAdapter, batches: list[torch.Te
             n_out = weight_matrix(m).shape[0]
             acc[m] = torch.zeros(n_out if diagonal else (n_out, n_out), dtype=torch.float64)
 
-            def hook(module: nn.Module, grad_in: Any, grad_out: Any, m: nn.Module = m) -> None:
-                g = grad_out[0].detach().reshape(-1, grad_out[0].shape[-1])
-                if diagonal:
-                    acc[m] += g.double().pow(2).sum(0).cpu()
-                else:
-                    g = g.double()
-                    acc[m] += (g.t() @ g).cpu()
+            def accumulate(grad: torch.Tensor, m: nn.Module = m) -> None:
+                g = grad.detach().reshape(-1, grad.shape[-1]).double()
+                acc[m] += (g.pow(2).sum(0) if diagonal else g.t() @ g).cpu()
 
-            handles.append(m.register_full_backward_hook(hook))
+            def hook(module: nn.Module, args: Any, out: Any, accumulate=accumulate) -> None:
+                # a hook on the output tensor, not a module backward hook: those wrap the output in a view
+                # that in-place residual additions (Falcon's parallel attention) may not modify
+                if isinstance(out, torch.Tensor) and out.requires_grad:
+                    out.register_hook(accumulate)
+
+            handles.append(m.register_forward_hook(hook))
     was_training = model.training
     model.eval()
     requires = {p: p.requires_grad for p in model.parameters()}

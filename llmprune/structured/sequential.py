@@ -195,6 +195,42 @@ def _shape_scores(adapter: ArchAdapter, layer: nn.Module, cfg: PruneConfig) -> L
     return s
 
 
+def _cut_and_refit(adapter: ArchAdapter, layer: nn.Module, lp: LayerPlan, stats: LayerStats, percdamp: float) -> None:
+    jobs = [(m, weight_matrix(m).detach().clone(), kept) for m, kept in _refit_jobs(adapter, layer, lp)]
+    prune_layer(adapter, layer, lp)
+    for module, original, kept in jobs:
+        _refit(module, original, kept.to(original.device), stats, percdamp)
+
+
+def _obs_layer(adapter: ArchAdapter, layer: nn.Module, cfg: PruneConfig, stats: LayerStats, counts: LayerCounts,
+               fisher: dict | None) -> LayerPlan:
+    """Method ``obs`` on one layer: heads first (greedy on o_proj's Gram, cut, refit), then the FFN neurons on
+    the down projection's Gram *re-gathered with the attention already cut* (its inputs changed)."""
+    import dataclasses
+
+    lp = LayerPlan()
+    attn, ffn = adapter.attention(layer), adapter.ffn(layer)
+    if attn is not None and cfg.heads > 0:
+        heads_only = dataclasses.replace(cfg, ffn=0.0)
+        c = LayerCounts(counts.attention_units, 0)
+        lp_h = plan_layer(obs_layer_scores(adapter, layer, heads_only, stats, c, fisher), heads_only, c)
+        if counts.attention_units > 0:
+            _cut_and_refit(adapter, layer, lp_h, stats, cfg.percdamp)
+            regram = stats.extra.get("regram")
+            if ffn is not None and cfg.ffn > 0 and counts.neurons > 0 and regram is not None:
+                regram(ffn.output.module)
+        lp.kept_heads, lp.kept_kv_heads = lp_h.kept_heads, lp_h.kept_kv_heads
+    ffn = adapter.ffn(layer)
+    if ffn is not None and cfg.ffn > 0:
+        ffn_only = dataclasses.replace(cfg, heads=0.0)
+        c = LayerCounts(0, counts.neurons)
+        lp_n = plan_layer(obs_layer_scores(adapter, layer, ffn_only, stats, c, fisher), ffn_only, c)
+        if counts.neurons > 0:
+            _cut_and_refit(adapter, layer, lp_n, stats, cfg.percdamp)
+        lp.kept_neurons = lp_n.kept_neurons
+    return lp
+
+
 def _refit_jobs(adapter: ArchAdapter, layer: nn.Module, lp: LayerPlan) -> list[tuple[nn.Module, torch.Tensor]]:
     """(output module, kept input columns in original numbering) for every output projection that loses columns."""
     jobs = []
@@ -265,13 +301,13 @@ def prune_sequential(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig, b
         i = kept_layers[j]
         if cfg.method == "obs":
             n = counts[i] if counts is not None else removal_counts(cfg, [_shape_scores(adapter, layer, cfg)])[0]
-            scores = obs_layer_scores(adapter, layer, cfg, stats, n, fisher[i] if fisher is not None else None)
-            lp = plan_layer(scores, cfg, n)
-        else:
-            scores = fixed_scores[i] if fixed_scores is not None else score_layer(adapter, layer, cfg, stats)
-            n = (_counts_from_plan(adapter, layer, cfg, plan.layers[i]) if plan is not None
-                 else removal_counts(cfg, [scores])[0])
-            lp = plan_layer(scores, cfg, n)
+            final.layers[i] = _obs_layer(adapter, layer, cfg, stats, n, fisher[i] if fisher is not None else None)
+            stats.grams.clear()
+            return
+        scores = fixed_scores[i] if fixed_scores is not None else score_layer(adapter, layer, cfg, stats)
+        n = (_counts_from_plan(adapter, layer, cfg, plan.layers[i]) if plan is not None
+             else removal_counts(cfg, [scores])[0])
+        lp = plan_layer(scores, cfg, n)
         if plan is not None:
             lp.kept_experts = plan.layers[i].kept_experts
             lp.kept_expert_neurons = plan.layers[i].kept_expert_neurons

@@ -1,0 +1,136 @@
+"""Method obs (structured optimal brain surgeon) and the fisher allocation: the greedy choice against an
+independent brute-force greedy, the Fisher pass against a direct computation, every family pruned, saved and
+reloaded in a fresh process, and the per-kind totals of the fisher allocation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmprune import PruneConfig, prune
+from llmprune.arch import get_adapter
+from llmprune.calibration.fisher import output_fisher
+from llmprune.structured.obs import greedy_block_removal, greedy_column_removal
+from llmprune.structured.reconstruct import output_error, refit_columns
+
+from tiny_models import CAUSAL_LM_TYPES, assert_reloads_identically, tiny_causal_lm
+
+
+def _problem(seed: int = 0, n_in: int = 24, n_out: int = 10):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(400, n_in, generator=g, dtype=torch.float64) * torch.rand(n_in, generator=g, dtype=torch.float64) * 3
+    w = torch.randn(n_out, n_in, generator=g, dtype=torch.float64)
+    a = torch.randn(n_out, n_out, generator=g, dtype=torch.float64)
+    return w, x.t() @ x, a @ a.t()
+
+
+def _weighted_error(w, gram, kept, fisher, percdamp):
+    """Output error after the damped refit, in the Fisher metric: tr(F D G_damped Dᵀ) with D = W - V scattered;
+    computed from scratch (the reference the greedy must follow step by step)."""
+    lam = percdamp * float(torch.diagonal(gram).mean())
+    gd = gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype)
+    new = refit_columns(w, gd, kept, percdamp=0.0)
+    d = w.clone()
+    d[:, kept] -= new
+    return float(torch.trace(fisher @ d @ gd @ d.t()))
+
+
+@pytest.mark.parametrize("use_fisher", [False, True])
+def test_greedy_columns_follow_a_brute_force_greedy(use_fisher):
+    w, gram, fisher = _problem()
+    f = fisher if use_fisher else None
+    order, cost = greedy_column_removal(w, gram, 12, f, percdamp=0.01, chunk_div=10**9)  # one column per step
+    eye = fisher if use_fisher else torch.eye(w.shape[0], dtype=torch.float64)
+    removed: list[int] = []
+    for step in range(12):
+        cands = [j for j in range(w.shape[1]) if j not in removed]
+        errs = {j: _weighted_error(w, gram, [k for k in cands if k != j], eye, 0.01) for j in cands}
+        best = min(errs, key=errs.get)
+        assert order[step] == best
+        removed.append(best)
+        assert float(cost[step + 1]) == pytest.approx(errs[best], rel=1e-6)
+
+
+def test_chunked_greedy_is_close_to_the_exact_one():
+    w, gram, fisher = _problem(1, n_in=256, n_out=32)
+    exact, _ = greedy_column_removal(w, gram, 128, fisher, chunk_div=10**9)
+    chunked, cost = greedy_column_removal(w, gram, 128, fisher)
+    eye = fisher
+    e1 = _weighted_error(w, gram, sorted(set(range(256)) - set(exact)), eye, 0.01)
+    e2 = _weighted_error(w, gram, sorted(set(range(256)) - set(chunked)), eye, 0.01)
+    assert e2 <= 1.05 * e1 and float(cost[-1]) == pytest.approx(e2, rel=1e-6)
+
+
+def test_greedy_blocks_one_per_group():
+    w, gram, _ = _problem(2, n_in=24)
+    blocks = [torch.arange(h * 4, h * 4 + 4) for h in range(6)]  # 6 heads of 4 columns, 2 groups of 3
+    steps, cost = greedy_block_removal(w, gram, blocks, 2, groups=[[0, 1, 2], [3, 4, 5]])
+    assert all(len(s) == 2 and s[0] in (0, 1, 2) and s[1] in (3, 4, 5) for s in steps)
+    assert len({b for s in steps for b in s}) == 4 and torch.all(cost[1:] >= cost[:-1])
+
+
+def test_fisher_diagonal_is_the_diagonal_of_the_full_fisher():
+    model = tiny_causal_lm("llama").eval()
+    adapter = get_adapter(model)
+    batches = [torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))]
+    full = output_fisher(model, adapter, batches)
+    diag = output_fisher(model, adapter, batches, diagonal=True)
+    assert all(p.requires_grad for p in model.parameters())  # left as it was
+    for fl, dl in zip(full, diag):
+        for m in fl:
+            torch.testing.assert_close(torch.diagonal(fl[m]), dl[m])
+    # against a direct computation: the gradient of the summed loss w.r.t. o_proj's output
+    o = adapter.attention(adapter.decoder_layers(model)[1]).output.module
+    seen = {}
+    def keep(m, a, out):
+        out.retain_grad()
+        seen["y"] = out
+
+    h = o.register_forward_hook(keep)
+    logits = model(batches[0]).logits
+    h.remove()
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batches[0][:, 1:].flatten(), reduction="sum")
+    loss.backward()
+    g = seen["y"].grad.reshape(-1, seen["y"].shape[-1]).double()
+    torch.testing.assert_close(full[1][o], g.t() @ g / batches[0].numel())
+
+
+FAMILIES = [t for t in CAUSAL_LM_TYPES if t in ("llama", "qwen3", "phi3", "gpt2", "falcon", "gpt_neox", "opt")]
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+@pytest.mark.parametrize("allocation", ["fisher", "uniform"])
+def test_obs_prunes_every_family_and_reloads_in_a_fresh_process(tmp_path, model_type, allocation):
+    model = tiny_causal_lm(model_type).eval()
+    calib = torch.randint(3, 128, (16, 32), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        dense = model(ids).logits
+    result = prune(model, PruneConfig(heads=0.5, ffn=0.25, method="obs", allocation=allocation, batch_size=4,
+                                      fisher_samples=4), calibration=calib, progress=False)
+    assert result.params_after < result.params_before
+    with torch.no_grad():
+        pruned = model(ids).logits
+    assert torch.isfinite(pruned).all() and not torch.equal(pruned, dense)
+    out = result.save(tmp_path / "m")  # verified reload (fresh process) inside save
+    assert_reloads_identically(model, out, ids)
+
+
+def test_fisher_allocation_keeps_each_kinds_total(ref_model):
+    model, tok = ref_model
+    cfg = PruneConfig(heads=0.25, ffn=0.25, method="obs", allocation="fisher", n_samples=8, fisher_samples=8)
+    result = prune(model, cfg, tokenizer=tok, calibration="../shared/data/reference-train.txt", progress=False)
+    layers = result.plan.layers
+    assert result.config.attention_unit == "group"  # 8 query / 4 KV heads at 0.25: one whole group per layer
+    assert sum(8 - len(lp.kept_heads) for lp in layers) == 12  # 25% of 48 heads, anywhere
+    assert sum(768 - len(lp.kept_neurons) for lp in layers) == 6 * 192
+    assert len({len(lp.kept_neurons) for lp in layers}) > 1  # per-layer widths
+
+
+def test_obs_refuses_what_it_does_not_do():
+    with pytest.raises(ValueError, match="fisher.*obs"):
+        PruneConfig(ffn=0.25, allocation="fisher")
+    with pytest.raises(ValueError, match="uniform, error or fisher"):
+        PruneConfig(ffn=0.25, method="obs", allocation="global")
+    with pytest.raises(ValueError, match="layers / experts"):
+        prune(tiny_causal_lm("llama"), PruneConfig(ffn=0.25, layers=1, method="obs"), calibration=torch.zeros(2, 8, dtype=torch.long))
