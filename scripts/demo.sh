@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One command: set up (CPU torch first, then llmprune) and run the default job: prune 25% of the attention
-# heads (whole GQA groups, nearest valid count) and 25% of the FFN neurons, activation-aware (Wanda), refit
-# o_proj/down_proj by least squares (--reconstruct; the output stays a standard checkpoint), save the
-# verified result, and print the requested/achieved and before/after tables (params, size, perplexity).
+# heads and 25% of the FFN neurons with the default recipe (method obs: greedy structured optimal brain
+# surgeon with the optimal refit of o_proj/down_proj; allocation fisher: per-layer widths where the estimated
+# loss increase is lowest; attention unit auto), save the verified result, and print the requested/achieved
+# and before/after tables (params, size, perplexity).
 #
 #   bash scripts/demo.sh [MODEL] [more `llmprune prune` flags]
 #
@@ -40,7 +41,7 @@ if [ -d "$MODEL" ] && [ "$CALIB" != "wikitext2" ]; then  # everything is local: 
 fi
 OUT="runs/$(basename "$MODEL")-pruned"
 exec python -m llmprune prune "$MODEL" \
-  --heads 0.25 --ffn 0.25 --method wanda --reconstruct \
-  --calib "$CALIB" --n-samples 64 --seq-len 256 \
+  --heads 0.25 --ffn 0.25 \
+  --calib "$CALIB" \
   --ppl "$PPL" --ppl-seq-len 256 --ppl-max-tokens 60000 --ppl-keep-tail \
   --out "$OUT" --overwrite "$@"

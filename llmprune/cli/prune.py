@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import (add_calibration_arguments, add_output_arguments, add_ppl_arguments, add_runtime_arguments,
+from ._common import (add_obs_calibration_arguments, add_output_arguments, add_ppl_arguments, add_runtime_arguments,
                       check_output, is_main_process, ppl_function, ppl_protocol, read_calibration,
                       wait_for_everyone)
 from ._registry import subcommand
@@ -69,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --iterative-steps: recovery steps (LoRA defaults) after every step but the last")
     p.add_argument("--data", metavar="FILE_OR_NAME", help="training text for --recover-steps")
     p.add_argument("--teacher", help="with --recover-steps: distil from this model ('source': the input model)")
-    add_calibration_arguments(p, n_samples=32, needed_by="needed by obs, wanda, flap, --reconstruct and --layers")
+    add_obs_calibration_arguments(p, needed_by="needed by obs, wanda, flap, --reconstruct and --layers")
     p.add_argument("--fisher-samples", type=int, default=16,
                    help="allocation fisher: calibration windows of its one forward/backward pass (default 16)")
     p.add_argument("--fisher-diagonal", action="store_true",
@@ -95,6 +95,11 @@ def resolve_method_defaults(args: argparse.Namespace) -> None:
         args.method = "obs" if obs_ok else "wanda"
     if args.allocation is None:
         args.allocation = "fisher" if args.method == "obs" and obs_ok else "uniform"
+    if args.n_samples is None:
+        args.n_samples = 64 if args.method == "obs" else 32
+    args.seq_len_default = args.seq_len is None  # capped at the model's context once it is loaded
+    if args.seq_len is None:
+        args.seq_len = 512 if args.method == "obs" else 256
 
 
 @subcommand("prune", "prune heads, FFN neurons, layers or experts and save the smaller model", add_arguments)
@@ -127,6 +132,11 @@ def run(args: argparse.Namespace) -> int:
         return _run_streaming(args, cfg, calibration, out)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if args.seq_len_default and context and cfg.seq_len > context:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, seq_len=int(context))
     from ..arch import get_adapter
     from ..structured.select import check_ratios, resolve_config
 
