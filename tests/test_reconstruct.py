@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import llmprune
+import llmprune.pipeline  # the old path is a re-export module, loaded only when imported
 from llmprune import PruneConfig, prune
 from llmprune.arch import get_adapter
 from llmprune.arch.base import weight_matrix
