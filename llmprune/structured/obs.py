@@ -155,6 +155,17 @@ def _head_steps(attn, weight: torch.Tensor, gram: torch.Tensor, n_steps: int, mo
     return greedy_block_removal(weight, gram, blocks, n_steps, groups, fisher, percdamp)
 
 
+def _neuron_columns(ffn, stats) -> tuple[torch.Tensor, torch.Tensor]:
+    """The down projection's columns of every neuron, in neuron order, and their block of its input Gram."""
+    from ..arch.base import weight_matrix
+
+    module = ffn.output.module
+    cols = ffn.output.indices(torch.arange(ffn.num_neurons))
+    w = weight_matrix(module).detach()[:, cols.to(weight_matrix(module).device)]
+    g = stats.grams[module].hessian()
+    return w, g.index_select(0, cols.to(g.device)).index_select(1, cols.to(g.device))
+
+
 def obs_layer_scores(adapter, layer: nn.Module, cfg, stats, counts, fisher: dict | None = None):
     """:class:`~llmprune.score.LayerScores` of one layer whose ``counts`` lowest units are exactly the greedy
     OBS choice on the layer's current input Gram matrices (``stats.grams``): a unit's score is the step at
@@ -189,10 +200,7 @@ def obs_layer_scores(adapter, layer: nn.Module, cfg, stats, counts, fisher: dict
         module = ffn.output.module
         scores = torch.full((ffn.num_neurons,), 1e9, dtype=_DT) + torch.arange(ffn.num_neurons, dtype=_DT)
         if counts.neurons > 0:
-            cols = ffn.output.indices(torch.arange(ffn.num_neurons))
-            w = weight_matrix(module).detach()[:, cols.to(weight_matrix(module).device)]
-            g = stats.grams[module].hessian()
-            g = g.index_select(0, cols.to(g.device)).index_select(1, cols.to(g.device))
+            w, g = _neuron_columns(ffn, stats)
             order, _ = greedy_column_removal(w, g, counts.neurons, fisher.get(module), cfg.percdamp)
             for r, j in enumerate(order):
                 scores[j] = r
@@ -229,10 +237,7 @@ def obs_cost_curves(adapter, layer: nn.Module, cfg, stats, fisher: dict | None =
         module = ffn.output.module
         n, step = ffn.num_neurons, cfg.multiple_of
         max_units = min((n - max(step, math.ceil(cfg.min_keep * n))) // step, math.ceil(_cap(cfg.ffn) * n / step))
-        cols = ffn.output.indices(torch.arange(n))
-        w = weight_matrix(module).detach()[:, cols.to(weight_matrix(module).device)]
-        g = stats.grams[module].hessian()
-        g = g.index_select(0, cols.to(g.device)).index_select(1, cols.to(g.device))
+        w, g = _neuron_columns(ffn, stats)
         _, cost = greedy_column_removal(w, g, max_units * step, fisher.get(module), cfg.percdamp)
         neurons_curve = CostCurve(step * _neuron_params(ffn), cost[::step].tolist())
     return heads_curve, neurons_curve

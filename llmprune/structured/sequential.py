@@ -35,6 +35,7 @@ from ..arch import ArchAdapter
 from ..arch.base import set_weight_matrix, weight_matrix
 from ..calibration.calibrate import LayerStats, layerwise_statistics
 from ..core.config import LayerPlan, PruneConfig, PrunePlan
+from ..calibration.fisher import output_modules_of
 from .obs import obs_layer_scores
 from .reconstruct import augment_gram, refit_columns, removal_error_curve
 from .score import LayerScores, score_layer
@@ -47,12 +48,7 @@ __all__ = ["output_modules", "prune_sequential", "layer_cost_curves", "error_cou
 
 def output_modules(adapter: ArchAdapter, layer: nn.Module) -> list[nn.Module]:
     """The real modules through which a layer's heads and FFN neurons enter the residual stream."""
-    out = []
-    attn, ffn = adapter.attention(layer), adapter.ffn(layer)
-    for spec in (attn, ffn):
-        if spec is not None and isinstance(spec.output.module, nn.Module) and spec.output.module not in out:
-            out.append(spec.output.module)
-    return out
+    return output_modules_of(adapter, layer)
 
 
 from .unit_params import attention_unit_params as _attention_unit_params, neuron_params as _neuron_params
