@@ -134,3 +134,87 @@ def test_obs_refuses_what_it_does_not_do():
         PruneConfig(ffn=0.25, method="obs", allocation="global")
     with pytest.raises(ValueError, match="layers / experts"):
         prune(tiny_causal_lm("llama"), PruneConfig(ffn=0.25, layers=1, method="obs"), calibration=torch.zeros(2, 8, dtype=torch.long))
+
+
+# ---- refit_target="dense": refit towards the original model's outputs ------------------------------------
+def _cross_stats(module, x, y):
+    """LayerStats holding the Gram of ``x`` and the cross statistics of (x, y), as layerwise_statistics fills them."""
+    from llmprune.calibration.hessian import CrossAccumulator, HessianAccumulator
+    from llmprune.core.stats import LayerStats
+
+    stats = LayerStats()
+    g = stats.grams[module] = HessianAccumulator(x.shape[1])
+    c = stats.extra.setdefault("cross", {})[module] = CrossAccumulator(x.shape[1])
+    for part in range(2):  # two batches: the running means must combine like one
+        sl = slice(part * len(x) // 2, (part + 1) * len(x) // 2)
+        g.update(x[sl])
+        c.update(x[sl], y[sl])
+    return stats
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_toward_dense_is_the_least_squares_map_to_the_original_outputs(bias):
+    from llmprune.structured.sequential import toward_dense
+
+    gen = torch.Generator().manual_seed(3)
+    lin = torch.nn.Linear(12, 5, bias=bias).double()
+    y = torch.randn(300, 12, generator=gen, dtype=torch.float64)  # inputs in the original model
+    x = y + 0.3 * torch.randn(300, 12, generator=gen, dtype=torch.float64) + 0.2  # drifted inputs
+    with torch.no_grad():
+        target = lin(y)
+    stats = _cross_stats(lin, x, y)
+    toward_dense(lin, stats, percdamp=0.0)
+    # reference: ordinary least squares of the original outputs on [x, 1]
+    design = torch.cat([x, torch.ones(300, 1, dtype=torch.float64)], 1) if bias else x
+    sol = torch.linalg.lstsq(design, target).solution.t()
+    torch.testing.assert_close(lin.weight.detach(), sol[:, :12], rtol=1e-8, atol=1e-8)
+    if bias:
+        torch.testing.assert_close(lin.bias.detach(), sol[:, 12], rtol=1e-8, atol=1e-8)
+
+
+def test_toward_dense_leaves_undrifted_weights_alone():
+    from llmprune.structured.sequential import toward_dense
+
+    lin = torch.nn.Linear(8, 4, bias=True).double()
+    before = lin.weight.detach().clone(), lin.bias.detach().clone()
+    x = torch.randn(100, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    toward_dense(lin, _cross_stats(lin, x, x), percdamp=0.01)  # damping shrinks the change, which is zero
+    torch.testing.assert_close(lin.weight.detach(), before[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(lin.bias.detach(), before[1], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("model_type,tied", [("llama", True), ("llama", False), ("gpt2", True), ("opt", False)])  # RMSNorm / LayerNorm, biases, Conv1D
+def test_dense_refit_target_prunes_and_reloads_in_a_fresh_process(tmp_path, model_type, tied):
+    model = tiny_causal_lm(model_type, tie_word_embeddings=tied).eval()
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
+    calib = torch.randint(3, 128, (16, 32), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(2))
+    cfg = dict(heads=0.5, ffn=0.25, method="obs", allocation="fisher", batch_size=4, fisher_samples=4)
+    layer = tiny_causal_lm(model_type, tie_word_embeddings=tied).eval()
+    prune(layer, PruneConfig(**cfg), calibration=calib, progress=False)
+    result = prune(model, PruneConfig(**cfg, refit_target="dense"), calibration=calib, progress=False)
+    assert result.config.refit_target == "dense"
+    assert result.plan.to_dict()["layers"] and result.params_after == count(layer)
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+    out = result.save(tmp_path / "m")  # verified reload (fresh process) inside save
+    assert_reloads_identically(model, out, ids)
+
+
+def count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_dense_refit_target_needs_obs():
+    with pytest.raises(ValueError, match="refit_target='dense'.*obs"):
+        PruneConfig(ffn=0.25, refit_target="dense")
+
+
+def test_recommended_config_is_the_cli_default():
+    cfg = PruneConfig.recommended(heads=0.25, ffn=0.25)
+    assert (cfg.method, cfg.allocation, cfg.n_samples, cfg.seq_len) == ("obs", "fisher", 64, 512)
+    for kw in ({"layers": 2}, {"experts": 0.25}, {"bias_compensation": True}, {"streaming": True}):
+        cfg = PruneConfig.recommended(ffn=0.25, **kw)
+        assert (cfg.method, cfg.allocation, cfg.n_samples, cfg.seq_len) == ("wanda", "uniform", 32, 256)
+    cfg = PruneConfig.recommended(ffn=0.25, method="wanda", n_samples=8)
+    assert (cfg.method, cfg.allocation, cfg.n_samples, cfg.seq_len) == ("wanda", "uniform", 8, 256)

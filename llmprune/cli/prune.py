@@ -85,21 +85,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_method_defaults(args: argparse.Namespace) -> None:
-    """The recommended recipe when ``--method`` / ``--allocation`` are not given: ``obs`` with the ``fisher``
-    allocation for heads and FFN neurons in memory (measured best on real models, BENCHMARKS.md), ``wanda``
-    (uniform) where obs does not apply: layer or expert removal, bias compensation, ``--streaming``."""
+    """The recommended recipe (:meth:`PruneConfig.recommended`) for what ``--method`` / ``--allocation`` /
+    ``--n-samples`` / ``--seq-len`` leave unset: ``obs`` with the ``fisher`` allocation for heads and FFN neurons
+    in memory (measured best on real models, BENCHMARKS.md), ``wanda`` (uniform) where obs does not apply:
+    layer or expert removal, bias compensation, ``--streaming``."""
+    from ..core.config import PruneConfig
+
     streaming = wants_streaming(args)
     args.streaming = streaming  # decided once (an automatic choice prints its reason once)
-    obs_ok = not (args.layers or args.experts or args.bias_compensation or streaming)
-    if args.method is None:
-        args.method = "obs" if obs_ok else "wanda"
-    if args.allocation is None:
-        args.allocation = "fisher" if args.method == "obs" and obs_ok else "uniform"
-    if args.n_samples is None:
-        args.n_samples = 64 if args.method == "obs" else 32
+    rec = PruneConfig.recommended(streaming=streaming, method=args.method, allocation=args.allocation,
+                                  layers=args.layers, experts=args.experts, bias_compensation=args.bias_compensation,
+                                  n_samples=args.n_samples, seq_len=args.seq_len)
     args.seq_len_default = args.seq_len is None  # capped at the model's context once it is loaded
-    if args.seq_len is None:
-        args.seq_len = 512 if args.method == "obs" else 256
+    args.method, args.allocation, args.n_samples, args.seq_len = rec.method, rec.allocation, rec.n_samples, rec.seq_len
 
 
 @subcommand("prune", "prune heads, FFN neurons, layers or experts and save the smaller model", add_arguments)

@@ -85,6 +85,11 @@ class PruneConfig(_JsonMixin):
             estimates the output Fisher (:mod:`llmprune.calibration.fisher`).
         fisher_diagonal: keep only the Fisher's diagonal (``hidden`` floats per projection instead of
             ``hidden²``: for models whose full factors would not fit in memory).
+        refit_target: what method ``obs`` refits o_proj / down_proj towards. ``layer``: the layer's own outputs
+            on its current inputs (those of the already pruned layers). ``dense``: the *original* model's
+            outputs of that projection on the original hidden states, so each layer also corrects the error
+            that the layers before it left (a second stream of hidden states runs through an unmodified copy
+            of each layer: about twice the layer forwards, one extra layer in memory).
     """
 
     heads: float = 0.0
@@ -107,9 +112,33 @@ class PruneConfig(_JsonMixin):
     spread: float = 0.1
     fisher_samples: int = 16
     fisher_diagonal: bool = False
+    refit_target: Literal["layer", "dense"] = "layer"
 
     def __post_init__(self) -> None:
         self.validate()
+
+    @classmethod
+    def recommended(cls, heads: float = 0.0, ffn: float = 0.0, *, streaming: bool = False,
+                    **overrides: Any) -> "PruneConfig":
+        """The recipe measured best on real models (BENCHMARKS.md, SmolLM2-135M), which ``llmprune prune``
+        runs when no ``--method`` / ``--allocation`` is given: method ``obs`` with the ``fisher`` allocation on
+        64 windows of 512 tokens for heads and FFN neurons in memory; ``wanda`` (uniform, 32 x 256) where obs
+        does not apply (layer or expert removal, bias compensation, streaming). ``overrides`` win.
+
+        Example::
+
+            cfg = PruneConfig.recommended(heads=0.25, ffn=0.25)       # obs + fisher
+            cfg = PruneConfig.recommended(layers=4)                    # wanda, uniform
+        """
+        obs_ok = not (overrides.get("layers") or overrides.get("experts") or overrides.get("bias_compensation")
+                      or streaming)
+        method = overrides.pop("method", None) or ("obs" if obs_ok else "wanda")
+        allocation = overrides.pop("allocation", None) or ("fisher" if method == "obs" and obs_ok else "uniform")
+        defaults = {"n_samples": 64 if method == "obs" else 32, "seq_len": 512 if method == "obs" else 256}
+        for name, value in defaults.items():
+            if overrides.get(name) is None:
+                overrides[name] = value
+        return cls(heads=heads, ffn=ffn, method=method, allocation=allocation, **overrides)
 
     def validate(self) -> None:
         for name in ("heads", "ffn", "experts"):
@@ -119,7 +148,8 @@ class PruneConfig(_JsonMixin):
         if not isinstance(self.layers, int) or self.layers < 0:
             raise ValueError(f"layers={self.layers!r} must be a non-negative number of blocks to remove")
         choices = {"allocation": ("uniform", "global", "error", "block_influence", "fisher"),
-                   "attention_unit": ("auto", "group", "query"), "rounding": ("error", "down", "up", "nearest")}
+                   "attention_unit": ("auto", "group", "query"), "rounding": ("error", "down", "up", "nearest"),
+                   "refit_target": ("layer", "dense")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {', '.join(allowed)}")
@@ -137,6 +167,8 @@ class PruneConfig(_JsonMixin):
         if self.method == "obs" and self.allocation in ("global", "block_influence"):
             raise ValueError(f"method 'obs' chooses units inside the sequential pass; allocation "
                              f"{self.allocation!r} needs per-unit scores: use uniform, error or fisher")
+        if self.refit_target == "dense" and self.method != "obs":
+            raise ValueError("refit_target='dense' is a refit of method 'obs'; use method='obs'")
         if not 0.0 <= self.spread <= 0.5:
             raise ValueError(f"spread={self.spread!r} must be in [0, 0.5]")
 

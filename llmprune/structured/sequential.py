@@ -198,25 +198,70 @@ def _cut_and_refit(adapter: ArchAdapter, layer: nn.Module, lp: LayerPlan, stats:
         _refit(module, original, kept.to(original.device), stats, percdamp)
 
 
+@torch.no_grad()
+def toward_dense(module: nn.Module, stats: LayerStats, percdamp: float) -> None:
+    """``refit_target="dense"``: replace ``module``'s weight (and bias) by the damped least-squares map from its
+    current inputs ``x`` to the original model's outputs ``W y + b`` (``y``: its inputs in the original model).
+    The damping pulls the *change* towards zero, so a layer whose inputs did not drift keeps its weights."""
+    cross = stats.extra.get("cross", {}).get(module)
+    if cross is None:
+        return
+    dt = torch.float64
+    g = stats.grams[module].hessian().to(dt)
+    n = g.shape[0]
+    p = cross.P.to(g.device, dt)  # 2/N Σ [x;1][y;1]ᵀ
+    w = weight_matrix(module).detach().to(g.device, dt)
+    bias = getattr(module, "bias", None)
+    has_bias = isinstance(bias, torch.Tensor)
+    if has_bias:
+        w = torch.cat([w, bias.detach().reshape(-1, 1).to(w)], dim=1)
+        g = torch.cat([torch.cat([g, p[:n, n:]], 1), torch.cat([p[:n, n:].t(), p[n:, n:]], 1)], 0)
+        p_xy = p
+    else:
+        p_xy = p[:n, :n]
+    lam = percdamp * float(torch.diagonal(g)[:n].mean().clamp_min(1e-12))
+    rhs = w @ (p_xy.t() - g)  # W (Σ y xᵀ - Σ x xᵀ): the change that maps x onto the original outputs
+    eye = torch.eye(g.shape[0], dtype=dt, device=g.device)
+    for _ in range(6):
+        chol, info = torch.linalg.cholesky_ex(g + lam * eye)
+        if int(info) == 0:
+            break
+        lam *= 10
+    delta = torch.cholesky_solve(rhs.t(), chol).t()
+    new = w + delta
+    if has_bias:
+        module.bias.data.copy_(new[:, -1].to(module.bias.dtype))
+        new = new[:, :-1]
+    set_weight_matrix(module, new.to(module.weight.device, module.weight.dtype))
+
+
 def _obs_layer(adapter: ArchAdapter, layer: nn.Module, cfg: PruneConfig, stats: LayerStats, counts: LayerCounts,
                fisher: dict | None) -> LayerPlan:
     """Method ``obs`` on one layer: heads first (greedy on o_proj's Gram, cut, refit), then the FFN neurons on
-    the down projection's Gram *re-gathered with the attention already cut* (its inputs changed)."""
+    the down projection's Gram *re-gathered with the attention already cut* (its inputs changed). With
+    ``refit_target="dense"`` each output projection is first mapped onto the original model's outputs
+    (:func:`toward_dense`), and the greedy removal and refit work from there."""
     import dataclasses
 
+    dense = cfg.refit_target == "dense"
     lp = LayerPlan()
     attn, ffn = adapter.attention(layer), adapter.ffn(layer)
+    if attn is not None and dense:
+        toward_dense(attn.output.module, stats, cfg.percdamp)
     if attn is not None and cfg.heads > 0:
         heads_only = dataclasses.replace(cfg, ffn=0.0)
         c = LayerCounts(counts.attention_units, 0)
         lp_h = plan_layer(obs_layer_scores(adapter, layer, heads_only, stats, c, fisher), heads_only, c)
         if counts.attention_units > 0:
             _cut_and_refit(adapter, layer, lp_h, stats, cfg.percdamp)
-            regram = stats.extra.get("regram")
-            if ffn is not None and cfg.ffn > 0 and counts.neurons > 0 and regram is not None:
-                regram(ffn.output.module)
         lp.kept_heads, lp.kept_kv_heads = lp_h.kept_heads, lp_h.kept_kv_heads
+    regram = stats.extra.get("regram")
+    changed = dense or (attn is not None and cfg.heads > 0 and counts.attention_units > 0)
+    if ffn is not None and changed and regram is not None and (dense or (cfg.ffn > 0 and counts.neurons > 0)):
+        regram(ffn.output.module)  # the attention changed, so the FFN's inputs did
     ffn = adapter.ffn(layer)
+    if ffn is not None and dense:
+        toward_dense(ffn.output.module, stats, cfg.percdamp)
     if ffn is not None and cfg.ffn > 0:
         ffn_only = dataclasses.replace(cfg, heads=0.0)
         c = LayerCounts(0, counts.neurons)
@@ -316,7 +361,10 @@ def prune_sequential(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig, b
         stats.grams.clear()  # one layer's Gram matrices at a time
         final.layers[i] = lp
 
+    dense_targets = ((lambda layer: output_modules(adapter, layer))
+                     if cfg.method == "obs" and cfg.refit_target == "dense" else None)
     layerwise_statistics(model, adapter, batches, device=device, progress=progress, on_layer=on_layer,
-                         grams_of=lambda layer: output_modules(adapter, layer), layer_io=layer_io)
+                         grams_of=lambda layer: output_modules(adapter, layer), layer_io=layer_io,
+                         dense_targets=dense_targets)
     set_config_widths(model, adapter)
     return final

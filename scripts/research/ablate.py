@@ -1,0 +1,67 @@
+"""One ablation row on the real model (issue 23): prune with a PruneConfig given as JSON through the library's
+Python API, score WikiText-2 (first 20k tokens, 512-token windows) and append a JSON line.
+
+    python scripts/research/ablate.py TAG '{"heads": 0.333, "method": "obs", "allocation": "fisher"}' \
+        [--calib FILE] [--out bench/real_structured/ablations.jsonl] [--threads 1]
+
+The calibration text defaults to ``../shared/data/reference-train.txt``; the model to scripts/real_model.py's
+SmolLM2-135M-Instruct. Fields: tag, config, block params removed, PPL, pruning seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "scripts"))
+SHARED = Path(os.environ.get("LLMPRUNE_SHARED", REPO.parent / "shared"))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("tag")
+    ap.add_argument("config", help="PruneConfig fields as JSON")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--calib", default=str(SHARED / "data" / "reference-train.txt"))
+    ap.add_argument("--out", default="bench/real_structured/ablations.jsonl")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+
+    import torch
+
+    import llmprune
+    from llmprune import PruneConfig
+    from llmprune.cli.table import block_parameters
+    from llmprune.eval.perplexity import load_text, perplexity
+
+    torch.set_num_threads(args.threads)
+    if args.model is None:
+        from real_model import real_model_path
+        args.model = str(real_model_path())
+    model, tok = llmprune.load_model(args.model)
+    before = block_parameters(model)
+    cfg = PruneConfig(**json.loads(args.config))
+    t0 = time.time()
+    result = llmprune.prune(model, cfg, tokenizer=tok, calibration=args.calib, progress=False)
+    seconds = time.time() - t0
+    ppl = perplexity(model, tok, load_text(SHARED / "data" / "wikitext2-raw-test.txt"), seq_len=512,
+                     max_tokens=20000, progress=False).ppl
+    row = {"tag": args.tag, "config": result.config.to_dict(), "calib": Path(args.calib).name,
+           "block_removed": round(1 - block_parameters(model) / before, 4), "ppl": round(ppl, 2),
+           "seconds": round(seconds), "threads": args.threads}
+    print(json.dumps(row), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
