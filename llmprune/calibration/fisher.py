@@ -72,7 +72,9 @@ def output_fisher(model: nn.Module, adapter: ArchAdapter, batches: list[torch.Te
         for p in model.parameters():  # only activation gradients are needed; no weight gradient is stored
             p.requires_grad_(False)
         dev = torch.device(device) if device is not None else next(model.parameters()).device
-        for batch in batches:
+        # one window at a time: the logits, their softmax and its gradient are [tokens, vocab] each, and a
+        # whole batch of them (8 x 512 x 49k floats at 135M) dominated the peak memory of the pass
+        for batch in (window for b in batches for window in b.split(1)):
             batch = batch.to(dev)
             with torch.enable_grad():
                 emb = model.get_input_embeddings()(batch).detach().requires_grad_(True)
