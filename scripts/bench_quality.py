@@ -62,8 +62,9 @@ PRESETS = {
     "ref": {"n_samples": 64, "seq_len": 256, "ppl_seq_len": 256, "max_tokens": 60000,
             "targets": [0.10, 0.25, 0.33, 0.50], "legacy": True},
 }
-#: non-ALPS methods first (ours next to the peer's), ALPS last: 2:4, then 70%, then 50% (slowest)
-SPARSITY_ORDER = ("sparsegpt", "peer:sparsegpt", "wanda", "peer:wanda", "ria", "magnitude")
+#: run order: per method over the three settings, ours next to the peer's (SparseGPT first: the target compares
+#: against it), ALPS last: 2:4, then 70%, then 50% (slowest)
+SPARSITY_ORDER = (("sparsegpt", "peer:sparsegpt"), ("wanda", "peer:wanda"), ("ria",), ("magnitude",))
 ALPS_ORDER = ("2:4", "70%", "50%")
 #: what the tables show per task: lm-eval's acc, or acc_norm where the task defines it
 TASK_METRIC = {"lambada": "acc", "piqa": "acc_norm", "openbookqa": "acc_norm"}
@@ -129,22 +130,18 @@ def _rows(args: argparse.Namespace) -> list[dict]:
                                  "variant": variant, "setting": f"{ratio:.0%}",
                                  "config": {"heads": ratio, "ffn": ratio, "method": method,
                                             **STRUCTURED_VARIANTS[variant]}})
-    for setting in SPARSITY_SETTINGS:
-        for entry in SPARSITY_ORDER:
-            peer, method = entry.startswith("peer:"), entry.split(":")[-1]
-            if peer:
-                rows.append({"kind": "peer", "label": f"llm-compressor {method} {setting}", "method": method,
-                             "variant": "llm-compressor", "setting": setting,
+    for group in SPARSITY_ORDER:
+        for setting in SPARSITY_SETTINGS:
+            for entry in group:
+                peer, method = entry.startswith("peer:"), entry.split(":")[-1]
+                kind, variant = ("peer", "llm-compressor") if peer else ("sparsity", "llmprune")
+                rows.append({"kind": kind, "label": f"{'llm-compressor ' if peer else ''}{method} {setting}",
+                             "method": method, "variant": variant, "setting": setting,
                              "config": {"method": method, **SPARSITY_SETTINGS[setting]}})
-            else:
-                rows.append({"kind": "sparsity", "label": f"{method} {setting}", "method": method,
-                             "variant": "llmprune", "setting": setting,
-                             "config": {"method": method, **SPARSITY_SETTINGS[setting]}})
-        if args.legacy and setting == "70%":
-            for method in ("wanda", "sparsegpt", "alps"):
-                rows.append({"kind": "owl", "label": f"{method} owl {setting}", "method": method,
-                             "variant": "owl", "setting": setting,
-                             "config": {"method": method, "allocation": "owl", **SPARSITY_SETTINGS[setting]}})
+    if args.legacy:
+        for method in ("wanda", "sparsegpt", "alps"):
+            rows.append({"kind": "owl", "label": f"{method} owl 70%", "method": method, "variant": "owl",
+                         "setting": "70%", "config": {"method": method, "allocation": "owl", **SPARSITY_SETTINGS["70%"]}})
     for setting in ALPS_ORDER:
         rows.append({"kind": "sparsity", "label": f"alps {setting}", "method": "alps", "variant": "llmprune",
                      "setting": setting, "config": {"method": "alps", **SPARSITY_SETTINGS[setting]}})
