@@ -85,6 +85,16 @@ class PruneConfig(_JsonMixin):
             estimates the output Fisher (:mod:`llmprune.calibration.fisher`).
         fisher_diagonal: keep only the Fisher's diagonal (``hidden`` floats per projection instead of
             ``hidden²``: for models whose full factors would not fit in memory).
+        hidden: fraction of the hidden (embedding) channels removed, in [0, 1): the same channels leave the
+            embeddings, every norm, every projection reading or writing the residual stream and the LM head
+            (Minitron's width axis; :mod:`llmprune.structured.hidden`). Applied before heads / FFN neurons,
+            which are then chosen on the narrower model.
+        hidden_method: how channels are chosen: ``minitron`` (mean |activation| after every norm, summed
+            over norms) or ``rms`` (greedy: the channels whose removal changes the normalised outputs least,
+            RMS rescaling included, with each norm's weight corrected in closed form for its new RMS).
+        params: fraction of *all* parameters (embeddings included) to remove; the split among ``hidden``,
+            ``heads`` and ``ffn`` is chosen among a few candidates by calibration loss
+            (:mod:`llmprune.structured.budget`). Excludes giving those three.
     """
 
     heads: float = 0.0
@@ -107,19 +117,23 @@ class PruneConfig(_JsonMixin):
     spread: float = 0.1
     fisher_samples: int = 16
     fisher_diagonal: bool = False
+    hidden: float = 0.0
+    hidden_method: Literal["minitron", "rms"] = "minitron"
+    params: float = 0.0
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        for name in ("heads", "ffn", "experts"):
+        for name in ("heads", "ffn", "experts", "hidden", "params"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
                 raise ValueError(f"{name}={value!r} is out of range: it is the fraction removed and must be in [0, 1)")
         if not isinstance(self.layers, int) or self.layers < 0:
             raise ValueError(f"layers={self.layers!r} must be a non-negative number of blocks to remove")
         choices = {"allocation": ("uniform", "global", "error", "block_influence", "fisher"),
-                   "attention_unit": ("auto", "group", "query"), "rounding": ("error", "down", "up", "nearest")}
+                   "attention_unit": ("auto", "group", "query"), "rounding": ("error", "down", "up", "nearest"),
+                   "hidden_method": ("minitron", "rms")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {', '.join(allowed)}")
@@ -139,6 +153,9 @@ class PruneConfig(_JsonMixin):
                              f"{self.allocation!r} needs per-unit scores: use uniform, error or fisher")
         if not 0.0 <= self.spread <= 0.5:
             raise ValueError(f"spread={self.spread!r} must be in [0, 0.5]")
+        if self.params > 0 and (self.hidden or self.heads or self.ffn or self.layers or self.experts):
+            raise ValueError("params chooses hidden / heads / ffn itself: give params alone (no hidden, heads, ffn, "
+                             "layers or experts)")
 
 
 @dataclass
@@ -159,11 +176,16 @@ class PrunePlan(_JsonMixin):
 
     layers: list[LayerPlan] = field(default_factory=list)
     removed_layers: list[int] = field(default_factory=list)
+    #: hidden channels kept (original indices; ``None``: hidden size untouched), applied before the layers'
+    #: plans; and the closed-form scale of each norm's output (module name -> factor, ``rms`` method)
+    kept_hidden: list[int] | None = None
+    hidden_norm_scales: dict[str, float] | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PrunePlan":
         return cls(layers=[LayerPlan.from_dict(x) for x in data.get("layers", [])],
-                   removed_layers=list(data.get("removed_layers", [])))
+                   removed_layers=list(data.get("removed_layers", [])),
+                   kept_hidden=data.get("kept_hidden"), hidden_norm_scales=data.get("hidden_norm_scales"))
 
     @property
     def kept_layers(self) -> list[int]:
