@@ -49,38 +49,47 @@ def _count(module: Any, names: Sequence[str] = ("weight", "bias")) -> int:
 
 
 def parameter_groups(model: nn.Module, adapter: ArchAdapter) -> dict[str, int]:
-    """``total`` distinct parameters, and those of the attention and FFN projections (what heads and neurons
-    scale)."""
+    """``total`` distinct parameters; those of the attention and FFN projections; and ``per_query`` /
+    ``per_kv``: the parameters one query head (its q rows and o columns) and one KV head (k and v rows) own,
+    summed over layers (``query`` units remove only the former, ``group`` units both)."""
     from .pipeline import count_parameters
 
-    attention = ffn = 0
+    attention = ffn = per_query = per_kv = 0
+    d = int(model.config.hidden_size)
     for layer in adapter.decoder_layers(model):
         attn, mlp, moe = adapter.attention(layer), adapter.ffn(layer), adapter.experts(layer)
         if attn is not None:
             attention += sum(_count(m) for m in {id(s.module): s.module for s in attn.q_slots + attn.kv_slots}.values())
+            per_query += 2 * d * attn.head_dim  # weights only: biases are a rounding error here
+            per_kv += 2 * d * attn.head_dim
         if mlp is not None:
             ffn += sum(_count(m) for m in {id(s.module): s.module for s in mlp.slots}.values())
         if moe is not None:
             ffn += sum(getattr(p.module, p.name).numel() for p in moe.params)
-    return {"total": count_parameters(model), "attention": attention, "ffn": ffn}
+    return {"total": count_parameters(model), "attention": attention, "ffn": ffn, "per_query": per_query,
+            "per_kv": per_kv}
 
 
-def _heads_fraction(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig, ratio: float, rounding: str) -> float:
-    """The heads fraction a uniform ``ratio`` achieves in whole attention units (first attention layer)."""
+def _heads_removed(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig, ratio: float, rounding: str,
+                   groups: dict[str, int]) -> tuple[float, float]:
+    """``(heads fraction, attention fraction)`` a uniform ``ratio`` removes in whole attention units (first
+    attention layer's geometry); ``(-1, -1)`` when it cannot be realised."""
     from .select import resolve_config
 
-    if ratio <= 0:
-        return 0.0
     attn = next((a for a in map(adapter.attention, adapter.decoder_layers(model)) if a is not None), None)
-    if attn is None:
-        return 0.0
+    if ratio <= 0 or attn is None:
+        return 0.0, 0.0
     unit_mode = resolve_config(model, adapter, dataclasses.replace(cfg, heads=ratio, params=0.0)).attention_unit
     unit = attn.group_size if unit_mode == "group" or attn.group_size == 1 else attn.num_kv_heads
     try:
         n = units_to_remove(ratio, attn.num_heads, unit, rounding)
     except RatioError:
-        return -1.0
-    return n * unit / attn.num_heads
+        return -1.0, -1.0
+    a = n * unit / attn.num_heads
+    removed = a * groups["per_query"] * attn.num_heads
+    if unit_mode == "group" or attn.group_size == 1:
+        removed += a * groups["per_kv"] * attn.num_kv_heads
+    return a, removed / max(1, groups["attention"])
 
 
 def split_for(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig, share: float,
@@ -98,24 +107,22 @@ def split_for(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig, share: f
             return None
         if hidden == 0:
             return None
-    # After: (1 - hidden) * (rest + (1 - a) * attention + (1 - f) * ffn) = (1 - params) * total
+    # After: (1 - hidden) * (rest + attention - removed_attention + (1 - f) * ffn) = (1 - params) * total
     need = (1 - cfg.params) * total / (1 - hidden)
     rest = total - attention - ffn
     b = 1 - (need - rest) / max(1, attention + ffn)
     if b < -0.02 or b > MAX_BLOCK_RATIO:
         return None
-    b = max(b, 0.0)
+    if b <= 0:
+        return dataclasses.replace(cfg, params=0.0, hidden=round(hidden, 6), heads=0.0, ffn=0.0)
     for rounding in ("nearest", "down"):
-        a = _heads_fraction(model, adapter, cfg, b, rounding) if attention else 0.0
+        a, attn_frac = _heads_removed(model, adapter, cfg, b, rounding, groups) if attention else (0.0, 0.0)
         if a < 0:
             continue
-        f = 1 - (need - rest - (1 - a) * attention) / max(1, ffn) if ffn else 0.0
-        if b == 0.0:
-            a, f = 0.0, 0.0
+        f = 1 - (need - rest - (1 - attn_frac) * attention) / max(1, ffn) if ffn else 0.0
         if 0.0 <= f <= MAX_BLOCK_RATIO:
-            f = round(f, 4)
-            return dataclasses.replace(cfg, params=0.0, hidden=round(hidden, 6), heads=round(a, 6),
-                                       ffn=f if f * min(_ffn_widths(model, adapter) or [1]) >= 0.5 else 0.0)
+            f = round(f, 4) if f * min(_ffn_widths(model, adapter) or [1]) >= 0.5 else 0.0  # < half a neuron: none
+            return dataclasses.replace(cfg, params=0.0, hidden=round(hidden, 6), heads=round(a, 6), ffn=f)
     return None
 
 
