@@ -241,10 +241,17 @@ def heads_span_hidden(adapter: "ArchAdapter", model: nn.Module) -> bool:
     return True
 
 
+#: per-layer-width checkpoints carry ``model_type = PER_LAYER_PREFIX + <original model_type>``
+PER_LAYER_PREFIX = "llmprune_"
+
+
+def base_model_type(model_type: str) -> str:
+    """``llmprune_llama`` -> ``llama``; other names unchanged."""
+    return model_type[len(PER_LAYER_PREFIX):] if model_type.startswith(PER_LAYER_PREFIX) else model_type
+
+
 def base_model_type_of(config: Any) -> str:
     """``config.model_type`` without the per-layer prefix (``llmprune_gemma2`` -> ``gemma2``)."""
-    from .registry import base_model_type
-
     return base_model_type(str(getattr(config, "model_type", "")))
 
 

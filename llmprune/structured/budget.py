@@ -14,7 +14,7 @@ the run's own method. Cost: one proxy prune and one loss pass per candidate (4 c
 
 Example::
 
-    cfg, report = choose_split(model, adapter, PruneConfig(params=0.25), batches)
+    cfg, report = choose_split(model, adapter, PruneConfig(params=0.25), batches, llmprune.prune)
     cfg.hidden, cfg.heads, cfg.ffn        # the measured best split; report["candidates"] lists them all
 """
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -32,6 +32,7 @@ from ..core.config import PruneConfig
 from ..core.progress import progress_bar
 from .hidden import hidden_to_remove
 from .select import RatioError, units_to_remove
+from .surgery import count_parameters
 
 __all__ = ["HIDDEN_SHARES", "PROXY_METHOD", "MAX_BLOCK_RATIO", "parameter_groups", "split_for", "calibration_loss",
            "choose_split"]
@@ -52,8 +53,6 @@ def parameter_groups(model: nn.Module, adapter: ArchAdapter) -> dict[str, int]:
     """``total`` distinct parameters; those of the attention and FFN projections; and ``per_query`` /
     ``per_kv``: the parameters one query head (its q rows and o columns) and one KV head (k and v rows) own,
     summed over layers (``query`` units remove only the former, ``group`` units both)."""
-    from .pipeline import count_parameters
-
     attention = ffn = per_query = per_kv = 0
     d = int(model.config.hidden_size)
     for layer in adapter.decoder_layers(model):
@@ -149,11 +148,10 @@ def calibration_loss(model: nn.Module, batches: Sequence[torch.Tensor]) -> float
 
 
 def choose_split(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig, batches: Sequence[torch.Tensor],
-                 device: Any = None, progress: bool = True) -> tuple[PruneConfig, dict[str, Any]]:
+                 prune: Callable[..., Any], device: Any = None, progress: bool = True) -> tuple[PruneConfig, dict[str, Any]]:
     """Measure every candidate split of ``cfg.params`` and return the best one's config (the run's method and
-    options, ``params`` 0) with a report: ``{"target", "candidates": [...], "chosen"}``."""
-    from .pipeline import count_parameters, prune
-
+    options, ``params`` 0) with a report: ``{"target", "candidates": [...], "chosen"}``. ``prune`` is
+    :func:`llmprune.prune` (passed in: the pipeline calls this module)."""
     groups = parameter_groups(model, adapter)
     shares = HIDDEN_SHARES if not adapter.hidden_refusal else (0.0,)
     held = max(1, len(batches) // 4) if len(batches) > 1 else 0

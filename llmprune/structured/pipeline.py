@@ -36,6 +36,7 @@ from .select import check_ratios, plan_pruning, resolve_config
 from .sequential import (block_influence_counts, error_counts, layer_cost_curves, output_modules, per_kind_cost_counts,
                          prune_sequential)
 from .apply import apply_plan
+from .surgery import count_parameters
 
 __all__ = ["prune", "PruneResult", "count_parameters"]
 
@@ -75,16 +76,6 @@ def _adopt_gradients(stats: Any, grad_stats: list | None, i: int) -> None:
         target = stats.inputs.setdefault(module, type(s)())
         for name in _PREPARED_FIELDS:
             setattr(target, name, getattr(s, name))
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Distinct parameters (tied embeddings counted once)."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total
 
 
 def prune(
@@ -234,7 +225,7 @@ def _prune_width(model: nn.Module, adapter: Any, config: PruneConfig, tokenizer:
     model.eval()
     budget = None
     if config.params > 0:
-        config, budget = choose_split(model, adapter, config, batches, device=device, progress=progress)
+        config, budget = choose_split(model, adapter, config, batches, prune, device=device, progress=progress)
     kept, scales = None, None
     if config.hidden > 0:
         kept, scales = choose_hidden(model, adapter, config, batches, progress=progress)
