@@ -110,6 +110,18 @@ def test_hidden_with_heads_ffn_layers_experts(family):
             torch.testing.assert_close(replay(_ids()).logits, model(_ids()).logits, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("cfg", [PruneConfig(hidden=0.25, heads=0.5, ffn=0.25, method="wanda", reconstruct=True),
+                                 PruneConfig(hidden=0.25, heads=0.5, ffn=0.25, method="obs", allocation="fisher",
+                                             hidden_method="rms")], ids=["reconstruct", "obs-fisher"])
+def test_hidden_then_refit(tmp_path, cfg):
+    """With a refit (--reconstruct, obs) the block stage runs on the narrower model; the result saves verified."""
+    model = build("qwen2", tie_word_embeddings=True)
+    result = prune(model, cfg, calibration=CALIB, progress=False)
+    assert model.config.hidden_size == 48 and result.config.reconstruct == cfg.reconstruct
+    assert result.plan.kept_hidden and any(lp.kept_heads for lp in result.plan.layers)
+    save_pruned(model, tmp_path / "m", config=result.config)
+
+
 def test_hidden_half_dtype():
     model = build("llama").to(torch.bfloat16)
     original = copy.deepcopy(model)
