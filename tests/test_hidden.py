@@ -272,6 +272,12 @@ def test_cli_hidden_and_refusals(tmp_path, ref_model_path, shared_dir, capsys):
     saved = json.loads((out / "config.json").read_text())
     assert saved["hidden_size"] == 192 and saved["model_type"] in ("llama", "mistral")
     assert json.loads((out / "llmprune_plan.json").read_text())["kept_hidden"]
+    p25 = tmp_path / "p25"
+    assert main(["prune", str(ref_model_path), "--params", "0.25", "--method", "wanda", "--out", str(p25), *common]) == 0
+    assert "<- chosen" in capsys.readouterr().out
+    recipe = json.loads((p25 / "llmprune_recipe.json").read_text())
+    chosen = recipe["params_budget"]["candidates"][recipe["params_budget"]["chosen"]]
+    assert recipe["config"]["hidden"] == chosen["hidden"] and recipe["run"]["prune"]["params"] == 0.25
     # bad input: one line, exit 2, nothing written
     for flags in (["--hidden", "0.001"], ["--params", "0.25", "--ffn", "0.1"], ["--hidden", "0.25", "--streaming"]):
         bad = tmp_path / f"bad{len(flags)}{flags[-1]}"

@@ -197,7 +197,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     ppl_extra = ({"ppl_before": before["ppl"], "ppl_after": after["ppl"], "ppl_protocol": ppl_protocol(args)}
                  if args.ppl else {})
-    save_pruned(model, out, tokenizer=tokenizer, config=cfg, plan=result.plan, source=str(args.model),
+    done = result.config if args.iterative_steps <= 1 else cfg  # --params: the split it chose
+    save_pruned(model, out, tokenizer=tokenizer, config=done, plan=result.plan, source=str(args.model),
                 overwrite=args.overwrite, verify=not args.no_verify,
                 extra={"params_before": before["params"], "params_after": after["params"],
                        "calibration": args.calib, **ppl_extra,
@@ -207,7 +208,6 @@ def run(args: argparse.Namespace) -> int:
                                      data=args.data, teacher=args.teacher).to_dict()})
     after["size"] = size_on_disk(out)
     print(f"\nllmprune: {args.method}, {args.allocation} allocation, {cfg.attention_unit} attention units -> {out}")
-    done = result.config if args.iterative_steps <= 1 else cfg
     rows = unit_fraction_rows(done, widths_before, layer_widths(model), result.plan)
     print(format_table(rows + width_rows(cfg, done, hidden_before, int(model.config.hidden_size), before["params"],
                                          after["params"])))
