@@ -285,9 +285,8 @@ class ArchAdapter:
     #: tests/test_support_matrix.py). Unlisted types: every uniform output. Per-layer widths always need llmprune.
     standard_outputs: ClassVar[dict[str, str]] = {}
     #: why this family's hidden size cannot be pruned (``None``: it can; :meth:`hidden_sites` lists the axes)
-    hidden_refusal: ClassVar[str | None] = ("its modules derive the head size as hidden_size // num_heads and its "
-                                            "config has no head_dim field, so a narrower hidden_size would change "
-                                            "every attention head")
+    hidden_refusal: ClassVar[str | None] = ("its modules derive the head size as hidden_size // num_heads and its config "
+                                            "has no head_dim field, so a narrower hidden_size would change every head")
     #: model_type -> the offset of its norms' scale: Gemma's RMSNorm multiplies by ``(1 + w)``
     norm_weight_offsets: ClassVar[dict[str, float]] = {}
 
@@ -338,18 +337,13 @@ class ArchAdapter:
         return [norm] if norm is not None else []
 
     def layer_norms(self, layer: nn.Module) -> list[nn.Module]:
-        """A block's norms over the hidden channels: its direct children named ``*Norm`` with a ``[hidden]``
-        weight (per-head q/k norms live inside the attention and are not hidden-sized)."""
+        """A block's hidden-sized norms: direct children named ``*Norm`` (per-head q/k norms sit deeper)."""
         return [m for m in layer.children() if type(m).__name__.endswith("Norm")
                 and getattr(m, "weight", None) is not None and m.weight.ndim == 1]
 
     def hidden_sites(self, model: nn.Module) -> list[HiddenSite]:
-        """Every parameter axis indexed by the residual stream, from the embeddings to the LM head.
-
-        Derived from the unit specs: a slot on a projection's *output* rows means that projection reads the
-        hidden state (q/k/v, gate/up, fused qkv), a slot on its *input* columns means it writes it (o, down);
-        batched experts read along their ``in`` axis and write along ``out``, the router reads.
-        """
+        """Every parameter axis indexed by the residual stream, embeddings to LM head, derived from the unit
+        slots: a slot on output rows reads the stream (q/k/v, gate/up), one on input columns writes it (o, down)."""
         sites = [HiddenSite(m, "embedding") for m in self.hidden_embeddings(model)]
         seen: set[int] = set()
 
@@ -376,9 +370,8 @@ class ArchAdapter:
                     add(p.module, "param", p.name, 2 if p.dim == "out" else 1)
         for norm in self.final_norms(model):
             add(norm, "norm")
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if head is not None:
-            add(head, "in")
+        if getattr(model, "get_output_embeddings", lambda: None)() is not None:
+            add(model.get_output_embeddings(), "in")
         return sites
 
     def hidden_embeddings(self, model: nn.Module) -> list[nn.Module]:
@@ -390,16 +383,14 @@ class ArchAdapter:
         return float(self.norm_weight_offsets.get(base_model_type_of(config), 0.0))
 
     def rescale_embeddings(self, model: nn.Module, hidden_size: int) -> float:
-        """Give scaled embeddings (Gemma: ``E * sqrt(hidden_size)``, recomputed from the config on reload) the
-        scale a model of ``hidden_size`` builds; returns old / new scale (1.0: embeddings are not scaled)."""
+        """Give scaled embeddings (Gemma) the scale a ``hidden_size`` model builds; returns old / new (1.0: none)."""
         return 1.0
 
     def set_hidden_size(self, config: Any, hidden_size: int) -> None:
         """Write the pruned hidden size into ``config``, ``head_dim`` kept explicit (it was derived from it)."""
         if self.hidden_refusal:
             raise ValueError(f"{self.family or type(self).__name__}: the hidden size cannot be pruned: {self.hidden_refusal}")
-        config.head_dim = self.head_dim(config)
-        config.hidden_size = hidden_size
+        config.head_dim, config.hidden_size = self.head_dim(config), hidden_size  # head_dim read before the change
 
     # ---- config ----------------------------------------------------------------------------------
     def standard_config_ok(self, model: nn.Module) -> bool:
