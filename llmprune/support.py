@@ -16,7 +16,7 @@ __all__ = ["support_matrix", "support_matrix_markdown", "UNIT_COLUMNS", "MARKER_
 MARKER_START = "<!-- support-matrix:start -->"
 MARKER_END = "<!-- support-matrix:end -->"
 
-UNIT_COLUMNS = ("heads", "kv_groups", "neurons", "layers", "experts")
+UNIT_COLUMNS = ("heads", "kv_groups", "neurons", "layers", "experts", "hidden")
 
 
 #: what per-layer (``--allocation global``) outputs need, for every family: llmprune's registered classes

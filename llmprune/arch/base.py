@@ -34,6 +34,7 @@ __all__ = [
     "ExpertsSpec",
     "ArchAdapter",
     "StandardEquivalent",
+    "HiddenSite",
     "weight_matrix",
     "set_weight_matrix",
 ]
@@ -169,6 +170,23 @@ class ExpertsSpec:
         return down.slots(expert)[0]
 
 
+@dataclass(frozen=True)
+class HiddenSite:
+    """One parameter axis indexed by the residual stream's (hidden) channels.
+
+    ``kind``: ``"embedding"`` (an ``nn.Embedding``'s columns: tokens, positions), ``"norm"`` (a LayerNorm /
+    RMSNorm weight and bias over the hidden channels), ``"in"`` (a projection *reading* the stream: its input
+    columns), ``"out"`` (a projection *writing* it: output rows and bias), ``"param"`` (axis ``axis`` of the raw
+    parameter ``module.<name>``: batched experts). Tied parameters (an LM head sharing the embedding) appear
+    once per module and are cut once.
+    """
+
+    module: nn.Module
+    kind: Literal["embedding", "norm", "in", "out", "param"]
+    name: str = "weight"
+    axis: int = 0
+
+
 #: support-matrix wording (:attr:`ArchAdapter.standard_outputs`)
 ALL_UNIFORM = "all"
 NO_HEAD_PRUNING = "all but head-pruned"
@@ -223,6 +241,20 @@ def heads_span_hidden(adapter: "ArchAdapter", model: nn.Module) -> bool:
     return True
 
 
+#: per-layer-width checkpoints carry ``model_type = PER_LAYER_PREFIX + <original model_type>``
+PER_LAYER_PREFIX = "llmprune_"
+
+
+def base_model_type(model_type: str) -> str:
+    """``llmprune_llama`` -> ``llama``; other names unchanged."""
+    return model_type[len(PER_LAYER_PREFIX):] if model_type.startswith(PER_LAYER_PREFIX) else model_type
+
+
+def base_model_type_of(config: Any) -> str:
+    """``config.model_type`` without the per-layer prefix (``llmprune_gemma2`` -> ``gemma2``)."""
+    return base_model_type(str(getattr(config, "model_type", "")))
+
+
 def _is_conv1d(module: nn.Module) -> bool:
     # transformers' Conv1D stores weight as [in, out]; recognised by name to avoid importing GPT-2 code.
     return type(module).__name__ == "Conv1D"
@@ -252,6 +284,11 @@ class ArchAdapter:
     #: model_type -> which *uniform* outputs plain transformers loads (support matrix; checked by
     #: tests/test_support_matrix.py). Unlisted types: every uniform output. Per-layer widths always need llmprune.
     standard_outputs: ClassVar[dict[str, str]] = {}
+    #: why this family's hidden size cannot be pruned (``None``: it can; :meth:`hidden_sites` lists the axes)
+    hidden_refusal: ClassVar[str | None] = ("its modules derive the head size as hidden_size // num_heads and its config "
+                                            "has no head_dim field, so a narrower hidden_size would change every head")
+    #: model_type -> the offset of its norms' scale: Gemma's RMSNorm multiplies by ``(1 + w)``
+    norm_weight_offsets: ClassVar[dict[str, float]] = {}
 
     # ---- structure -------------------------------------------------------------------------------
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
@@ -292,6 +329,68 @@ class ArchAdapter:
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = index
+
+    # ---- hidden dimension (embedding channels) ---------------------------------------------------------
+    def final_norms(self, model: nn.Module) -> list[nn.Module]:
+        """Norms after the last block (before the LM head)."""
+        norm = getattr(getattr(model, "model", model), "norm", None)
+        return [norm] if norm is not None else []
+
+    def layer_norms(self, layer: nn.Module) -> list[nn.Module]:
+        """A block's hidden-sized norms: direct children named ``*Norm`` (per-head q/k norms sit deeper)."""
+        return [m for m in layer.children() if type(m).__name__.endswith("Norm")
+                and getattr(m, "weight", None) is not None and m.weight.ndim == 1]
+
+    def hidden_sites(self, model: nn.Module) -> list[HiddenSite]:
+        """Every parameter axis indexed by the residual stream, embeddings to LM head, derived from the unit
+        slots: a slot on output rows reads the stream (q/k/v, gate/up), one on input columns writes it (o, down)."""
+        sites = [HiddenSite(m, "embedding") for m in self.hidden_embeddings(model)]
+        seen: set[int] = set()
+
+        def add(module: Any, kind: str, name: str = "weight", axis: int = 0) -> None:
+            key = (id(module), name)
+            if key not in seen:
+                seen.add(key)
+                sites.append(HiddenSite(module, kind, name, axis))  # type: ignore[arg-type]
+
+        for layer in self.decoder_layers(model):
+            for norm in self.layer_norms(layer):
+                add(norm, "norm")
+            slots: list[Slot] = []
+            attn, ffn, moe = self.attention(layer), self.ffn(layer), self.experts(layer)
+            if attn is not None:
+                slots += attn.q_slots + attn.kv_slots
+            if ffn is not None:
+                slots += ffn.slots
+            for slot in slots:
+                add(slot.module, "in" if slot.dim == "out" else "out")
+            if moe is not None:
+                add(moe.router.module, "in")
+                for p in moe.params:  # [experts, out, in]: readers cut axis 2, writers axis 1
+                    add(p.module, "param", p.name, 2 if p.dim == "out" else 1)
+        for norm in self.final_norms(model):
+            add(norm, "norm")
+        if getattr(model, "get_output_embeddings", lambda: None)() is not None:
+            add(model.get_output_embeddings(), "in")
+        return sites
+
+    def hidden_embeddings(self, model: nn.Module) -> list[nn.Module]:
+        """Embeddings whose columns are hidden channels (token embeddings; position embeddings where added)."""
+        return [model.get_input_embeddings()]
+
+    def norm_weight_offset(self, config: Any) -> float:
+        """``c`` where the family's norm scales by ``(c + w)`` (Gemma 1, else 0)."""
+        return float(self.norm_weight_offsets.get(base_model_type_of(config), 0.0))
+
+    def rescale_embeddings(self, model: nn.Module, hidden_size: int) -> float:
+        """Give scaled embeddings (Gemma) the scale a ``hidden_size`` model builds; returns old / new (1.0: none)."""
+        return 1.0
+
+    def set_hidden_size(self, config: Any, hidden_size: int) -> None:
+        """Write the pruned hidden size into ``config``, ``head_dim`` kept explicit (it was derived from it)."""
+        if self.hidden_refusal:
+            raise ValueError(f"{self.family or type(self).__name__}: the hidden size cannot be pruned: {self.hidden_refusal}")
+        config.head_dim, config.hidden_size = self.head_dim(config), hidden_size  # head_dim read before the change
 
     # ---- config ----------------------------------------------------------------------------------
     def standard_config_ok(self, model: nn.Module) -> bool:

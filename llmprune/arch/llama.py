@@ -8,6 +8,8 @@ Attention modules infer the head count from tensor shapes (``view(..., -1, head_
 
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from .base import HEADS_DIVIDING_HIDDEN, ArchAdapter, AttentionSpec, FFNSpec, Slot, StandardEquivalent
@@ -29,6 +31,21 @@ class LlamaAdapter(ArchAdapter):
     }
     standard_outputs = {"llama": "all (head-pruned: as mistral)",
                         **{t: HEADS_DIVIDING_HIDDEN for t in ("gemma", "gemma2", "gemma3_text")}}
+    units = ("heads", "kv_groups", "neurons", "layers", "hidden")
+    # Every config here takes an explicit head_dim, so hidden_size can shrink under unchanged heads.
+    hidden_refusal = None
+    norm_weight_offsets = {t: 1.0 for t in ("gemma", "gemma2", "gemma3_text")}  # Gemma RMSNorm: x̂ * (1 + w)
+
+    def rescale_embeddings(self, model: nn.Module, hidden_size: int) -> float:
+        # Gemma's embedding multiplies by sqrt(config.hidden_size), a buffer rebuilt from the config on reload.
+        emb = model.get_input_embeddings()
+        if not hasattr(emb, "embed_scale"):
+            return 1.0
+        old = float(emb.scalar_embed_scale)
+        new = math.sqrt(hidden_size)
+        emb.scalar_embed_scale = new
+        emb.embed_scale.fill_(new)
+        return old / new
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         base = getattr(model, "model", model)

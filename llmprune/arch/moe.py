@@ -30,7 +30,7 @@ __all__ = ["Qwen3MoeAdapter", "MixtralAdapter"]
 class Qwen3MoeAdapter(LlamaAdapter):
     model_types = ("qwen3_moe",)
     family = "Qwen3-MoE"
-    units = ("heads", "kv_groups", "neurons", "layers", "experts")
+    units = ("heads", "kv_groups", "neurons", "layers", "experts", "hidden")
     per_layer_config_lists = ("layer_types",)
     #: config attribute holding the expert count and each expert's width
     experts_attr = "num_experts"

@@ -48,6 +48,8 @@ class LayerConfigView:
 class Phi3Adapter(ArchAdapter):
     model_types = ("phi3",)
     family = "Phi-3 / Phi-3.5"
+    units = ("heads", "kv_groups", "neurons", "layers", "hidden")
+    hidden_refusal = None  # Phi3Config honours an explicit head_dim
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return getattr(model, "model", model).layers

@@ -10,13 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import ArchAdapter
+from .base import PER_LAYER_PREFIX, ArchAdapter, base_model_type
 
 __all__ = ["register_adapter", "get_adapter", "supported_model_types", "registered_adapters",
            "UnsupportedArchitectureError", "PER_LAYER_PREFIX", "base_model_type"]
-
-#: per-layer-width checkpoints carry ``model_type = PER_LAYER_PREFIX + <original model_type>``
-PER_LAYER_PREFIX = "llmprune_"
 
 _ADAPTERS: dict[str, ArchAdapter] = {}
 
@@ -33,11 +30,6 @@ def register_adapter(cls: type[ArchAdapter]) -> type[ArchAdapter]:
             raise ValueError(f"model_type {model_type!r} already has adapter {type(_ADAPTERS[model_type]).__name__}")
         _ADAPTERS[model_type] = instance
     return cls
-
-
-def base_model_type(model_type: str) -> str:
-    """``llmprune_llama`` -> ``llama``; other names unchanged."""
-    return model_type[len(PER_LAYER_PREFIX):] if model_type.startswith(PER_LAYER_PREFIX) else model_type
 
 
 def supported_model_types() -> list[str]:

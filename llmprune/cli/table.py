@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["format_table", "relative_change", "block_parameters", "unit_fraction_rows", "before_after_rows"]
+__all__ = ["format_table", "relative_change", "block_parameters", "unit_fraction_rows", "width_rows", "budget_rows",
+           "before_after_rows"]
 
 
 def format_table(rows: list[tuple[str, ...]]) -> str:
@@ -53,6 +54,32 @@ def unit_fraction_rows(config: Any, widths_before: list[dict[str, int]], widths_
     n_layers = len(widths_before)
     removed = n_layers - len(kept)
     rows.append(("decoder layers", f"{config.layers}", f"{removed}", f"{n_layers - removed} / {n_layers}"))
+    return rows
+
+
+def width_rows(requested: Any, done: Any, hidden_before: int, hidden_after: int, params_before: int,
+               params_after: int) -> list[tuple[str, ...]]:
+    """Rows for the hidden channels (when pruned) and all parameters (``--params``) under the unit table's
+    header: ``requested`` is what the user asked, ``done`` the resolved config (``--params`` chose ``hidden``)."""
+    rows: list[tuple[str, ...]] = []
+    if done.hidden or hidden_after != hidden_before:
+        asked = f"{requested.hidden:.3f}" if requested.hidden else f"({done.hidden:.3f})"
+        rows.append(("hidden channels", asked, f"{1 - hidden_after / hidden_before:.3f}",
+                     f"{hidden_after:,} / {hidden_before:,}"))
+    if requested.params:
+        rows.append(("all parameters", f"{requested.params:.3f}", f"{1 - params_after / params_before:.3f}",
+                     f"{params_after:,} / {params_before:,}"))
+    return rows
+
+
+def budget_rows(budget: dict[str, Any]) -> list[tuple[str, ...]]:
+    """The ``--params`` candidates: each split, the parameters its proxy prune removed, its calibration loss."""
+    rows: list[tuple[str, ...]] = [("--params candidate (proxy: " + str(budget.get("proxy")) + ")", "hidden", "heads",
+                                    "ffn", "params removed", "calib loss")]
+    for i, c in enumerate(budget["candidates"]):
+        mark = " <- chosen" if i == budget["chosen"] else ""
+        rows.append((f"hidden share {c['hidden_share']:.2f}{mark}", f"{c['hidden']:.3f}", f"{c['heads']:.3f}",
+                     f"{c['ffn']:.3f}", f"{c['removed']:.3f}", f"{c['loss']:.4f}"))
     return rows
 
 

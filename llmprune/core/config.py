@@ -90,6 +90,16 @@ class PruneConfig(_JsonMixin):
             outputs of that projection on the original hidden states, so each layer also corrects the error
             that the layers before it left (a second stream of hidden states runs through an unmodified copy
             of each layer: about twice the layer forwards, one extra layer in memory).
+        hidden: fraction of the hidden (embedding) channels removed, in [0, 1): the same channels leave the
+            embeddings, every norm, every projection reading or writing the residual stream and the LM head
+            (Minitron's width axis; :mod:`llmprune.structured.hidden`). Applied before heads / FFN neurons,
+            which are then chosen on the narrower model.
+        hidden_method: how channels are chosen: ``minitron`` (mean |activation| after every norm, summed
+            over norms) or ``rms`` (greedy: the channels whose removal changes the normalised outputs least,
+            RMS rescaling included, with each norm's weight corrected in closed form for its new RMS).
+        params: fraction of *all* parameters (embeddings included) to remove; the split among ``hidden``,
+            ``heads`` and ``ffn`` is chosen among a few candidates by calibration loss
+            (:mod:`llmprune.structured.budget`). Excludes giving those three.
     """
 
     heads: float = 0.0
@@ -113,6 +123,9 @@ class PruneConfig(_JsonMixin):
     fisher_samples: int = 16
     fisher_diagonal: bool = False
     refit_target: Literal["layer", "dense"] = "layer"
+    hidden: float = 0.0
+    hidden_method: Literal["minitron", "rms"] = "minitron"
+    params: float = 0.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -141,7 +154,7 @@ class PruneConfig(_JsonMixin):
         return cls(heads=heads, ffn=ffn, method=method, allocation=allocation, **overrides)
 
     def validate(self) -> None:
-        for name in ("heads", "ffn", "experts"):
+        for name in ("heads", "ffn", "experts", "hidden", "params"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
                 raise ValueError(f"{name}={value!r} is out of range: it is the fraction removed and must be in [0, 1)")
@@ -149,7 +162,7 @@ class PruneConfig(_JsonMixin):
             raise ValueError(f"layers={self.layers!r} must be a non-negative number of blocks to remove")
         choices = {"allocation": ("uniform", "global", "error", "block_influence", "fisher"),
                    "attention_unit": ("auto", "group", "query"), "rounding": ("error", "down", "up", "nearest"),
-                   "refit_target": ("layer", "dense")}
+                   "refit_target": ("layer", "dense"), "hidden_method": ("minitron", "rms")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {', '.join(allowed)}")
@@ -171,6 +184,9 @@ class PruneConfig(_JsonMixin):
             raise ValueError("refit_target='dense' is a refit of method 'obs'; use method='obs'")
         if not 0.0 <= self.spread <= 0.5:
             raise ValueError(f"spread={self.spread!r} must be in [0, 0.5]")
+        if self.params > 0 and (self.hidden or self.heads or self.ffn or self.layers or self.experts):
+            raise ValueError("params chooses hidden / heads / ffn itself: give params alone (no hidden, heads, ffn, "
+                             "layers or experts)")
 
 
 @dataclass
@@ -191,11 +207,16 @@ class PrunePlan(_JsonMixin):
 
     layers: list[LayerPlan] = field(default_factory=list)
     removed_layers: list[int] = field(default_factory=list)
+    #: hidden channels kept (original indices; ``None``: hidden size untouched), applied before the layers'
+    #: plans; and the closed-form scale of each norm's output (module name -> factor, ``rms`` method)
+    kept_hidden: list[int] | None = None
+    hidden_norm_scales: dict[str, float] | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PrunePlan":
         return cls(layers=[LayerPlan.from_dict(x) for x in data.get("layers", [])],
-                   removed_layers=list(data.get("removed_layers", [])))
+                   removed_layers=list(data.get("removed_layers", [])),
+                   kept_hidden=data.get("kept_hidden"), hidden_norm_scales=data.get("hidden_norm_scales"))
 
     @property
     def kept_layers(self) -> list[int]:

@@ -70,6 +70,9 @@ def prune_streaming(source: str | os.PathLike | nn.Module, config: PruneConfig, 
                              "memory")
     if config.layers or config.experts:
         raise StreamingError("layer and expert removal are not streamed yet; prune in memory")
+    if config.hidden or config.params:
+        raise StreamingError("hidden-dimension pruning (--hidden, --params) is not streamed: its channels are chosen "
+                             "on every layer's norms at once and cut in every layer; prune in memory")
     model, ck, prefixes = build_skeleton(source, dtype)
     device = device if device is not None else ck.execution_device
     adapter = get_adapter(model)

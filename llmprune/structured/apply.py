@@ -17,11 +17,16 @@ __all__ = ["apply_plan"]
 def apply_plan(model: nn.Module, plan: PrunePlan, adapter: ArchAdapter | None = None) -> nn.Module:
     """Apply ``plan`` in place and update ``model.config``; returns ``model``.
 
-    Layers are pruned first (indices refer to the original layers), then removed. If all layers end up
+    Hidden channels (``plan.kept_hidden``) go first, then layers are pruned (indices refer to the original
+    layers), then removed. If all layers end up
     with the same widths the config stays standard; otherwise it becomes llmprune's per-layer config
     (see :mod:`llmprune.perlayer`).
     """
     adapter = adapter or get_adapter(model)
+    if plan.kept_hidden is not None:  # channel indices are the same in every layer: cut them first
+        from .hidden import prune_hidden
+
+        prune_hidden(model, adapter, plan.kept_hidden, plan.hidden_norm_scales)
     layers = adapter.decoder_layers(model)
     if plan.layers and len(plan.layers) != len(layers):
         raise ValueError(f"plan has {len(plan.layers)} layers, model has {len(layers)}")

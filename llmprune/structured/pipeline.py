@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from torch import nn
 from ..arch import get_adapter
 from ..calibration.calibrate import CalibrationError, as_batches, layerwise_statistics
 from .compensate import add_deltas, compensation_deltas, enable_biases, zero_deltas
-from ..core.config import PruneConfig, PrunePlan
+from ..core.config import LayerPlan, PruneConfig, PrunePlan
 from ..criteria import get_criterion
 from ..checkpoint.dispatched import check_not_dispatched
 from .score import LayerScores, score_layer, score_layers
@@ -35,6 +36,7 @@ from .select import check_ratios, plan_pruning, resolve_config
 from .sequential import (block_influence_counts, error_counts, layer_cost_curves, output_modules, per_kind_cost_counts,
                          prune_sequential)
 from .apply import apply_plan
+from .surgery import count_parameters
 
 __all__ = ["prune", "PruneResult", "count_parameters"]
 
@@ -47,15 +49,19 @@ class PruneResult:
     params_before: int
     params_after: int
     scores: list[LayerScores] = field(default_factory=list, repr=False)
+    #: ``params``: the candidate splits measured and the one chosen (:func:`llmprune.structured.budget.choose_split`)
+    budget: dict[str, Any] | None = None
 
     def save(self, out_dir: str | os.PathLike, tokenizer: Any = None, source: str | None = None,
              overwrite: bool = False) -> Any:
         """Save the pruned model with its recipe and plan (see :func:`llmprune.io.save_pruned`)."""
         from ..checkpoint.io import save_pruned
 
+        extra: dict[str, Any] = {"params_before": self.params_before, "params_after": self.params_after}
+        if self.budget:
+            extra["params_budget"] = self.budget
         return save_pruned(self.model, out_dir, tokenizer=tokenizer, config=self.config, plan=self.plan,
-                           source=source, overwrite=overwrite,
-                           extra={"params_before": self.params_before, "params_after": self.params_after})
+                           source=source, overwrite=overwrite, extra=extra)
 
 
 _PREPARED_FIELDS = ("grad_rows", "grad_cols", "label_sums", "label_counts", "readout")
@@ -70,16 +76,6 @@ def _adopt_gradients(stats: Any, grad_stats: list | None, i: int) -> None:
         target = stats.inputs.setdefault(module, type(s)())
         for name in _PREPARED_FIELDS:
             setattr(target, name, getattr(s, name))
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Distinct parameters (tied embeddings counted once)."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total
 
 
 def prune(
@@ -104,6 +100,8 @@ def prune(
     config.validate()
     check_not_dispatched(model, "prune")
     adapter = get_adapter(model)
+    if config.hidden > 0 or config.params > 0:
+        return _prune_width(model, adapter, config, tokenizer, calibration, device, progress)
     criterion = get_criterion(config.method)
     config = resolve_config(model, adapter, config)  # attention_unit "auto" -> "group" / "query", once
     check_ratios(model, adapter, config)
@@ -206,3 +204,40 @@ def _prune_obs(model: nn.Module, adapter: Any, config: PruneConfig, batches: lis
         counts = (per_kind_cost_counts if config.allocation == "fisher" else error_counts)(model, adapter, config, curves)
     return prune_sequential(model, adapter, config, batches, device=device, progress=progress, counts=counts,
                             fisher=fisher)
+
+
+def _prune_width(model: nn.Module, adapter: Any, config: PruneConfig, tokenizer: Any, calibration: Any, device: Any,
+                 progress: bool) -> PruneResult:
+    """``hidden`` / ``params``: (choose the split,) cut the hidden channels, then prune heads, FFN neurons, layers
+    and experts of the narrower model with the run's method (each stage calibrated on the model it cuts)."""
+    from .budget import choose_split
+    from .hidden import choose_hidden, prune_hidden
+    from .perlayer import set_config_widths
+
+    get_criterion(config.method)  # unknown method: fail before any work
+    check_ratios(model, adapter, resolve_config(model, adapter, config))
+    batches = as_batches(calibration, tokenizer, config.n_samples, config.seq_len, config.seed, config.batch_size)
+    if batches is None:
+        raise CalibrationError(f"{'--params' if config.params else 'hidden-dimension pruning'} needs calibration "
+                               "data: pass calibration=<text file> (CLI: --calib FILE)")
+    params_before = count_parameters(model)
+    was_training = model.training
+    model.eval()
+    budget = None
+    if config.params > 0:
+        config, budget = choose_split(model, adapter, config, batches, prune, device=device, progress=progress)
+    kept, scales = None, None
+    if config.hidden > 0:
+        kept, scales = choose_hidden(model, adapter, config, batches, progress=progress)
+        prune_hidden(model, adapter, kept, scales)
+        set_config_widths(model, adapter)
+    blocks = dataclasses.replace(config, hidden=0.0)
+    if blocks.heads or blocks.ffn or blocks.layers or blocks.experts:
+        inner = prune(model, blocks, calibration=batches, device=device, progress=progress)
+        plan, blocks = inner.plan, inner.config
+    else:
+        plan = PrunePlan(layers=[LayerPlan() for _ in adapter.decoder_layers(model)])
+    plan.kept_hidden, plan.hidden_norm_scales = kept, scales
+    model.train(was_training)
+    return PruneResult(model, plan, dataclasses.replace(blocks, hidden=config.hidden), params_before,
+                       count_parameters(model), budget=budget)

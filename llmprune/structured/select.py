@@ -221,6 +221,7 @@ def check_ratios(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig) -> No
     that would remove nothing at all (rounded to zero units in every layer)."""
     if cfg.attention_unit == "auto":
         cfg = resolve_config(model, adapter, cfg)
+    _check_hidden(model, adapter, cfg)
     layers = adapter.decoder_layers(model)
     if cfg.layers >= len(layers):
         raise RatioError(f"--layers {cfg.layers} would remove all {len(layers)} layers")
@@ -276,6 +277,22 @@ def check_ratios(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig) -> No
         n = min(moe.num_experts for moe in map(adapter.experts, layers) if moe is not None)
         raise _nothing_removed("experts", cfg.experts, "expert", 1 / n,
                                f"{cfg.experts:g} of {n} experts per layer rounds to 0")
+
+
+def _check_hidden(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig) -> None:
+    """``hidden``: the family must allow it, and the ratio must remove at least one channel and keep one."""
+    if not cfg.hidden:
+        return
+    if adapter.hidden_refusal:
+        raise RatioError(f"--hidden: {adapter.family or type(adapter).__name__} cannot have its hidden size pruned: "
+                         f"{adapter.hidden_refusal}. Prune heads / FFN neurons / layers instead")
+    hidden = int(model.config.hidden_size)
+    n = round(cfg.hidden * hidden)
+    if n == 0:
+        raise _nothing_removed("hidden", cfg.hidden, "hidden channel", 1 / hidden,
+                               f"{cfg.hidden:g} of {hidden} channels rounds to 0")
+    if n >= hidden:
+        raise RatioError(f"--hidden {cfg.hidden:g} would remove every hidden channel ({n} of {hidden})")
 
 
 def experts_to_remove(ratio: float, num_experts: int) -> int:

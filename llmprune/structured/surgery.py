@@ -21,7 +21,7 @@ from ..arch import ArchAdapter, get_adapter
 from ..arch.base import ExpertsSpec, _is_conv1d, set_weight_matrix, weight_matrix
 from ..core.config import LayerPlan, PrunePlan
 
-__all__ = ["slice_module", "prune_experts", "prune_layer", "remove_layers", "layer_widths"]
+__all__ = ["slice_module", "prune_experts", "prune_layer", "remove_layers", "layer_widths", "count_parameters"]
 
 
 def slice_module(module: nn.Module, dim: str, keep: torch.Tensor) -> None:
@@ -183,3 +183,13 @@ def layer_widths(model: nn.Module, adapter: ArchAdapter | None = None) -> list[d
     return out
 
 
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Distinct parameters (tied embeddings counted once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total

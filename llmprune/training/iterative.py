@@ -61,6 +61,8 @@ def prune_iteratively(
     (LoRA merged after every recovery, so each step prunes a plain model)."""
     if steps < 1:
         raise ValueError(f"iterative steps={steps!r} must be >= 1")
+    if steps > 1 and (config.hidden or config.params):
+        raise ValueError("iterative pruning does not take hidden / params yet: prune the hidden size in one step")
     if steps > 1 and recovery is not None and data is None:
         from ..calibration.calibrate import CalibrationError
 

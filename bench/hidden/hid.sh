@@ -1,0 +1,4 @@
+export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONPATH=/tmp/snap20
+cd /tmp
+/usr/bin/time -v /work/venv20/bin/python -m llmprune prune /root/.cache/llmprune/models/smollm2-135m-instruct --hidden 0.1667 --hidden-method rms --calib /work/shared/data/reference-train.txt --n-samples 32 --seq-len 256 --out /work/runs20/hidden-rms-0167 --quiet
+/work/venv20/bin/python /work/wt20/scripts/bench_hidden_ppl.py /work/runs20/ppl.json /work/runs20/hidden-rms-0167
