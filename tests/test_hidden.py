@@ -231,10 +231,21 @@ _SAVED = [("llama", True, PruneConfig(hidden=0.25, method="wanda")),
 
 
 def test_verified_saves_reload_in_a_fresh_process(tmp_path):
+    _saves_reload_in_a_fresh_process(tmp_path, _SAVED)
+
+
+def test_every_family_tied_and_untied_reloads_in_a_fresh_process(tmp_path):
+    """Every supported family, tied and untied: 20 verified saves, then one fresh loader process for all."""
+    cases = [(f, tied, PruneConfig(hidden=0.25, heads=0.25, ffn=0.25, method="wanda"))
+             for f in FAMILIES for tied in (True, False)]
+    _saves_reload_in_a_fresh_process(tmp_path, cases, min_standard=10)
+
+
+def _saves_reload_in_a_fresh_process(tmp_path, cases, min_standard: int = 4):
     jobs, expected = [], {}
     ids = _ids(2, 9, 4)
     torch.save(ids, tmp_path / "ids.pt")
-    for family, tied, cfg in _SAVED:
+    for family, tied, cfg in cases:
         key = f"{family}-{'tied' if tied else 'untied'}"
         src = tmp_path / f"{key}-src"
         build(family, tie_word_embeddings=tied).save_pretrained(src)  # a user's checkpoint, then pruned
@@ -250,7 +261,7 @@ def test_verified_saves_reload_in_a_fresh_process(tmp_path):
             expected[key] = model(ids).logits
         jobs.append({"key": key, "folder": str(out), "ids": str(tmp_path / "ids.pt"),
                      "logits": str(tmp_path / f"{key}.pt"), "standard": not saved["model_type"].startswith("llmprune_")})
-    assert sum(j["standard"] for j in jobs) >= 4
+    assert sum(j["standard"] for j in jobs) >= min_standard
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     (tmp_path / "load.py").write_text(_LOADER)
     subprocess.run([sys.executable, str(tmp_path / "load.py"), str(tmp_path / "jobs.json")], check=True,
