@@ -9,6 +9,23 @@ from ..core.distributed import all_reduce_sum, world
 __all__ = ["HessianAccumulator", "CrossAccumulator"]
 
 
+def _accumulate(mat: torch.Tensor, count: int, a: torch.Tensor, b: torch.Tensor) -> int:
+    """Fold ``2 aᵀb`` of new tokens (rows) into the running mean ``mat`` over ``count`` tokens, in place."""
+    total = count + a.shape[0]
+    mat.mul_(count / total)
+    mat.addmm_(a.t(), b, alpha=2.0 / total)
+    return total
+
+
+def _all_reduce_mean(mat: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:
+    """The running means of all processes (``accelerate launch``) combined into the mean over all tokens."""
+    if world()[1] == 1:
+        return mat, count
+    weighted, total = all_reduce_sum(mat * count, torch.tensor([float(count)], dtype=torch.float64, device=mat.device))
+    total = int(total.item())
+    return weighted / max(total, 1), total
+
+
 class HessianAccumulator:
     """Running ``H = 2/N * sum_t x_t x_t^T`` over all ``N`` calibration tokens of one layer's input."""
 
@@ -21,22 +38,13 @@ class HessianAccumulator:
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).to(self.H.device, self.dtype)
-        n = x.shape[0]
-        if n == 0:
+        if x.shape[0] == 0:
             return
-        total = self.count + n
-        self.H.mul_(self.count / total)
-        self.H.addmm_(x.t(), x, alpha=2.0 / total)
-        self.count = total
+        self.count = _accumulate(self.H, self.count, x, x)
 
     def all_reduce(self) -> None:
         """Combine the running means of all processes (``accelerate launch``) into the mean over all tokens."""
-        if world()[1] == 1:
-            return
-        weighted, count = all_reduce_sum(self.H * self.count, torch.tensor([float(self.count)], dtype=torch.float64,
-                                                                            device=self.H.device))
-        self.count = int(count.item())
-        self.H = weighted / max(self.count, 1)
+        self.H, self.count = _all_reduce_mean(self.H, self.count)
 
     def hessian(self) -> torch.Tensor:
         if self.count == 0:
@@ -75,16 +83,7 @@ class CrossAccumulator:
         if n == 0:
             return
         ones = torch.ones(n, 1, device=x.device, dtype=x.dtype)
-        x, y = torch.cat([x, ones], 1), torch.cat([y, ones], 1)
-        total = self.count + n
-        self.P.mul_(self.count / total)
-        self.P.addmm_(x.t(), y, alpha=2.0 / total)
-        self.count = total
+        self.count = _accumulate(self.P, self.count, torch.cat([x, ones], 1), torch.cat([y, ones], 1))
 
     def all_reduce(self) -> None:
-        if world()[1] == 1:
-            return
-        weighted, count = all_reduce_sum(self.P * self.count, torch.tensor([float(self.count)], dtype=torch.float64,
-                                                                            device=self.P.device))
-        self.count = int(count.item())
-        self.P = weighted / max(self.count, 1)
+        self.P, self.count = _all_reduce_mean(self.P, self.count)
