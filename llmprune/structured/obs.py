@@ -35,6 +35,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .reconstruct import damped_cholesky
+
 __all__ = ["greedy_column_removal", "greedy_block_removal", "head_blocks", "obs_layer_scores", "obs_cost_curves"]
 
 _DT = torch.float64
@@ -44,14 +46,7 @@ def _damped_inverse(gram: torch.Tensor, percdamp: float) -> torch.Tensor:
     g = gram.to(_DT)
     mean = float(torch.diagonal(g).mean()) if g.numel() else 0.0
     lam = percdamp * mean if mean > 0 else max(percdamp, 1e-8)
-    eye = torch.eye(g.shape[0], dtype=_DT, device=g.device)
-    for _ in range(6):  # raise λ tenfold until the damped Gram is positive definite
-        chol, info = torch.linalg.cholesky_ex(g + lam * eye)
-        if int(info) == 0:
-            return torch.cholesky_inverse(chol)
-        lam *= 10
-    raise RuntimeError("obs: the calibration Gram matrix is not positive definite even after damping; "
-                       "use more calibration samples or a larger percdamp")
+    return torch.cholesky_inverse(damped_cholesky(g, lam, who="obs"))
 
 
 def _fisher_times(fisher: torch.Tensor | None, w: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,19 @@ def _damping(diag: torch.Tensor, percdamp: float) -> float:
     return percdamp * mean if mean > 0 else percdamp
 
 
+def damped_cholesky(gram: torch.Tensor, lam: float, who: str = "reconstruction") -> torch.Tensor:
+    """Lower Cholesky factor of ``gram + λI``, raising λ tenfold (from 1e-8 when it is 0) up to 5 times until the
+    damped matrix is positive definite; a :class:`RuntimeError` naming ``who`` when it never is."""
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    for _ in range(6):
+        chol, info = torch.linalg.cholesky_ex(gram + lam * eye)
+        if int(info) == 0:
+            return chol
+        lam = lam * 10 if lam > 0 else 1e-8
+    raise RuntimeError(f"{who}: the calibration Gram matrix is not positive definite even after damping; "
+                       "use more calibration samples or a larger percdamp")
+
+
 def _as_index(kept: torch.Tensor | list[int], device: torch.device) -> torch.Tensor:
     return torch.as_tensor(kept, dtype=torch.long, device=device).reshape(-1)
 
@@ -70,15 +83,7 @@ def refit_columns(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor |
     g_kk = g.index_select(0, k).index_select(1, k)
     lam = _damping(torch.diagonal(g_kk), percdamp)
     rhs = w.index_select(1, r) @ g.index_select(0, r).index_select(1, k)  # W_R G_RK  [out, |K|]
-    eye = torch.eye(k.numel(), dtype=_SOLVE_DTYPE, device=dev)
-    for _ in range(6):  # raise λ tenfold if the damped Gram is still not positive definite
-        chol, info = torch.linalg.cholesky_ex(g_kk + lam * eye)
-        if int(info) == 0:
-            break
-        lam = lam * 10 if lam > 0 else 1e-8
-    else:
-        raise RuntimeError("reconstruction: the calibration Gram matrix is not positive definite even after "
-                           "damping; use more calibration samples or a larger percdamp")
+    chol = damped_cholesky(g_kk, lam)
     delta = torch.cholesky_solve(rhs.t(), chol).t()  # (G_KK + λI)^-1 is symmetric
     new = w.index_select(1, k) + delta
     return new.to(weight.device, weight.dtype)
@@ -122,12 +127,7 @@ def removal_error_curve(weight: torch.Tensor, gram: torch.Tensor, order: torch.T
         errs[1:] = lead
         return errs.cpu()
     lam = _damping(torch.diagonal(g), percdamp)
-    eye = torch.eye(n, dtype=_SOLVE_DTYPE, device=dev)
-    for _ in range(6):
-        chol, info = torch.linalg.cholesky_ex(g + lam * eye)
-        if int(info) == 0:
-            break
-        lam = lam * 10 if lam > 0 else 1e-8
+    chol = damped_cholesky(g, lam)
     # Upper Cholesky factor of H^-1: row j holds column j's OBS update given only later columns remain.
     u = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
     block = 128

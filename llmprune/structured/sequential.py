@@ -37,7 +37,7 @@ from ..calibration.calibrate import LayerStats, layerwise_statistics
 from ..core.config import LayerPlan, PruneConfig, PrunePlan
 from ..calibration.fisher import output_modules_of
 from .obs import obs_layer_scores
-from .reconstruct import augment_gram, refit_columns, removal_error_curve
+from .reconstruct import augment_gram, damped_cholesky, refit_columns, removal_error_curve
 from .score import LayerScores, score_layer
 from .select import LayerCounts, attention_units, neurons_to_remove, plan_layer, removal_counts, units_to_remove
 from .surgery import _complement, prune_layer, remove_layers
@@ -221,13 +221,7 @@ def toward_dense(module: nn.Module, stats: LayerStats, percdamp: float) -> None:
         p_xy = p[:n, :n]
     lam = percdamp * float(torch.diagonal(g)[:n].mean().clamp_min(1e-12))
     rhs = w @ (p_xy.t() - g)  # W (Σ y xᵀ - Σ x xᵀ): the change that maps x onto the original outputs
-    eye = torch.eye(g.shape[0], dtype=dt, device=g.device)
-    for _ in range(6):
-        chol, info = torch.linalg.cholesky_ex(g + lam * eye)
-        if int(info) == 0:
-            break
-        lam *= 10
-    delta = torch.cholesky_solve(rhs.t(), chol).t()
+    delta = torch.cholesky_solve(rhs.t(), damped_cholesky(g, lam, who="refit_target='dense'")).t()
     new = w + delta
     if has_bias:
         module.bias.data.copy_(new[:, -1].to(module.bias.dtype))
