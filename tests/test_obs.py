@@ -218,3 +218,29 @@ def test_recommended_config_is_the_cli_default():
         assert (cfg.method, cfg.allocation, cfg.n_samples, cfg.seq_len) == ("wanda", "uniform", 32, 256)
     cfg = PruneConfig.recommended(ffn=0.25, method="wanda", n_samples=8)
     assert (cfg.method, cfg.allocation, cfg.n_samples, cfg.seq_len) == ("wanda", "uniform", 8, 256)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "opt", "qwen3"])
+def test_obs_with_bias_compensation_refits_biases_and_reloads(tmp_path, model_type):
+    """``bias_compensation`` with obs: o_proj / down_proj get a bias, refitted with the kept columns (a
+    constant input of 1 in the least squares), declared in the config, and the save reloads identically."""
+    model = tiny_causal_lm(model_type).eval()
+    adapter = get_adapter(model)
+    calib = torch.randint(3, 128, (16, 32), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(2))
+    cfg = PruneConfig(heads=0.5, ffn=0.25, method="obs", allocation="fisher", batch_size=4, fisher_samples=4,
+                      bias_compensation=True)
+    if model_type == "qwen3":  # its config cannot declare an MLP bias: refused before anything changes
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match="cannot declare"):
+            prune(model, cfg, calibration=calib, progress=False)
+        assert model.state_dict().keys() == before.keys()
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        return
+    result = prune(model, cfg, calibration=calib, progress=False)
+    for layer in adapter.decoder_layers(model):
+        for spec in (adapter.attention(layer), adapter.ffn(layer)):
+            bias = spec.output.module.bias
+            assert bias is not None and torch.isfinite(bias).all() and bias.abs().sum() > 0
+    out = result.save(tmp_path / "m")
+    assert_reloads_identically(model, out, ids)

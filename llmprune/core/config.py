@@ -74,7 +74,8 @@ class PruneConfig(_JsonMixin):
         batch_size: calibration batch size.
         bias_compensation: add the removed heads' / neurons' mean contribution over the calibration
             tokens to the bias of o_proj / down_proj (FLAP); biases are created where the family's config
-            can declare them. With ``reconstruct`` the bias is refitted jointly with the weights.
+            can declare them. With ``reconstruct``, or method ``obs``, the bias is refitted jointly with the
+            weights (a constant input of 1 in the least squares).
         reconstruct: after removing heads / neurons, refit the projection that consumes them (the
             adapter's ``output`` slot: o_proj, down_proj, GPT-2 ``c_proj``, ...) by damped least squares on
             calibration inputs, layer by layer with the inputs of the already pruned layers

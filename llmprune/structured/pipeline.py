@@ -106,9 +106,9 @@ def prune(
     config = resolve_config(model, adapter, config)  # attention_unit "auto" -> "group" / "query", once
     check_ratios(model, adapter, config)
     prunes_units = config.heads > 0 or config.ffn > 0
-    if config.method == "obs" and (config.layers or config.experts or config.bias_compensation):
-        raise ValueError("method 'obs' prunes heads and FFN neurons; remove layers / experts, or compensate biases, "
-                         "in a separate run with another method")
+    if config.method == "obs" and (config.layers or config.experts):
+        raise ValueError("method 'obs' prunes heads and FFN neurons; remove layers / experts in a separate run with "
+                         "another method")
     needs_data = ((criterion.needs_calibration or config.bias_compensation or config.reconstruct
                    or config.allocation in ("error", "block_influence")) and prunes_units) or config.layers > 0
     batches = as_batches(calibration, tokenizer, config.n_samples, config.seq_len, config.seed, config.batch_size)
@@ -186,6 +186,8 @@ def _prune_obs(model: nn.Module, adapter: Any, config: PruneConfig, batches: lis
     from ..calibration.fisher import output_fisher
     from .obs import obs_cost_curves
 
+    if config.bias_compensation:  # zero biases on o_proj / down_proj (outputs unchanged), refitted with the kept
+        enable_biases(adapter, model, zero_deltas(adapter, model))  # columns; raises first where none can be declared
     fisher = None
     if config.allocation == "fisher":
         fisher = output_fisher(model, adapter, batches[:max(1, math.ceil(config.fisher_samples / config.batch_size))],

@@ -2,7 +2,7 @@
 Python API, score WikiText-2 (first 20k tokens, 512-token windows) and append a JSON line.
 
     python scripts/research/ablate.py TAG '{"heads": 0.333, "method": "obs", "allocation": "fisher"}' \
-        [--calib FILE] [--out bench/real_structured/ablations.jsonl] [--threads 1]
+        [--calib FILE] [--out bench/real_structured/ablations.jsonl] [--threads 1] [--iterative-steps N]
 
 The calibration text defaults to ``../shared/data/reference-train.txt``; the model to scripts/real_model.py's
 SmolLM2-135M-Instruct. Fields: tag, config, block params removed, PPL, pruning seconds.
@@ -32,6 +32,8 @@ def main() -> int:
     ap.add_argument("--calib", default=str(SHARED / "data" / "reference-train.txt"))
     ap.add_argument("--out", default="bench/real_structured/ablations.jsonl")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--iterative-steps", type=int, default=1,
+                    help="prune in this many equal steps (llmprune.training.prune_iteratively, no recovery between)")
     args = ap.parse_args()
 
     import torch
@@ -49,11 +51,19 @@ def main() -> int:
     before = block_parameters(model)
     cfg = PruneConfig(**json.loads(args.config))
     t0 = time.time()
-    result = llmprune.prune(model, cfg, tokenizer=tok, calibration=args.calib, progress=False)
+    if args.iterative_steps > 1:
+        from llmprune.training.iterative import prune_iteratively
+
+        it = prune_iteratively(model, cfg, args.iterative_steps, tokenizer=tok, calibration=args.calib, progress=False)
+        model, result = it.model, it.steps[-1]
+    else:
+        result = llmprune.prune(model, cfg, tokenizer=tok, calibration=args.calib, progress=False)
     seconds = time.time() - t0
     ppl = perplexity(model, tok, load_text(SHARED / "data" / "wikitext2-raw-test.txt"), seq_len=512,
                      max_tokens=20000, progress=False).ppl
-    row = {"tag": args.tag, "config": result.config.to_dict(), "calib": Path(args.calib).name,
+    row = {"tag": args.tag, "config": (cfg if args.iterative_steps > 1 else result.config).to_dict(),
+           **({"iterative_steps": args.iterative_steps} if args.iterative_steps > 1 else {}),
+           "calib": Path(args.calib).name,
            "block_removed": round(1 - block_parameters(model) / before, 4), "ppl": round(ppl, 2),
            "seconds": round(seconds), "threads": args.threads}
     print(json.dumps(row), flush=True)
