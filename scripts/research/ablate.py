@@ -24,6 +24,18 @@ sys.path.insert(0, str(REPO / "scripts"))
 SHARED = Path(os.environ.get("LLMPRUNE_SHARED", REPO.parent / "shared"))
 
 
+def _widths(model) -> dict[str, list[int]]:
+    """Heads and FFN neurons left in every decoder layer (where the allocation put the cut)."""
+    from llmprune.arch import get_adapter
+
+    adapter = get_adapter(model)
+    layers = adapter.decoder_layers(model)
+    attn = [adapter.attention(layer) for layer in layers]
+    ffn = [adapter.ffn(layer) for layer in layers]
+    return {"heads": [a.num_heads if a is not None else 0 for a in attn],
+            "neurons": [f.num_neurons if f is not None else 0 for f in ffn]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("tag")
@@ -65,7 +77,7 @@ def main() -> int:
            **({"iterative_steps": args.iterative_steps} if args.iterative_steps > 1 else {}),
            "calib": Path(args.calib).name,
            "block_removed": round(1 - block_parameters(model) / before, 4), "ppl": round(ppl, 2),
-           "seconds": round(seconds), "threads": args.threads}
+           "seconds": round(seconds), "threads": args.threads, "widths": _widths(model)}
     print(json.dumps(row), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a") as f:
