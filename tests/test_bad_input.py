@@ -131,7 +131,9 @@ def test_cli_errors_leave_no_output(tmp_path, ref_model_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("content", [bytes(range(256)) * 12, __import__("os").urandom(3000)])
+# Seeded random bytes with fixed ids: every pytest-xdist worker must collect the same test names.
+@pytest.mark.parametrize("content", [bytes(range(256)) * 12, __import__("random").Random(0).randbytes(3000)],
+                         ids=["every-byte", "random-bytes"])
 def test_calibration_that_is_not_text_is_refused(tmp_path, ref_model, content):
     model, tok = ref_model
     junk = tmp_path / "random.bin"
