@@ -26,14 +26,10 @@ SHARED = Path(os.environ.get("LLMPRUNE_SHARED", REPO.parent / "shared"))
 
 def _widths(model) -> dict[str, list[int]]:
     """Heads and FFN neurons left in every decoder layer (where the allocation put the cut)."""
-    from llmprune.arch import get_adapter
+    from llmprune.structured.surgery import layer_widths
 
-    adapter = get_adapter(model)
-    layers = adapter.decoder_layers(model)
-    attn = [adapter.attention(layer) for layer in layers]
-    ffn = [adapter.ffn(layer) for layer in layers]
-    return {"heads": [a.num_heads if a is not None else 0 for a in attn],
-            "neurons": [f.num_neurons if f is not None else 0 for f in ffn]}
+    widths = layer_widths(model)
+    return {"heads": [w["heads"] for w in widths], "neurons": [w["neurons"] for w in widths]}
 
 
 def main() -> int:
