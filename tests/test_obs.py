@@ -127,6 +127,28 @@ def test_fisher_allocation_keeps_each_kinds_total(ref_model):
     assert len({len(lp.kept_neurons) for lp in layers}) > 1  # per-layer widths
 
 
+def test_fisher_joint_spends_one_budget_across_kinds(ref_model):
+    """fisher_joint: the parameters the uniform setting would remove, heads and neurons competing for them."""
+    from llmprune.structured.sequential import _uniform_budgets
+
+    model, tok = ref_model
+    adapter = get_adapter(model)
+    cfg = PruneConfig(heads=0.25, ffn=0.25, method="obs", allocation="fisher", fisher_joint=True, n_samples=8,
+                      fisher_samples=8, attention_unit="group")
+    head_budget, neuron_budget = _uniform_budgets(model, adapter, cfg)
+    layers = adapter.decoder_layers(model)
+    block = lambda: sum(p.numel() for layer in layers for p in layer.parameters())  # noqa: E731
+    before = block()
+    result = prune(model, cfg, tokenizer=tok, calibration="../shared/data/reference-train.txt", progress=False)
+    removed = before - block()
+    group = head_budget // 12  # 12 groups = 25% of 48 heads in groups of 2
+    assert head_budget + neuron_budget - group <= removed <= head_budget + neuron_budget  # one budget, spent whole
+    heads_removed = sum(8 - len(lp.kept_heads) for lp in result.plan.layers if lp.kept_heads is not None)
+    assert heads_removed % 2 == 0  # whole KV groups
+    with pytest.raises(ValueError, match="fisher_joint.*fisher"):
+        PruneConfig(ffn=0.25, method="obs", allocation="error", fisher_joint=True)
+
+
 def test_obs_refuses_what_it_does_not_do():
     with pytest.raises(ValueError, match="fisher.*obs"):
         PruneConfig(ffn=0.25, allocation="fisher")

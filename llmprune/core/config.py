@@ -84,6 +84,9 @@ class PruneConfig(_JsonMixin):
         spread: ``block_influence`` allocation: layer ratios span ``2 * spread`` around the target.
         fisher_samples: ``fisher`` allocation: calibration windows of the one forward/backward pass that
             estimates the output Fisher (:mod:`llmprune.calibration.fisher`).
+        fisher_joint: ``fisher`` allocation: heads and FFN neurons compete for one budget (the parameters
+            that ``heads`` / ``ffn`` remove uniformly, as with ``error``) instead of each kind keeping its
+            total, so the achieved head and neuron fractions move away from the requested ones.
         fisher_diagonal: keep only the Fisher's diagonal (``hidden`` floats per projection instead of
             ``hidden²``: for models whose full factors would not fit in memory).
         refit_target: what method ``obs`` refits o_proj / down_proj towards. ``layer``: the layer's own outputs
@@ -122,6 +125,7 @@ class PruneConfig(_JsonMixin):
     percdamp: float = 0.01
     spread: float = 0.1
     fisher_samples: int = 16
+    fisher_joint: bool = False
     fisher_diagonal: bool = False
     refit_target: Literal["layer", "dense"] = "layer"
     hidden: float = 0.0
@@ -178,6 +182,9 @@ class PruneConfig(_JsonMixin):
             raise ValueError(f"percdamp={self.percdamp!r} must be in [0, 1)")
         if self.allocation == "fisher" and self.method != "obs":
             raise ValueError("allocation='fisher' prices removals with the obs method; use method='obs'")
+        if self.fisher_joint and self.allocation != "fisher":
+            raise ValueError("fisher_joint shares the fisher allocation's budget between heads and FFN neurons; "
+                             "use allocation='fisher'")
         if self.method == "obs" and self.allocation in ("global", "block_influence"):
             raise ValueError(f"method 'obs' chooses units inside the sequential pass; allocation "
                              f"{self.allocation!r} needs per-unit scores: use uniform, error or fisher")

@@ -203,7 +203,8 @@ def _prune_obs(model: nn.Module, adapter: Any, config: PruneConfig, batches: lis
         layerwise_statistics(model, adapter, batches, device=device, progress=progress, on_layer=price,
                              grams_of=lambda layer: output_modules(adapter, layer), rerun=False,
                              modules_of=lambda layer: [])
-        counts = (per_kind_cost_counts if config.allocation == "fisher" else error_counts)(model, adapter, config, curves)
+        joint = config.allocation == "error" or config.fisher_joint  # one budget for heads and neurons
+        counts = (error_counts if joint else per_kind_cost_counts)(model, adapter, config, curves)
     return prune_sequential(model, adapter, config, batches, device=device, progress=progress, counts=counts,
                             fisher=fisher)
 
