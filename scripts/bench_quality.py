@@ -255,9 +255,15 @@ def run_row(row: dict, args: argparse.Namespace) -> dict:
             return {"error": f"llmprune prune exited {rc}; see {log}"}
         result.update(_parse_cli(out, row["config"]))
         result["cli_seconds"] = round(seconds, 1)
-        # the pruning step alone, from the CLI's own throughput line (n_samples x seq_len tokens)
+        # the pruning step alone, from the CLI's own throughput line over the windows the CLI drew itself
+        # (its default recipe's n_samples x seq_len, not this benchmark's shared windows)
+        from llmprune import PruneConfig
+
+        cli_cfg = PruneConfig.recommended(heads=row["config"]["heads"], ffn=row["config"]["ffn"])
         tps = result.get("calib_tokens_per_s")
-        result["seconds"] = round(args.n_samples * args.seq_len / tps, 1) if tps else round(seconds, 1)
+        tokens = cli_cfg.n_samples * cli_cfg.seq_len
+        result["calib_windows"] = [cli_cfg.n_samples, cli_cfg.seq_len]
+        result["seconds"] = round(min(tokens / tps, seconds), 1) if tps else round(seconds, 1)
         result["peak_rss_mb"] = round(peak, 1)  # the CLI process: load + prune + save
         model, tok = load_model(str(folder))
         if not args.keep_models:
@@ -395,18 +401,19 @@ def _markdown(results: list[dict], proto: dict, machine: str) -> str:
 
     lines += ["**Dense and structured (library default recipe through the CLI; fraction of decoder-block "
               "parameters removed)**", "",
-              f"| row | --heads | --ffn | heads removed | FFN removed | block params removed | PPL |{tcols} "
+              f"| row | --heads | --ffn | CLI calibration | heads removed | FFN removed | block params removed | PPL |{tcols} "
               "prune time (s) | peak RSS (MB) | prefill tok/s | decode tok/s |",
-              f"|---|---|---|---|---|---|---|{tsep}---|---|---|---|"]
+              f"|---|---|---|---|---|---|---|---|{tsep}---|---|---|---|"]
     for r in results:
         if r["kind"] == "dense":
-            lines.append(f"| dense | – | – | – | – | 0 |{cells(r)}{speed(r)}")
+            lines.append(f"| dense | – | – | – | – | – | 0 |{cells(r)}{speed(r)}")
         elif r["kind"] == "structured":
             c = r.get("config", {})
             if "error" in r:
-                lines.append(f"| {r['label']} | {c.get('heads')} | {c.get('ffn')} | – | – | – |{cells(r)} – | – |")
+                lines.append(f"| {r['label']} | {c.get('heads')} | {c.get('ffn')} | – | – | – | – |{cells(r)} – | – |")
                 continue
-            lines.append(f"| {r['label']} | {c['heads']} | {c['ffn']} | {r.get('heads_removed', 0):.3f} | "
+            windows = "x".join(map(str, r["calib_windows"])) if r.get("calib_windows") else "–"  # the CLI's own
+            lines.append(f"| {r['label']} | {c['heads']} | {c['ffn']} | {windows} | {r.get('heads_removed', 0):.3f} | "
                          f"{r.get('ffn_removed', 0):.3f} | {1 - r['kept']:.1%} |{cells(r)}{speed(r)}")
     if not any(r["kind"] == "structured" for r in results):
         lines += ["", "structured rows: run `python scripts/bench_quality.py --out OUT --threads 1 --only structured`"]
