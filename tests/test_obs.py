@@ -133,8 +133,8 @@ def test_fisher_joint_spends_one_budget_across_kinds(ref_model):
 
     model, tok = ref_model
     adapter = get_adapter(model)
-    cfg = PruneConfig(heads=0.25, ffn=0.25, method="obs", allocation="fisher", fisher_joint=True, n_samples=8,
-                      fisher_samples=8, attention_unit="group")
+    cfg = PruneConfig(heads=0.25, ffn=0.25, method="obs", allocation="fisher", fisher_joint=True, n_samples=4,
+                      seq_len=128, fisher_samples=4, attention_unit="group")
     head_budget, neuron_budget = _uniform_budgets(model, adapter, cfg)
     layers = adapter.decoder_layers(model)
     block = lambda: sum(p.numel() for layer in layers for p in layer.parameters())  # noqa: E731
