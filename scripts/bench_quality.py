@@ -256,13 +256,13 @@ def run_row(row: dict, args: argparse.Namespace) -> dict:
         result.update(_parse_cli(out, row["config"]))
         result["cli_seconds"] = round(seconds, 1)
         # the pruning step alone, from the CLI's own throughput line over the windows the CLI drew itself
-        # (its default recipe's n_samples x seq_len, not this benchmark's shared windows)
-        from llmprune import PruneConfig
+        # (read from the saved recipe: its defaults, capped at the model's context; not this benchmark's windows)
+        from llmprune.checkpoint.io import read_recipe
 
-        cli_cfg = PruneConfig.recommended(heads=row["config"]["heads"], ffn=row["config"]["ffn"])
+        used = read_recipe(folder)["config"]
+        result["calib_windows"] = [used["n_samples"], used["seq_len"]]
         tps = result.get("calib_tokens_per_s")
-        tokens = cli_cfg.n_samples * cli_cfg.seq_len
-        result["calib_windows"] = [cli_cfg.n_samples, cli_cfg.seq_len]
+        tokens = used["n_samples"] * used["seq_len"]
         result["seconds"] = round(min(tokens / tps, seconds), 1) if tps else round(seconds, 1)
         result["peak_rss_mb"] = round(peak, 1)  # the CLI process: load + prune + save
         model, tok = load_model(str(folder))

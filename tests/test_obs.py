@@ -129,18 +129,16 @@ def test_fisher_allocation_keeps_each_kinds_total(ref_model):
 
 def test_fisher_joint_spends_one_budget_across_kinds(ref_model):
     """fisher_joint: the parameters the uniform setting would remove, heads and neurons competing for them."""
+    from llmprune.cli.table import block_parameters
     from llmprune.structured.sequential import _uniform_budgets
 
     model, tok = ref_model
-    adapter = get_adapter(model)
     cfg = PruneConfig(heads=0.25, ffn=0.25, method="obs", allocation="fisher", fisher_joint=True, n_samples=4,
                       seq_len=128, fisher_samples=4, attention_unit="group")
-    head_budget, neuron_budget = _uniform_budgets(model, adapter, cfg)
-    layers = adapter.decoder_layers(model)
-    block = lambda: sum(p.numel() for layer in layers for p in layer.parameters())  # noqa: E731
-    before = block()
+    head_budget, neuron_budget = _uniform_budgets(model, get_adapter(model), cfg)
+    before = block_parameters(model)
     result = prune(model, cfg, tokenizer=tok, calibration="../shared/data/reference-train.txt", progress=False)
-    removed = before - block()
+    removed = before - block_parameters(model)
     group = head_budget // 12  # 12 groups = 25% of 48 heads in groups of 2
     assert head_budget + neuron_budget - group <= removed <= head_budget + neuron_budget  # one budget, spent whole
     heads_removed = sum(8 - len(lp.kept_heads) for lp in result.plan.layers if lp.kept_heads is not None)
