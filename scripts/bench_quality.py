@@ -266,6 +266,10 @@ def run_row(row: dict, args: argparse.Namespace) -> dict:
         result["seconds"] = round(min(tokens / tps, seconds), 1) if tps else round(seconds, 1)
         result["peak_rss_mb"] = round(peak, 1)  # the CLI process: load + prune + save
         model, tok = load_model(str(folder))
+        from llmprune.structured.surgery import layer_widths
+
+        # per-layer widths: where the allocation put the cut (and scripts/bench_speed_real.py's shapes)
+        result["widths"] = {k: [w[k] for w in layer_widths(model)] for k in ("heads", "neurons")}
         if not args.keep_models:
             shutil.rmtree(folder.parent, ignore_errors=True)
     elif row["kind"] == "peer":
