@@ -46,11 +46,9 @@ SGPT_SETTINGS = {"unstructured 50%": (0.5, None), "unstructured 70%": (0.7, None
 
 
 def machine() -> dict:
-    cpu = ""
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    from _machine import cpu_name
+
+    cpu = cpu_name()
     return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
 

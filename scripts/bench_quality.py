@@ -266,10 +266,9 @@ def run_row(row: dict, args: argparse.Namespace) -> dict:
         result["seconds"] = round(min(tokens / tps, seconds), 1) if tps else round(seconds, 1)
         result["peak_rss_mb"] = round(peak, 1)  # the CLI process: load + prune + save
         model, tok = load_model(str(folder))
-        from llmprune.structured.surgery import layer_widths
+        from llmprune.structured.surgery import widths_by_kind
 
-        # per-layer widths: where the allocation put the cut (and scripts/bench_speed_real.py's shapes)
-        result["widths"] = {k: [w[k] for w in layer_widths(model)] for k in ("heads", "neurons")}
+        result["widths"] = widths_by_kind(model)  # where the allocation put the cut; bench_speed_real's shapes
         if not args.keep_models:
             shutil.rmtree(folder.parent, ignore_errors=True)
     elif row["kind"] == "peer":
@@ -360,14 +359,9 @@ def _protocol(args: argparse.Namespace) -> dict:
 
 
 def _machine(threads: int) -> str:
-    try:
-        info = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        cpu = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        import platform
+    from _machine import cpu_name
 
-        cpu = platform.machine()
-    return f"{cpu}, {os.cpu_count()} cores, {threads} thread(s) per row"
+    return f"{cpu_name()}, {os.cpu_count()} cores, {threads} thread(s) per row"
 
 
 def _tasks_cells(r: dict, tasks: list[str]) -> list[str]:

@@ -81,9 +81,9 @@ def main() -> int:
         return perplexity(m, tok, text, seq_len=256, max_tokens=60000, progress=False).ppl
 
     dense_block = block_parameters(dense)
-    cpu = next((x.split(":", 1)[1].strip() for x in Path("/proc/cpuinfo").read_text().splitlines()
-                if x.startswith("model name")), "cpu") if Path("/proc/cpuinfo").exists() else "cpu"
-    machine = f"{cpu}, {torch.get_num_threads()} of {os.cpu_count()} cores, torch {torch.__version__}"
+    from _machine import cpu_name
+
+    machine = f"{cpu_name()}, {torch.get_num_threads()} of {os.cpu_count()} cores, torch {torch.__version__}"
     rows = [{"row": "dense", "ratio": 0.0, "kept": 1.0, "ppl": ppl(dense), "seconds": 0.0, "tokens": 0}]
     budget = RecoveryConfig(steps=args.steps)
     tokens = args.steps * budget.batch_size * budget.seq_len

@@ -143,9 +143,9 @@ def main() -> int:
     rows = saved["rows"]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    cpu = next((x.split(":", 1)[1].strip() for x in Path("/proc/cpuinfo").read_text().splitlines()
-                if x.startswith("model name")), "cpu")
-    machine = (f"{cpu}, {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} "
+    from _machine import cpu_name
+
+    machine = (f"{cpu_name()}, {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} "
                f"GiB; torch {torch.__version__}" + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
     for size in args.sizes.split(","):
         folder = work / f"llama-{size}"

@@ -19,7 +19,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -102,7 +101,7 @@ def main() -> int:
 
     import llmprune
     from llmprune.structured.apply import apply_plan
-    from llmprune.structured.surgery import layer_widths
+    from llmprune.structured.surgery import widths_by_kind
 
     torch.set_num_threads(args.threads)
     if args.model is None:
@@ -115,16 +114,14 @@ def main() -> int:
     for label, widths, source in _sources(args.tags.split(",") if args.tags else None):
         model = copy.deepcopy(dense)
         apply_plan(model, _plan_for(model, widths))
-        got = layer_widths(model)
-        if [w["heads"] for w in got] != widths["heads"] or [w["neurons"] for w in got] != widths["neurons"]:
+        if widths_by_kind(model) != {k: widths[k] for k in ("heads", "neurons")}:
             raise SystemExit(f"{label}: the cut model's widths differ from the recorded ones")
         rows.append({"label": label, "source": source, **_measure(model, tok, args.repeats)})
         print(rows[-1], flush=True)
         del model
-    cpuinfo = Path("/proc/cpuinfo")
-    cpu = next((x.split(":", 1)[1].strip() for x in cpuinfo.read_text().splitlines() if x.startswith("model name")),
-               platform.machine()) if cpuinfo.exists() else platform.machine()
-    result = {"machine": f"{cpu}, {os.cpu_count()} cores",
+    from _machine import cpu_name
+
+    result = {"machine": f"{cpu_name()}, {os.cpu_count()} cores",
               "threads": args.threads, "prompt_len": 128, "new_tokens": 32, "batch": 1, "repeats": args.repeats,
               "date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join(sys.argv), "rows": rows}
     out = Path(args.out)

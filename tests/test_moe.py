@@ -15,7 +15,7 @@ from llmprune import PruneConfig
 from llmprune import RatioError, prune
 from llmprune.config import LayerPlan, PrunePlan
 from llmprune.io import read_plan, save_pruned
-from llmprune.surgery import apply_plan, layer_widths
+from llmprune.surgery import apply_plan, layer_widths, widths_by_kind
 
 from masking import mask_model
 from tiny_models import MOE_CONFIGS, assert_reloads_identically, tiny_moe
@@ -93,6 +93,8 @@ def test_save_reload_identical(tmp_path, model_type, allocation):
         assert saved["model_type"] == model_type
     else:
         assert layer_widths(reloaded) == layer_widths(model)
+    by_kind = widths_by_kind(reloaded, ("heads", "neurons", "experts"))
+    assert by_kind == {k: [w[k] for w in layer_widths(model)] for k in ("heads", "neurons", "experts")}
     assert read_plan(out) == result.plan
 
 

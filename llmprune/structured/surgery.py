@@ -21,7 +21,7 @@ from ..arch import ArchAdapter, get_adapter
 from ..arch.base import ExpertsSpec, _is_conv1d, set_weight_matrix, weight_matrix
 from ..core.config import LayerPlan, PrunePlan
 
-__all__ = ["slice_module", "prune_experts", "prune_layer", "remove_layers", "layer_widths", "count_parameters"]
+__all__ = ["slice_module", "prune_experts", "prune_layer", "remove_layers", "layer_widths", "widths_by_kind", "count_parameters"]
 
 
 def slice_module(module: nn.Module, dim: str, keep: torch.Tensor) -> None:
@@ -183,6 +183,12 @@ def layer_widths(model: nn.Module, adapter: ArchAdapter | None = None) -> list[d
     return out
 
 
+def widths_by_kind(model: nn.Module, kinds: tuple[str, ...] = ("heads", "neurons"),
+                   adapter: ArchAdapter | None = None) -> dict[str, list[int]]:
+    """:func:`layer_widths` turned around: one list over the decoder layers per unit kind, e.g.
+    ``{"heads": [9, 7, ...], "neurons": [1536, 1102, ...]}`` (where an allocation put the cut)."""
+    widths = layer_widths(model, adapter)
+    return {k: [w[k] for w in widths] for k in kinds}
 
 
 def count_parameters(model: nn.Module) -> int:

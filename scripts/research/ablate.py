@@ -27,10 +27,9 @@ SHARED = Path(os.environ.get("LLMPRUNE_SHARED", REPO.parent / "shared"))
 
 def _widths(model) -> dict[str, list[int]]:
     """Heads and FFN neurons left in every decoder layer (where the allocation put the cut)."""
-    from llmprune.structured.surgery import layer_widths
+    from llmprune.structured.surgery import widths_by_kind
 
-    widths = layer_widths(model)
-    return {"heads": [w["heads"] for w in widths], "neurons": [w["neurons"] for w in widths]}
+    return widths_by_kind(model)
 
 
 def main() -> int:
