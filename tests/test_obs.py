@@ -232,7 +232,7 @@ def test_dense_refit_target_needs_obs():
 
 def test_recommended_config_is_the_cli_default():
     cfg = PruneConfig.recommended(heads=0.25, ffn=0.25)
-    assert (cfg.method, cfg.allocation, cfg.n_samples, cfg.seq_len) == ("obs", "fisher", 64, 1024)
+    assert (cfg.method, cfg.allocation, cfg.n_samples, cfg.seq_len) == ("obs", "fisher", 128, 1024)
     for kw in ({"layers": 2}, {"experts": 0.25}, {"bias_compensation": True}, {"streaming": True}):
         cfg = PruneConfig.recommended(ffn=0.25, **kw)
         assert (cfg.method, cfg.allocation, cfg.n_samples, cfg.seq_len) == ("wanda", "uniform", 32, 256)

@@ -140,7 +140,8 @@ class PruneConfig(_JsonMixin):
                     **overrides: Any) -> "PruneConfig":
         """The recipe measured best on real models (BENCHMARKS.md, SmolLM2-135M), which ``llmprune prune``
         runs when no ``--method`` / ``--allocation`` is given: method ``obs`` with the ``fisher`` allocation on
-        64 windows of 1024 tokens for heads and FFN neurons in memory; ``wanda`` (uniform, 32 x 256) where obs
+        128 windows of 1024 tokens for heads and FFN neurons in memory (SmolLM2-135M at 25%: 48.56 PPL vs 49.60
+        on 64 windows, at twice the time); ``wanda`` (uniform, 32 x 256) where obs
         does not apply (layer or expert removal, bias compensation, streaming). ``overrides`` win.
 
         Example::
@@ -152,7 +153,7 @@ class PruneConfig(_JsonMixin):
                       or streaming)
         method = overrides.pop("method", None) or ("obs" if obs_ok else "wanda")
         allocation = overrides.pop("allocation", None) or ("fisher" if method == "obs" and obs_ok else "uniform")
-        defaults = {"n_samples": 64 if method == "obs" else 32, "seq_len": 1024 if method == "obs" else 256}
+        defaults = {"n_samples": 128 if method == "obs" else 32, "seq_len": 1024 if method == "obs" else 256}
         for name, value in defaults.items():
             if overrides.get(name) is None:
                 overrides[name] = value
