@@ -30,7 +30,8 @@ def add_calibration_arguments(p: argparse.ArgumentParser, n_samples: int, needed
 
 def add_obs_calibration_arguments(p: argparse.ArgumentParser, needed_by: str) -> None:
     """``prune``'s calibration options: their defaults depend on the method (obs: 128 windows of 1024 tokens,
-    measured better than 64 x 1024, 64 x 512, 64 x 2048 and 128 x 256 on a real model; the score-based methods: 32 x 256)."""
+    measured better than 64 x 1024, 64 x 512, 64 x 2048 and 128 x 256 on a real model; the score-based
+    methods: 32 x 256)."""
     p.add_argument("--calib", metavar="FILE_OR_NAME",
                    help=f"calibration text: a file, or wikitext2|c4|ptb (train split, via datasets); {needed_by}")
     p.add_argument("--n-samples", type=int, default=None, help="calibration windows (default 128 with obs, else 32)")

@@ -21,7 +21,8 @@ from ..arch import ArchAdapter, get_adapter
 from ..arch.base import ExpertsSpec, _is_conv1d, set_weight_matrix, weight_matrix
 from ..core.config import LayerPlan, PrunePlan
 
-__all__ = ["slice_module", "prune_experts", "prune_layer", "remove_layers", "layer_widths", "widths_by_kind", "count_parameters"]
+__all__ = ["slice_module", "prune_experts", "prune_layer", "remove_layers", "layer_widths", "widths_by_kind",
+           "count_parameters"]
 
 
 def slice_module(module: nn.Module, dim: str, keep: torch.Tensor) -> None:

@@ -25,13 +25,6 @@ sys.path.insert(0, str(REPO / "scripts"))
 SHARED = Path(os.environ.get("LLMPRUNE_SHARED", REPO.parent / "shared"))
 
 
-def _widths(model) -> dict[str, list[int]]:
-    """Heads and FFN neurons left in every decoder layer (where the allocation put the cut)."""
-    from llmprune.structured.surgery import widths_by_kind
-
-    return widths_by_kind(model)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("tag")
@@ -52,6 +45,7 @@ def main() -> int:
     import llmprune
     from llmprune import PruneConfig
     from llmprune.cli.table import block_parameters
+    from llmprune.structured.surgery import widths_by_kind
     from llmprune.eval.perplexity import load_text, perplexity
 
     torch.set_num_threads(args.threads)
@@ -82,7 +76,7 @@ def main() -> int:
            **({"obs_chunk_div": args.obs_chunk_div} if args.obs_chunk_div is not None else {}),
            "calib": Path(args.calib).name,
            "block_removed": round(1 - block_parameters(model) / before, 4), "ppl": round(ppl, 2),
-           "seconds": round(seconds), "threads": args.threads, "widths": _widths(model)}
+           "seconds": round(seconds), "threads": args.threads, "widths": widths_by_kind(model)}
     print(json.dumps(row), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a") as f:
