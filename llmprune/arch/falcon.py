@@ -75,6 +75,7 @@ class FalconAdapter(ArchAdapter):
         attn = layer.self_attention
         attn.num_heads = num_heads
         attn.num_kv_heads = num_kv_heads
+        attn.num_key_value_groups = num_heads // num_kv_heads  # transformers >= 5.25 repeats K/V by it
         attn.split_size = num_heads * attn.head_dim
         layer.num_heads = num_heads
 

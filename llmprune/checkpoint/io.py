@@ -29,7 +29,7 @@ from torch import nn
 
 from ..core.config import RECIPE_VERSION, PruneConfig, PrunePlan
 from .errors import CheckpointError, OutputExistsError
-from .verify import VerificationError, verify_saved_model
+from .verify import LOAD_KWARGS, VerificationError, verify_saved_model
 
 __all__ = [
     "CheckpointError",
@@ -125,7 +125,7 @@ def load_model(
         refuse_sparse_compressed(path, {w.name: read_safetensors_header(w) for w in sorted(path.glob("*.safetensors"))})
     elif str(name_or_path).startswith((".", "/", "~")):
         raise CheckpointError(f"model folder {str(name_or_path)!r} does not exist")
-    kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": False}
+    kwargs: dict[str, Any] = dict(LOAD_KWARGS)
     if dtype is not None:
         kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
     if revision is not None:
@@ -211,7 +211,7 @@ def _load_gguf(path: Path, dtype: Any, device: Any, with_tokenizer: bool) -> tup
         dtype = getattr(torch, dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype,
-                                                     trust_remote_code=False)
+                                                     trust_remote_code=False, use_kernels=False)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if "architecture" in msg.lower() or isinstance(exc, KeyError):

@@ -26,6 +26,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+#: Keyword arguments of every ``from_pretrained`` llmprune calls: safetensors only, never remote code, and no
+#: Hub kernels. transformers >= 5.25 kernelizes by default when the ``kernels`` package is installed: layers
+#: are swapped for kernels fetched from the Hub (a hidden download, other numerics than the model we compare
+#: against), and loading on the meta device fails outright ("Unsupported device type 'meta'").
+LOAD_KWARGS: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": False, "use_kernels": False}
+
 __all__ = ["VerificationError", "verify_saved_model", "auto_class_for", "sample_input_ids", "compare_outputs"]
 
 #: Auto classes tried, most specific first, to find the one that rebuilds ``type(model)``
@@ -135,7 +141,7 @@ def verify_saved_model(
     params = next(model.parameters())
     if loader is None:
         auto = auto_class_for(model)
-        kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": False, "output_loading_info": True}
+        kwargs: dict[str, Any] = {**LOAD_KWARGS, "output_loading_info": True}
         attn = getattr(model.config, "_attn_implementation", None)
         if attn:
             kwargs["attn_implementation"] = attn
