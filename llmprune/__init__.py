@@ -19,7 +19,7 @@ from .core.config import LayerPlan, PruneConfig, PrunePlan
 from .criteria import available_criteria
 from .checkpoint.dispatched import DispatchedModelError
 from .checkpoint.io import CheckpointError, OutputExistsError, load_model, save_pruned
-from .structured.perlayer import register_per_layer_classes
+from .structured.perlayer import register_per_layer_configs
 from .structured.select import RatioError
 from .sparsity import SparsityConfig, sparsify
 from .structured.apply import apply_plan
@@ -34,5 +34,5 @@ __all__ = [
 ]
 
 # Per-layer-width checkpoints reload through the Auto classes once llmprune is imported.
-register_per_layer_classes()
+register_per_layer_configs()
 

@@ -288,3 +288,34 @@ def test_mistral_twin_computes_what_the_masked_llama_does(tmp_path, rope):
     finally:
         for h in handles:
             h.remove()
+
+
+_IMPORT_FIRST = r"""
+import sys, torch
+import llmprune
+modeling = sorted(m for m in sys.modules if m.startswith("transformers.models.") and ".modeling_" in m
+                  and not m.startswith("transformers.models.auto."))
+assert not modeling, modeling  # the per-layer model classes are registered lazily
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], attn_implementation="eager").eval()
+assert type(model).__name__.startswith("Pruned"), type(model).__name__
+with torch.no_grad():
+    torch.save(model(torch.load(sys.argv[2], weights_only=True)).logits, sys.argv[3])
+"""
+
+
+def test_import_llmprune_first_then_per_layer_checkpoint_loads(tmp_path):
+    """``import llmprune`` loads no modeling file; the first per-layer config registers its model classes."""
+    model = tiny_causal_lm("llama", tie_word_embeddings=False)
+    prune(model, PruneConfig(heads=0.25, ffn=0.25, allocation="global", method="magnitude"), progress=False)
+    out = save_pruned(model, tmp_path / "m")
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llmprune_llama"
+    ids = torch.randint(0, model.config.vocab_size, (1, 12))
+    torch.save(ids, tmp_path / "ids.pt")
+    r = subprocess.run([sys.executable, "-c", _IMPORT_FIRST, str(out), str(tmp_path / "ids.pt"),
+                        str(tmp_path / "logits.pt")], capture_output=True, text=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with torch.no_grad():
+        expected = model.eval()(ids).logits
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt", weights_only=True), expected, atol=1e-5, rtol=1e-5)

@@ -7,8 +7,9 @@ When global allocation gives layers different widths, llmprune saves:
 - ``llmprune_layer_widths``: one ``{"heads", "kv_heads", "neurons"}`` entry per layer;
 - the original width fields, which are upper bounds of every layer's widths.
 
-``import llmprune`` registers, for each supported family, a config subclass and model subclasses with
-transformers' Auto classes. Their ``__init__`` builds the standard model and then shrinks each layer to
+``import llmprune`` registers, for each supported family, a config subclass with ``AutoConfig``; the
+family's model subclasses are registered with the Auto model classes when its first such config is built
+(so the import loads no modeling file). Their ``__init__`` builds the standard model and then shrinks each layer to
 its saved widths with the same surgery code used for pruning, so weights load by name with no pickle
 and no ``trust_remote_code``. We chose registration over an exported modeling file because exported
 code would require ``trust_remote_code=True`` and would have to be kept in sync with every family.
@@ -30,7 +31,7 @@ from ..arch import PER_LAYER_PREFIX, ArchAdapter, base_model_type, get_adapter, 
 from ..core.config import LayerPlan
 from .surgery import layer_widths, prune_layer
 
-__all__ = ["WIDTHS_KEY", "set_config_widths", "register_per_layer_classes", "per_layer_config_class", "shrink_to_config"]
+__all__ = ["WIDTHS_KEY", "set_config_widths", "register_per_layer_classes", "register_per_layer_configs", "per_layer_config_class", "shrink_to_config"]
 
 WIDTHS_KEY = "llmprune_layer_widths"
 
@@ -44,13 +45,13 @@ _AUTO_CLASS_NAMES = (
 )
 _CONFIG_CLASSES: dict[str, type] = {}
 _MODEL_CLASSES: dict[type, type] = {}  # base model class -> per-layer subclass
+_MODELS_REGISTERED: set[str] = set()  # base model types whose model classes are registered
 
 
 def per_layer_config_class(model_type: str) -> type:
-    """The registered per-layer config class for a base ``model_type``."""
+    """The registered per-layer config class for a base ``model_type`` (its model classes registered too)."""
     model_type = base_model_type(model_type)
-    if model_type not in _CONFIG_CLASSES:
-        register_per_layer_classes([model_type])
+    register_per_layer_classes([model_type])
     return _CONFIG_CLASSES[model_type]
 
 
@@ -73,9 +74,26 @@ def _make_model_class(base_cls: type, config_cls: type) -> type:
                                                             "__module__": __name__})
 
 
-def register_per_layer_classes(model_types: list[str] | None = None) -> None:
-    """Register per-layer config/model classes with transformers' Auto classes (idempotent)."""
-    import transformers
+def _make_config_class(base_cfg: type, model_type: str) -> type:
+    def __post_init__(self, *args: Any, **kwargs: Any) -> None:
+        base_cfg.__post_init__(self, *args, **kwargs)
+        # The model classes are registered when the first such config is built (from_pretrained reads the
+        # config before it looks up the model class), so `import llmprune` imports no modeling file. A hook
+        # in __post_init__, not __init__: transformers makes each config subclass a dataclass whose generated
+        # __init__ runs our `validate`; a custom __init__ would run the base family's validation instead.
+        _register_models(model_type)
+
+    return type(f"Pruned{base_cfg.__name__}", (base_cfg,), {"model_type": PER_LAYER_PREFIX + model_type,
+                                                           "__module__": __name__, "__post_init__": __post_init__,
+                                                           "validate": _validate_pruned})
+
+
+def register_per_layer_configs(model_types: list[str] | None = None) -> None:
+    """Register the per-layer config classes with ``AutoConfig`` (idempotent; what ``import llmprune`` runs).
+
+    Each family's model classes follow when its first per-layer config is built, or on
+    :func:`register_per_layer_classes`.
+    """
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -84,22 +102,42 @@ def register_per_layer_classes(model_types: list[str] | None = None) -> None:
     for model_type in model_types:
         if model_type in _CONFIG_CLASSES or model_type not in CONFIG_MAPPING:
             continue
-        base_cfg = CONFIG_MAPPING[model_type]
-        cfg_cls = type(f"Pruned{base_cfg.__name__}", (base_cfg,), {"model_type": PER_LAYER_PREFIX + model_type,
-                                                                     "__module__": __name__,
-                                                                     "validate": _validate_pruned})
+        cfg_cls = _make_config_class(CONFIG_MAPPING[model_type], model_type)
         AutoConfig.register(PER_LAYER_PREFIX + model_type, cfg_cls, exist_ok=True)
-        _inherit_weight_conversions(model_type, PER_LAYER_PREFIX + model_type)
         _CONFIG_CLASSES[model_type] = cfg_cls
-        for auto_name in _AUTO_CLASS_NAMES:
-            auto = getattr(transformers, auto_name)
-            if base_cfg not in auto._model_mapping:
-                continue
-            base_model = auto._model_mapping[base_cfg]
-            model_cls = _MODEL_CLASSES.get(base_model) or _make_model_class(base_model, cfg_cls)
-            _MODEL_CLASSES[base_model] = model_cls
-            _inherit_weight_conversions(base_model.__name__, model_cls.__name__)
-            auto.register(cfg_cls, model_cls, exist_ok=True)
+
+
+def register_per_layer_classes(model_types: list[str] | None = None) -> None:
+    """Register per-layer config and model classes with transformers' Auto classes (idempotent)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if model_types is None:
+        model_types = [t for a in registered_adapters() for t in a.model_types]
+    register_per_layer_configs(model_types)
+    for model_type in model_types:
+        if model_type in CONFIG_MAPPING:
+            _register_models(model_type)
+
+
+def _register_models(model_type: str) -> None:
+    """Register ``Pruned<Class>`` for every Auto class the family has, with its weight conversions."""
+    import transformers
+
+    if model_type in _MODELS_REGISTERED:
+        return
+    _MODELS_REGISTERED.add(model_type)
+    cfg_cls = _CONFIG_CLASSES[model_type]
+    base_cfg = cfg_cls.__mro__[1]
+    _inherit_weight_conversions(model_type, PER_LAYER_PREFIX + model_type)
+    for auto_name in _AUTO_CLASS_NAMES:
+        auto = getattr(transformers, auto_name)
+        if base_cfg not in auto._model_mapping:
+            continue
+        base_model = auto._model_mapping[base_cfg]
+        model_cls = _MODEL_CLASSES.get(base_model) or _make_model_class(base_model, cfg_cls)
+        _MODEL_CLASSES[base_model] = model_cls
+        _inherit_weight_conversions(base_model.__name__, model_cls.__name__)
+        auto.register(cfg_cls, model_cls, exist_ok=True)
 
 
 def _inherit_weight_conversions(source: str, target: str) -> None:
