@@ -107,3 +107,23 @@ def test_config_and_plan_json_roundtrip():
     assert PrunePlan.from_json(plan.to_json()) == plan
     with pytest.raises(ValueError, match="unknown PruneConfig field"):
         PruneConfig.from_dict({"heads": 0.1, "typo": 1})
+
+
+def test_every_load_turns_hub_kernels_off(tmp_path, monkeypatch):
+    """transformers >= 5.25 kernelizes by default when ``kernels`` is installed (Hub downloads, other numerics,
+    and no meta-device skeleton): the verified save and ``load_model`` both pass ``use_kernels=False``."""
+    from transformers import AutoModelForCausalLM
+
+    seen = []
+    original = AutoModelForCausalLM.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen.append(kwargs.get("use_kernels"))
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(spy))
+    model = tiny_causal_lm("llama")
+    prune(model, PruneConfig(heads=0.25, ffn=0.25, method="magnitude"), progress=False)
+    out = save_pruned(model, tmp_path / "m")  # verify: a meta-device skeleton, then a full reload
+    llmprune.load_model(out, with_tokenizer=False)
+    assert len(seen) >= 3 and all(v is False for v in seen), seen
