@@ -97,7 +97,9 @@ def calibration_batches(
     Stratified: each window starts at a random point of its own one of ``n_samples`` equal slices of the
     text, and the slices come in an order whose every prefix is spread over the whole text (so the Fisher's
     first windows are too). A file that concatenates corpora (Wikipedia, a novel, a play) is calibrated on
-    each in proportion to its length whatever the seed, where independent draws let the mix wander (on SmolLM2-135M, 21 vs 30 play windows of 128 moved the 25% cut's PPL by 4.5%; BENCHMARKS.md).
+    each in proportion to its length whatever the seed, where independent draws let the mix wander (21 to 30
+    play windows of 128 in reference-train over three seeds). It does not remove the seed spread of a pruned
+    model's quality, which comes from the windows within each corpus (BENCHMARKS.md, SmolLM2-135M).
 
     Long texts are not tokenised whole: each window starts at a character offset, a slice of text around
     it is tokenised, and its first token (possibly a cut word) is dropped. The same ``text`` and ``seed``
