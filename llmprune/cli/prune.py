@@ -49,8 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "brain surgeon: each layer's heads / neurons removed greedily by the output error left after "
                         "the optimal refit of o_proj / down_proj, weighed by the loss's Fisher) when only --heads / "
                         "--ffn are given and not --streaming, on 128 x 1024 calibration tokens (SmolLM2-135M: 25%% "
-                        "of block parameters, 28.8 -> 48.6 PPL at seed 0, 50.0 and 50.8 at seeds 1-2, in about "
-                        "55 min on 1 CPU thread; --n-samples 64 halves the time for 49.6); wanda otherwise (minutes). "
+                        "of block parameters, 28.8 -> 47.6 PPL at seed 0, 50.1 at seed 1 (47.6-50.8 over five draws), "
+                        "in about 50 min on 1 CPU thread; --n-samples 64 halves the time); wanda otherwise (minutes). "
                         "Calibrated methods need --calib")
     p.add_argument("--allocation", choices=("uniform", "global", "error", "block_influence", "fisher"), default=None,
                    help="per-layer widths: fisher (default with obs: each kind's total goes where the estimated loss "

@@ -140,8 +140,9 @@ class PruneConfig(_JsonMixin):
                     **overrides: Any) -> "PruneConfig":
         """The recipe measured best on real models (BENCHMARKS.md, SmolLM2-135M), which ``llmprune prune``
         runs when no ``--method`` / ``--allocation`` is given: method ``obs`` with the ``fisher`` allocation on
-        128 windows of 1024 tokens for heads and FFN neurons in memory (SmolLM2-135M at 25%: 48.56 / 50.02 PPL over
-        two seeds of the windows vs 49.60 / 49.91 on 64, at twice the time); ``wanda`` (uniform, 32 x 256) where obs
+        128 windows of 1024 tokens for heads and FFN neurons in memory (SmolLM2-135M at 25%: 47.61 / 50.06 PPL over
+        two seeds of the stratified windows, 48.56 / 50.02 / 50.77 over three independent draws, vs 49.60 / 49.91 on
+        64 independent windows, at twice the time); ``wanda`` (uniform, 32 x 256) where obs
         does not apply (layer or expert removal, bias compensation, streaming). ``overrides`` win.
 
         Example::
