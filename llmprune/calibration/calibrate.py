@@ -79,7 +79,7 @@ def _stratified_offsets(span: int, n: int, gen: torch.Generator) -> list[int]:
     as independent draws would)."""
     edges = [k * span // n for k in range(n + 1)]
     u = torch.rand(n, generator=gen, dtype=torch.float64).tolist()
-    offsets = [min(lo + int(r * (hi - lo)), max(span - 1, 0)) for lo, hi, r in zip(edges, edges[1:], u)]
+    offsets = [lo + int(r * (hi - lo)) for lo, hi, r in zip(edges, edges[1:], u)]  # lo <= offset < max(hi, lo + 1)
     shift = int(torch.randint(0, n, (1,), generator=gen))
     return [offsets[(k + shift) % n] for k in _spread_order(n)]
 
@@ -99,7 +99,7 @@ def calibration_batches(
     first windows are too). A file that concatenates corpora (Wikipedia, a novel, a play) is calibrated on
     each in proportion to its length whatever the seed, where independent draws let the mix wander (21 to 30
     play windows of 128 in reference-train over three seeds). It does not remove the seed spread of a pruned
-    model's quality, which comes from the windows within each corpus (BENCHMARKS.md, SmolLM2-135M).
+    model's quality, which comes from which windows are drawn, not from the mix (BENCHMARKS.md, SmolLM2-135M).
 
     Long texts are not tokenised whole: each window starts at a character offset, a slice of text around
     it is tokenised, and its first token (possibly a cut word) is dropped. The same ``text`` and ``seed``
