@@ -1,5 +1,5 @@
 """Two CPU processes under ``accelerate launch`` (gloo): calibration statistics reduced across processes equal
-one process's on the same total data, and pruning and recovery training run and save once.
+one process's on the same total data (the output Fisher included), and pruning and recovery training run and save once.
 
 accelerate 1.x's ``launch --cpu --num_processes 2`` starts a *single* process unless an MPI hostfile is given,
 so on this CPU-only machine two processes are started with ``--multi_gpu`` (torchrun underneath); llmprune
@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from llmprune.arch import get_adapter
 from llmprune.calibrate import as_batches, layerwise_statistics, world
 from llmprune.sparsity.sparsegpt import HessianAccumulator
+from llmprune.calibration.fisher import output_fisher
 from tiny_models import tiny_causal_lm
 
 state = PartialState(cpu=True)
@@ -48,6 +49,9 @@ for i, st in enumerate(stats):
         out[f"{{i}}.{{j}}.count"] = torch.tensor([s.count])
     for m, g in st.grams.items():
         out[f"{{i}}.gram"] = g.hessian()
+for i, per_layer in enumerate(output_fisher(model, adapter, batches)):
+    for j, f in enumerate(per_layer.values()):
+        out[f"{{i}}.{{j}}.fisher"] = f
 if rank == 0:
     save_file({{k: v.contiguous() for k, v in out.items()}}, sys.argv[1])
 state.wait_for_everyone()
@@ -95,6 +99,12 @@ def test_two_process_calibration_statistics_equal_one_process(tmp_path):
             torch.testing.assert_close(two[f"{i}.{j}.norm"], s.norm, rtol=1e-6, atol=1e-9)
             torch.testing.assert_close(two[f"{i}.{j}.var"], s.variance, rtol=1e-6, atol=1e-9)
         torch.testing.assert_close(two[f"{i}.gram"], next(iter(st.grams.values())).hessian(), rtol=1e-6, atol=1e-9)
+    # the output Fisher of the fisher allocation too: every process must price removals alike
+    from llmprune.calibration.fisher import output_fisher
+
+    for i, per_layer in enumerate(output_fisher(model, get_adapter(model), list(ids.split(2)))):
+        for j, f in enumerate(per_layer.values()):
+            torch.testing.assert_close(two[f"{i}.{j}.fisher"], f, rtol=1e-6, atol=1e-12)
 
 
 def test_two_process_recover_and_prune_cli(tmp_path, ref_model_path, shared_dir):

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..arch import ArchAdapter
 from ..arch.base import weight_matrix
+from ..core.distributed import all_reduce_sum, world
 
 __all__ = ["output_fisher", "output_modules_of"]
 
@@ -40,10 +41,18 @@ def output_modules_of(adapter: ArchAdapter, layer: nn.Module) -> list[nn.Module]
 
 
 def output_fisher(model: nn.Module, adapter: ArchAdapter, batches: list[torch.Tensor], diagonal: bool = False,
-                  device: Any = None) -> list[dict[nn.Module, torch.Tensor]] | None:
+                  device: Any = None, labels: str = "data", seed: int = 0) -> list[dict[nn.Module, torch.Tensor]] | None:
     """Per decoder layer, ``{output module: F}`` (float64 on CPU, ``[out, out]``, or ``[out]`` when
     ``diagonal``), from the next-token loss on ``batches``. ``None`` for models without a language-model head
-    (encoders): callers then weigh output errors plainly."""
+    (encoders): callers then weigh output errors plainly.
+
+    ``labels="data"``: the loss of the text's own next tokens (the *empirical* Fisher). ``labels="model"``: of
+    next tokens sampled from the model's own prediction at each position (one per position, seeded by
+    ``seed``): a Monte-Carlo estimate of the *true* Fisher, the curvature of the KL divergence from the
+    unpruned model, which does not lean on how surprising the calibration text is to the model."""
+    if labels not in ("data", "model"):
+        raise ValueError(f"labels={labels!r}; choose data or model")
+    gen = torch.Generator().manual_seed(int(seed))
     layers = adapter.decoder_layers(model)
     mods = [output_modules_of(adapter, layer) for layer in layers]
     acc: dict[nn.Module, torch.Tensor] = {}
@@ -82,7 +91,13 @@ def output_fisher(model: nn.Module, adapter: ArchAdapter, batches: list[torch.Te
                 logits = getattr(out, "logits", None)
                 if logits is None or logits.shape[-1] != model.get_input_embeddings().num_embeddings:
                     return None
-                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
+                flat = logits[:, :-1].flatten(0, 1).float()
+                if labels == "model":
+                    probs = torch.softmax(flat.detach(), dim=-1).cpu()
+                    target = torch.multinomial(probs, 1, generator=gen).reshape(-1).to(flat.device)
+                else:
+                    target = batch[:, 1:].flatten()
+                loss = F.cross_entropy(flat, target, reduction="sum")
                 loss.backward()
             tokens += batch.numel()
     finally:
@@ -91,4 +106,17 @@ def output_fisher(model: nn.Module, adapter: ArchAdapter, batches: list[torch.Te
         for p, r in requires.items():
             p.requires_grad_(r)
         model.train(was_training)
+    acc, tokens = _reduce_over_processes(acc, tokens, dev)
     return [{m: acc[m] / max(tokens, 1) for m in per_layer} for per_layer in mods]
+
+
+def _reduce_over_processes(acc: dict[nn.Module, torch.Tensor], tokens: int,
+                           dev: torch.device) -> tuple[dict[nn.Module, torch.Tensor], int]:
+    """Under ``accelerate launch`` each process saw its own windows: sum the outer products and the token counts
+    over processes, so every process prices removals with the same Fisher (and so makes the same cuts)."""
+    if world()[1] == 1:
+        return acc, tokens
+    on = dev if dev.type == "cuda" else torch.device("cpu")  # NCCL reduces device tensors only
+    keys = list(acc)
+    out = all_reduce_sum(*[acc[k].to(on) for k in keys], torch.tensor([float(tokens)], dtype=torch.float64, device=on))
+    return {k: t.cpu() for k, t in zip(keys, out[:-1])}, int(out[-1].item())

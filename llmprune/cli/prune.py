@@ -90,6 +90,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fisher-diagonal", action="store_true",
                    help="allocation fisher: keep only the Fisher's diagonal (hidden floats per projection instead of "
                         "hidden^2; for very wide models)")
+    p.add_argument("--fisher-labels", choices=("data", "model"), default="data",
+                   help="allocation fisher: weigh errors by the loss of the calibration text's own next tokens (data, "
+                        "the empirical Fisher; default) or of tokens sampled from the unpruned model (model, the true "
+                        "Fisher: the curvature of the KL divergence from the original model)")
     p.add_argument("--refit-target", choices=("layer", "dense"), default="layer",
                    help="method obs: refit o_proj/down_proj towards the layer's own outputs on its current inputs "
                         "(layer, default) or towards the original model's outputs (dense: a second stream through "
@@ -140,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
                       min_keep=args.min_keep, n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed,
                       reconstruct=args.reconstruct, percdamp=args.percdamp, spread=args.spread,
                       fisher_samples=args.fisher_samples, fisher_diagonal=args.fisher_diagonal,
-                      refit_target=args.refit_target)
+                      fisher_labels=args.fisher_labels, refit_target=args.refit_target)
     if args.recover_steps and not args.data:
         from ..calibration.calibrate import CalibrationError
 

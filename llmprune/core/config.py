@@ -87,6 +87,9 @@ class PruneConfig(_JsonMixin):
         fisher_joint: ``fisher`` allocation: heads and FFN neurons compete for one budget (the parameters
             that ``heads`` / ``ffn`` remove uniformly, as with ``error``) instead of each kind keeping its
             total, so the achieved head and neuron fractions move away from the requested ones.
+        fisher_labels: ``fisher`` allocation: ``data`` weighs errors by the loss of the calibration text's own next
+            tokens (the empirical Fisher); ``model`` by next tokens sampled from the unpruned model's predictions
+            (the true Fisher: the curvature of the KL divergence from the unpruned model).
         fisher_diagonal: keep only the Fisher's diagonal (``hidden`` floats per projection instead of
             ``hidden²``: for models whose full factors would not fit in memory).
         refit_target: what method ``obs`` refits o_proj / down_proj towards. ``layer``: the layer's own outputs
@@ -127,6 +130,7 @@ class PruneConfig(_JsonMixin):
     fisher_samples: int = 16
     fisher_joint: bool = False
     fisher_diagonal: bool = False
+    fisher_labels: Literal["data", "model"] = "data"
     refit_target: Literal["layer", "dense"] = "layer"
     hidden: float = 0.0
     hidden_method: Literal["minitron", "rms"] = "minitron"
@@ -169,7 +173,7 @@ class PruneConfig(_JsonMixin):
             raise ValueError(f"layers={self.layers!r} must be a non-negative number of blocks to remove")
         choices = {"allocation": ("uniform", "global", "error", "block_influence", "fisher"),
                    "attention_unit": ("auto", "group", "query"), "rounding": ("error", "down", "up", "nearest"),
-                   "refit_target": ("layer", "dense"), "hidden_method": ("minitron", "rms")}
+                   "refit_target": ("layer", "dense"), "fisher_labels": ("data", "model"), "hidden_method": ("minitron", "rms")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {', '.join(allowed)}")

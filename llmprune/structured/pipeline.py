@@ -191,7 +191,8 @@ def _prune_obs(model: nn.Module, adapter: Any, config: PruneConfig, batches: lis
     fisher = None
     if config.allocation == "fisher":
         fisher = output_fisher(model, adapter, batches[:max(1, math.ceil(config.fisher_samples / config.batch_size))],
-                               diagonal=config.fisher_diagonal, device=device)
+                               diagonal=config.fisher_diagonal, device=device, labels=config.fisher_labels,
+                               seed=config.seed)
     counts = None
     if config.allocation in ("fisher", "error"):
         curves: list = []
