@@ -278,6 +278,18 @@ def test_dense_refit_target_needs_obs():
 def test_recommended_config_is_the_cli_default():
     cfg = PruneConfig.recommended(heads=0.25, ffn=0.25)
     assert (cfg.method, cfg.allocation, cfg.n_samples, cfg.seq_len) == ("obs", "fisher", 128, 1024)
+    assert cfg.fisher_labels == "model"
+    assert PruneConfig.recommended(heads=0.25, fisher_labels="data").fisher_labels == "data"
+    assert PruneConfig(heads=0.25, method="obs", allocation="fisher").fisher_labels == "data"  # field default kept
+    # the CLI resolves the same recipe from no flags, and a flag wins
+    from llmprune.cli import build_parser
+    from llmprune.cli.prune import resolve_method_defaults
+
+    for argv, labels in ((["prune", "M", "--heads", "0.25", "--out", "O"], "model"),
+                         (["prune", "M", "--heads", "0.25", "--out", "O", "--fisher-labels", "data"], "data")):
+        args = build_parser().parse_args(argv)
+        resolve_method_defaults(args)
+        assert (args.method, args.allocation, args.n_samples, args.fisher_labels) == ("obs", "fisher", 128, labels)
     for kw in ({"layers": 2}, {"experts": 0.25}, {"bias_compensation": True}, {"streaming": True}):
         cfg = PruneConfig.recommended(ffn=0.25, **kw)
         assert (cfg.method, cfg.allocation, cfg.n_samples, cfg.seq_len) == ("wanda", "uniform", 32, 256)

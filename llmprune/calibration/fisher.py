@@ -93,8 +93,7 @@ def output_fisher(model: nn.Module, adapter: ArchAdapter, batches: list[torch.Te
                     return None
                 flat = logits[:, :-1].flatten(0, 1).float()
                 if labels == "model":
-                    probs = torch.softmax(flat.detach(), dim=-1).cpu()
-                    target = torch.multinomial(probs, 1, generator=gen).reshape(-1).to(flat.device)
+                    target = _sample_next_tokens(flat.detach(), gen)
                 else:
                     target = batch[:, 1:].flatten()
                 loss = F.cross_entropy(flat, target, reduction="sum")
@@ -108,6 +107,14 @@ def output_fisher(model: nn.Module, adapter: ArchAdapter, batches: list[torch.Te
         model.train(was_training)
     acc, tokens = _reduce_over_processes(acc, tokens, dev)
     return [{m: acc[m] / max(tokens, 1) for m in per_layer} for per_layer in mods]
+
+
+def _sample_next_tokens(logits: torch.Tensor, gen: torch.Generator, rows: int = 256) -> torch.Tensor:
+    """One token per row of ``logits`` drawn from its softmax with the CPU generator ``gen`` (the same draw on
+    every device), a few rows at a time: a whole window's probabilities would be another ``[tokens, vocab]``."""
+    out = [torch.multinomial(torch.softmax(chunk.float(), dim=-1).cpu(), 1, generator=gen).reshape(-1)
+           for chunk in logits.split(rows)]
+    return torch.cat(out).to(logits.device)
 
 
 def _reduce_over_processes(acc: dict[nn.Module, torch.Tensor], tokens: int,

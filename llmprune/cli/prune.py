@@ -90,10 +90,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fisher-diagonal", action="store_true",
                    help="allocation fisher: keep only the Fisher's diagonal (hidden floats per projection instead of "
                         "hidden^2; for very wide models)")
-    p.add_argument("--fisher-labels", choices=("data", "model"), default="data",
-                   help="allocation fisher: weigh errors by the loss of the calibration text's own next tokens (data, "
-                        "the empirical Fisher; default) or of tokens sampled from the unpruned model (model, the true "
-                        "Fisher: the curvature of the KL divergence from the original model)")
+    p.add_argument("--fisher-labels", choices=("data", "model"), default=None,
+                   help="allocation fisher: weigh errors by the loss of next tokens sampled from the unpruned model "
+                        "(model, default: the true Fisher, the curvature of the KL divergence from the original model) "
+                        "or of the calibration text's own next tokens (data: the empirical Fisher; on SmolLM2-135M at "
+                        "25%%, 47.6 / 50.1 PPL at two window seeds against 45.4 / 46.8 with model)")
     p.add_argument("--refit-target", choices=("layer", "dense"), default="layer",
                    help="method obs: refit o_proj/down_proj towards the layer's own outputs on its current inputs "
                         "(layer, default) or towards the original model's outputs (dense: a second stream through "
@@ -118,9 +119,11 @@ def resolve_method_defaults(args: argparse.Namespace) -> None:
     args.streaming = streaming  # decided once (an automatic choice prints its reason once)
     rec = PruneConfig.recommended(streaming=streaming, method=args.method, allocation=args.allocation,
                                   layers=args.layers, experts=args.experts, bias_compensation=args.bias_compensation,
-                                  n_samples=args.n_samples, seq_len=args.seq_len)
+                                  n_samples=args.n_samples, seq_len=args.seq_len,
+                                  fisher_labels=getattr(args, "fisher_labels", None))
     args.seq_len_default = args.seq_len is None  # capped at the model's context once it is loaded
     args.method, args.allocation, args.n_samples, args.seq_len = rec.method, rec.allocation, rec.n_samples, rec.seq_len
+    args.fisher_labels = rec.fisher_labels
 
 
 @subcommand("prune", "prune heads, FFN neurons, layers or experts and save the smaller model", add_arguments)

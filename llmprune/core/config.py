@@ -144,9 +144,9 @@ class PruneConfig(_JsonMixin):
                     **overrides: Any) -> "PruneConfig":
         """The recipe measured best on real models (BENCHMARKS.md, SmolLM2-135M), which ``llmprune prune``
         runs when no ``--method`` / ``--allocation`` is given: method ``obs`` with the ``fisher`` allocation on
-        128 windows of 1024 tokens for heads and FFN neurons in memory (SmolLM2-135M at 25%: 47.61 / 50.06 PPL over
-        two seeds of the stratified windows, 48.56 / 50.02 / 50.77 over three independent draws, vs 49.60 / 49.91 on
-        64 independent windows, at twice the time); ``wanda`` (uniform, 32 x 256) where obs
+        128 windows of 1024 tokens for heads and FFN neurons in memory, its Fisher taken on next tokens sampled
+        from the model (``fisher_labels="model"``; SmolLM2-135M at 25%: 45.39 / 46.76 PPL at seeds 0 / 1 of the
+        windows, against 47.61 / 50.06 with the text's own next tokens); ``wanda`` (uniform, 32 x 256) where obs
         does not apply (layer or expert removal, bias compensation, streaming). ``overrides`` win.
 
         Example::
@@ -158,7 +158,8 @@ class PruneConfig(_JsonMixin):
                       or streaming)
         method = overrides.pop("method", None) or ("obs" if obs_ok else "wanda")
         allocation = overrides.pop("allocation", None) or ("fisher" if method == "obs" and obs_ok else "uniform")
-        defaults = {"n_samples": 128 if method == "obs" else 32, "seq_len": 1024 if method == "obs" else 256}
+        defaults = {"n_samples": 128 if method == "obs" else 32, "seq_len": 1024 if method == "obs" else 256,
+                    "fisher_labels": "model" if allocation == "fisher" else "data"}
         for name, value in defaults.items():
             if overrides.get(name) is None:
                 overrides[name] = value
