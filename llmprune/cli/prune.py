@@ -47,9 +47,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default=None,
                    help=f"how units are chosen: {', '.join(available_criteria())}. Default: obs (structured optimal "
                         "brain surgeon: each layer's heads / neurons removed greedily by the output error left after "
-                        "the optimal refit of o_proj / down_proj, weighed by the loss's Fisher) when only --heads / "
-                        "--ffn are given and not --streaming, on 128 x 1024 calibration tokens (SmolLM2-135M: 25%% "
-                        "of block parameters, 28.8 -> 47.6 PPL at seed 0, 50.1 at seed 1 (47.6-50.8 over five draws), "
+                        "the optimal refit of o_proj / down_proj, weighed by the Fisher of the model's own "
+                        "predictions) when only --heads / --ffn are given and not --streaming, on 128 x 1024 "
+                        "calibration tokens (SmolLM2-135M: 25%% "
+                        "of block parameters, 28.8 -> 45.4 PPL at seed 0, 45.4-46.8 over four seeds of the windows, "
                         "in about 50 min on 1 CPU thread; --n-samples 64 halves the time); wanda otherwise (minutes). "
                         "Calibrated methods need --calib")
     p.add_argument("--allocation", choices=("uniform", "global", "error", "block_influence", "fisher"), default=None,
@@ -94,7 +95,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="allocation fisher: weigh errors by the loss of next tokens sampled from the unpruned model "
                         "(model, default: the true Fisher, the curvature of the KL divergence from the original model) "
                         "or of the calibration text's own next tokens (data: the empirical Fisher; on SmolLM2-135M at "
-                        "25%%, 47.6 / 50.1 PPL at two window seeds against 45.4 / 46.8 with model)")
+                        "25%%, 47.6 / 50.1 PPL at window seeds 0 / 1 against 45.4 / 46.8 with model)")
     p.add_argument("--refit-target", choices=("layer", "dense"), default="layer",
                    help="method obs: refit o_proj/down_proj towards the layer's own outputs on its current inputs "
                         "(layer, default) or towards the original model's outputs (dense: a second stream through "

@@ -145,8 +145,8 @@ class PruneConfig(_JsonMixin):
         """The recipe measured best on real models (BENCHMARKS.md, SmolLM2-135M), which ``llmprune prune``
         runs when no ``--method`` / ``--allocation`` is given: method ``obs`` with the ``fisher`` allocation on
         128 windows of 1024 tokens for heads and FFN neurons in memory, its Fisher taken on next tokens sampled
-        from the model (``fisher_labels="model"``; SmolLM2-135M at 25%: 45.39 / 46.76 PPL at seeds 0 / 1 of the
-        windows, against 47.61 / 50.06 with the text's own next tokens); ``wanda`` (uniform, 32 x 256) where obs
+        from the model (``fisher_labels="model"``; SmolLM2-135M at 25%: 45.39 / 46.76 / 46.68 / 46.51 PPL at seeds
+        0-3 of the windows, against 47.61 / 50.06 at seeds 0-1 with the text's own next tokens); ``wanda`` (uniform, 32 x 256) where obs
         does not apply (layer or expert removal, bias compensation, streaming). ``overrides`` win.
 
         Example::
