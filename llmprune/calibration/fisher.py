@@ -41,7 +41,8 @@ def output_modules_of(adapter: ArchAdapter, layer: nn.Module) -> list[nn.Module]
 
 
 def output_fisher(model: nn.Module, adapter: ArchAdapter, batches: list[torch.Tensor], diagonal: bool = False,
-                  device: Any = None, labels: str = "data", seed: int = 0) -> list[dict[nn.Module, torch.Tensor]] | None:
+                  device: Any = None, labels: str = "data",
+                  seed: int = 0) -> list[dict[nn.Module, torch.Tensor]] | None:
     """Per decoder layer, ``{output module: F}`` (float64 on CPU, ``[out, out]``, or ``[out]`` when
     ``diagonal``), from the next-token loss on ``batches``. ``None`` for models without a language-model head
     (encoders): callers then weigh output errors plainly.

@@ -146,8 +146,9 @@ class PruneConfig(_JsonMixin):
         runs when no ``--method`` / ``--allocation`` is given: method ``obs`` with the ``fisher`` allocation on
         128 windows of 1024 tokens for heads and FFN neurons in memory, its Fisher taken on next tokens sampled
         from the model (``fisher_labels="model"``; SmolLM2-135M at 25%: 45.39 / 46.76 / 46.68 / 46.51 PPL at seeds
-        0-3 of the windows, against 47.61 / 50.06 at seeds 0-1 with the text's own next tokens); ``wanda`` (uniform, 32 x 256) where obs
-        does not apply (layer or expert removal, bias compensation, streaming). ``overrides`` win.
+        0-3 of the windows, against 47.61 / 50.06 at seeds 0-1 with the text's own next tokens); ``wanda``
+        (uniform, 32 x 256) where obs does not apply (layer or expert removal, bias compensation, streaming).
+        ``overrides`` win.
 
         Example::
 
@@ -174,7 +175,8 @@ class PruneConfig(_JsonMixin):
             raise ValueError(f"layers={self.layers!r} must be a non-negative number of blocks to remove")
         choices = {"allocation": ("uniform", "global", "error", "block_influence", "fisher"),
                    "attention_unit": ("auto", "group", "query"), "rounding": ("error", "down", "up", "nearest"),
-                   "refit_target": ("layer", "dense"), "fisher_labels": ("data", "model"), "hidden_method": ("minitron", "rms")}
+                   "refit_target": ("layer", "dense"), "fisher_labels": ("data", "model"),
+                   "hidden_method": ("minitron", "rms")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {', '.join(allowed)}")
