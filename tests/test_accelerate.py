@@ -1,5 +1,6 @@
 """Two CPU processes under ``accelerate launch`` (gloo): calibration statistics reduced across processes equal
-one process's on the same total data (the output Fisher included), and pruning and recovery training run and save once.
+one process's on the same total data (the output Fisher included), and pruning and recovery training run and
+save once.
 
 accelerate 1.x's ``launch --cpu --num_processes 2`` starts a *single* process unless an MPI hostfile is given,
 so on this CPU-only machine two processes are started with ``--multi_gpu`` (torchrun underneath); llmprune

@@ -49,8 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "brain surgeon: each layer's heads / neurons removed greedily by the output error left after "
                         "the optimal refit of o_proj / down_proj, weighed by the Fisher of the model's own "
                         "predictions) when only --heads / --ffn are given and not --streaming, on 128 x 1024 "
-                        "calibration tokens (SmolLM2-135M: 25%% "
-                        "of block parameters, 28.8 -> 45.4 PPL at seed 0, 45.4-46.8 over four seeds of the windows, "
+                        "calibration tokens (SmolLM2-135M: 25%% of block parameters, 28.8 -> 45.4 PPL at seed 0, "
+                        "45.4-46.8 over four seeds of the windows, "
                         "in about 50 min on 1 CPU thread; --n-samples 64 halves the time); wanda otherwise (minutes). "
                         "Calibrated methods need --calib")
     p.add_argument("--allocation", choices=("uniform", "global", "error", "block_influence", "fisher"), default=None,
@@ -121,7 +121,7 @@ def resolve_method_defaults(args: argparse.Namespace) -> None:
     rec = PruneConfig.recommended(streaming=streaming, method=args.method, allocation=args.allocation,
                                   layers=args.layers, experts=args.experts, bias_compensation=args.bias_compensation,
                                   n_samples=args.n_samples, seq_len=args.seq_len,
-                                  fisher_labels=getattr(args, "fisher_labels", None))
+                                  fisher_labels=args.fisher_labels)
     args.seq_len_default = args.seq_len is None  # capped at the model's context once it is loaded
     args.method, args.allocation, args.n_samples, args.seq_len = rec.method, rec.allocation, rec.n_samples, rec.seq_len
     args.fisher_labels = rec.fisher_labels
