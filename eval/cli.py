@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def load_model(path: str, dtype: str = "float32", device: str | None = None) -> tuple[Any, Any]:
-    """Model and tokenizer from a folder or Hub id, through :func:`llmprune.io.load_model`
+    """Model and tokenizer from a folder or Hub id, through :func:`llmprune.checkpoint.io.load_model`
     (safetensors only, checkpoint validated, llmprune's per-layer classes registered)."""
     import torch
 

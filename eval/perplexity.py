@@ -70,7 +70,7 @@ def load_text(source: str | Path) -> str:
     A local file is read with universal newlines (``\\r\\n`` becomes ``\\n``) and used as is:
     the shared ``wikitext2-raw-test.txt`` is the WikiText-2 raw test split as plain lines.
     Names follow the papers (SparseGPT/Wanda): WikiText-2 rows joined with ``"\\n\\n"``
-    (see :mod:`llmprune.text`, shared with ``--calib``).
+    (see :mod:`llmprune.calibration.text`, shared with ``--calib``).
 
     Raises ``FileNotFoundError`` for a missing file or an unreachable dataset and
     ``ValueError`` for an empty text.

@@ -16,7 +16,7 @@ from .training.recover import RecoveryConfig, RecoveryResult, recover
 from .arch import UnsupportedArchitectureError, get_adapter, supported_model_types
 from .calibration.calibrate import CalibrationError
 from .core.config import LayerPlan, PruneConfig, PrunePlan
-from .criteria import available_criteria
+from .structured.criteria import available_criteria
 from .checkpoint.dispatched import DispatchedModelError
 from .checkpoint.io import CheckpointError, OutputExistsError, load_model, save_pruned
 from .structured.perlayer import register_per_layer_configs

@@ -12,7 +12,7 @@ For 25%, 50% and 75% of decoder-block parameters removed (heads + FFN): one-shot
   (300 steps in all);
 - at 50% also the plain one-shot wanda (uniform, no refit: the issue's 1019 baseline) and its ``+LoRA``;
 - ``one-cycle`` (only when asked with ``--rows``): OCSPruner, the structure chosen during 300 steps of full
-  fine-tuning from the dense model, committed when stable, training continued (``llmprune.one_cycle``
+  fine-tuning from the dense model, committed when stable, training continued (``llmprune.training.one_cycle``
   defaults: wanda score on recent training batches, global threshold under the per-layer cap, refit at the
   commit); ``one-cycle-uniform``: the same fraction from every layer; ``one-cycle-paper``: the paper's
   group-norm score and a plain cut (global);

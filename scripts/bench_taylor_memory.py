@@ -5,7 +5,7 @@ Llama of about 0.47B parameters (hidden 1024, 24 layers, 16 query / 4 KV heads, 
 Each mode runs in its own process; reported: peak RSS (VmHWM, reset after the model is built, so neither the
 model nor its construction's temporaries count) above the RSS right after building the model, one decoder layer's weights + gradients (fp32) for scale, and wall time. Modes:
 ``activations`` (a backward where only the inputs need gradients: the activations alone), ``taylor``
-(:func:`llmprune.gradients.taylor_statistics`) and ``plain-backward`` (every ``.grad`` kept).
+(:func:`llmprune.calibration.gradients.taylor_statistics`) and ``plain-backward`` (every ``.grad`` kept).
 
     python scripts/bench_taylor_memory.py --out bench/taylor_memory.json
 """

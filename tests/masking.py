@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from llmprune.arch import get_adapter
-from llmprune.config import PrunePlan
+from llmprune.core.config import PrunePlan
 
 
 def _complement(kept, n):

@@ -50,7 +50,7 @@ class HessianAccumulator:
 
     def all_reduce(self) -> None:
         """Combine the running means of all processes (``accelerate launch``) into the mean over all tokens."""
-        from llmprune.calibrate import all_reduce_sum, world
+        from llmprune.calibration.calibrate import all_reduce_sum, world
 
         if world()[1] == 1:
             return

@@ -38,9 +38,9 @@ import torch
 from torch import nn
 
 from llmprune.arch import get_adapter
-from llmprune.calibrate import CalibrationError, capture_layer_inputs, run_layer
-from llmprune.progress import progress_bar
-from llmprune.calibrate import as_batches
+from llmprune.calibration.calibrate import CalibrationError, capture_layer_inputs, run_layer
+from llmprune.core.progress import progress_bar
+from llmprune.calibration.calibrate import as_batches
 from llmprune.sparsity._common import DEFAULT_TARGETS, layer_targets
 
 __all__ = [
@@ -327,7 +327,7 @@ def read_activation_thresholds(folder: str | os.PathLike) -> dict[str, float]:
         model = AutoModelForCausalLM.from_pretrained(folder)
         apply_activation_sparsity(model, read_activation_thresholds(folder))
     """
-    from llmprune.io import read_recipe
+    from llmprune.checkpoint.io import read_recipe
 
     entry = read_recipe(folder).get("activation_sparsity")
     if not isinstance(entry, dict) or not isinstance(entry.get("thresholds"), dict):

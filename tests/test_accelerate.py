@@ -29,7 +29,7 @@ sys.path.insert(0, {tests!r})
 from accelerate import PartialState
 from safetensors.torch import save_file
 from llmprune.arch import get_adapter
-from llmprune.calibrate import as_batches, layerwise_statistics, world
+from llmprune.calibration.calibrate import as_batches, layerwise_statistics, world
 from llmprune.sparsity.sparsegpt import HessianAccumulator
 from llmprune.calibration.fisher import output_fisher
 from tiny_models import tiny_causal_lm
@@ -85,7 +85,7 @@ def test_two_process_calibration_statistics_equal_one_process(tmp_path):
     two = load_file(tmp_path / "two.safetensors")
 
     from llmprune.arch import get_adapter
-    from llmprune.calibrate import layerwise_statistics
+    from llmprune.calibration.calibrate import layerwise_statistics
 
     from tiny_models import tiny_causal_lm
 

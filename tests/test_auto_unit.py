@@ -15,8 +15,8 @@ import torch
 
 from llmprune import PruneConfig, RatioError, prune
 from llmprune.cli import main
-from llmprune.io import read_recipe, save_pruned
-from llmprune.select import resolve_attention_unit
+from llmprune.checkpoint.io import read_recipe, save_pruned
+from llmprune.structured.select import resolve_attention_unit
 
 from tiny_models import tiny_causal_lm, tiny_moe
 

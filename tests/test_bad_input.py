@@ -10,7 +10,7 @@ import torch
 from llmprune import CalibrationError, PruneConfig, RatioError, UnsupportedArchitectureError
 from llmprune import prune
 from llmprune.cli import main
-from llmprune.io import CheckpointError, OutputExistsError, load_model, save_pruned
+from llmprune.checkpoint.io import CheckpointError, OutputExistsError, load_model, save_pruned
 
 from tiny_models import tiny_causal_lm
 
@@ -145,7 +145,7 @@ def test_calibration_that_is_not_text_is_refused(tmp_path, ref_model, content):
 
 
 def test_text_with_a_few_stray_bytes_is_accepted(tmp_path):
-    from llmprune.text import load_text
+    from llmprune.calibration.text import load_text
 
     f = tmp_path / "corpus.txt"
     f.write_bytes(("Plain English text. " * 500).encode() + b"\xff\xfe" + " and more.".encode())

@@ -16,9 +16,10 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 import llmprune  # noqa: F401  (registers per-layer classes)
 from llmprune import PruneConfig
 from llmprune import prune
-from llmprune.config import LayerPlan, PrunePlan
-from llmprune.io import save_pruned
-from llmprune.surgery import apply_plan, layer_widths
+from llmprune.core.config import LayerPlan, PrunePlan
+from llmprune.checkpoint.io import save_pruned
+from llmprune.structured.apply import apply_plan
+from llmprune.structured.surgery import layer_widths
 
 from masking import mask_model
 

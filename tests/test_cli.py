@@ -147,7 +147,7 @@ def test_calib_dataset_name_uses_train_split(monkeypatch):
     """--calib wikitext2 draws from the train split (the test split is for perplexity)."""
     import datasets
 
-    from llmprune.calibrate import read_calibration_text
+    from llmprune.calibration.calibrate import read_calibration_text
     from llmprune.eval.perplexity import load_text
 
     calls = []

@@ -10,8 +10,8 @@ import torch
 from llmprune import PruneConfig
 from llmprune import prune
 from llmprune.arch import get_adapter
-from llmprune.calibrate import layerwise_statistics
-from llmprune.io import save_pruned
+from llmprune.calibration.calibrate import layerwise_statistics
+from llmprune.checkpoint.io import save_pruned
 
 from tiny_models import assert_reloads_identically, tiny_causal_lm
 

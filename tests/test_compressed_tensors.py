@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from llmprune.checkpoint.compressed_tensors import SPARSE_FORMATS, sparse_compression_format
-from llmprune.io import CheckpointError, load_model
+from llmprune.checkpoint.io import CheckpointError, load_model
 from tiny_models import tiny_causal_lm
 
 HAS_CT = importlib.util.find_spec("compressed_tensors") is not None

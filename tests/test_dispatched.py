@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from llmprune import DispatchedModelError, PruneConfig, load_model, prune, save_pruned
 from llmprune.arch import get_adapter
-from llmprune.dispatched import ModelSource
+from llmprune.checkpoint.dispatched import ModelSource
 from llmprune.sparsity import SparsityConfig, sparsify
 from llmprune.streaming import LayerStream, prune_streaming, sparsify_streaming
 

@@ -11,9 +11,9 @@ import torch
 from llmprune import PruneConfig
 from llmprune import prune
 from llmprune.arch import get_adapter
-from llmprune.config import LayerPlan, PrunePlan
-from llmprune.select import RatioError
-from llmprune.surgery import apply_plan
+from llmprune.core.config import LayerPlan, PrunePlan
+from llmprune.structured.select import RatioError
+from llmprune.structured.apply import apply_plan
 
 from masking import mask_model
 from tiny_models import CAUSAL_LM_TYPES, LIGHT_VARIANTS, tiny_causal_lm

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from llmprune.cli import main
-from llmprune.io import CheckpointError, load_model, save_pruned
+from llmprune.checkpoint.io import CheckpointError, load_model, save_pruned
 
 from tiny_models import tiny_causal_lm
 

@@ -20,25 +20,21 @@ LAYERS = {
     "core": set(),
     "arch": {"core"},
     "calibration": {"core", "arch"},
-    "criteria": {"core", "arch", "calibration"},
     "checkpoint": {"core"},
     "sparsity": {"core", "arch", "calibration", "checkpoint"},
-    "structured": {"core", "arch", "calibration", "criteria", "checkpoint"},
-    "training": {"core", "arch", "calibration", "criteria", "checkpoint", "structured"},
-    "streaming": {"core", "arch", "calibration", "criteria", "checkpoint", "structured", "sparsity"},
-    "runtime": {"core", "checkpoint", "sparsity", "kernels"},
+    "structured": {"core", "arch", "calibration", "checkpoint"},
     "eval": {"core", "calibration", "checkpoint"},
-    "top": {"core", "arch", "calibration", "criteria", "checkpoint", "structured", "sparsity", "training",
-            "streaming", "runtime", "eval"},  # llmprune/__init__, recipe, support
-    "cli": {"core", "arch", "calibration", "criteria", "checkpoint", "structured", "sparsity", "training",
-            "streaming", "runtime", "eval", "top"},
-    # the old module paths: each re-exports one moved module; no layer imports them
-    "compat": {"core", "calibration", "checkpoint", "structured", "training"},
+    "training": {"core", "arch", "calibration", "checkpoint", "structured", "sparsity", "eval"},
+    "streaming": {"core", "arch", "calibration", "checkpoint", "structured", "sparsity"},
+    "runtime": {"core", "checkpoint", "sparsity", "kernels"},
+    "top": {"core", "arch", "calibration", "checkpoint", "structured", "sparsity", "training", "streaming",
+            "runtime", "eval"},  # llmprune/__init__
+    "cli": {"core", "arch", "calibration", "checkpoint", "structured", "sparsity", "training", "streaming",
+            "runtime", "eval", "top"},
 }
-#: the old module paths, kept as re-exports (README lists them); nothing in the package imports them
-COMPAT = {"allocate", "calibrate", "compensate", "config", "dispatched", "gradients", "io", "iterative", "memory",
-          "one_cycle", "perlayer", "pipeline", "progress", "reconstruct", "recover", "score", "select", "sequential",
-          "single_unit", "surgery", "text", "verify"}
+#: the floor plan: entries at the top of llmprune/, and the longest module outside cli/ (lines)
+MAX_TOP_ENTRIES = 12
+MAX_MODULE_LINES = 450
 SOURCES = {"llmprune": ROOT / "llmprune", "llmprune.kernels": ROOT / "triton_kernels", "llmprune.eval": ROOT / "eval"}
 
 
@@ -57,12 +53,10 @@ def modules() -> dict[str, Path]:
 
 def layer(module: str) -> str:
     parts = module.split(".")[1:]
-    if not parts or parts[0] in ("recipe", "support"):
+    if not parts:
         return "top"
     if parts == ["eval", "cli"]:  # the eval harness's own command line builds on the package's
         return "cli"
-    if len(parts) == 1 and parts[0] in COMPAT:
-        return "compat"
     return parts[0]
 
 
@@ -176,3 +170,12 @@ def test_table_has_no_circles_and_every_folder_is_in_it():
     for name, allowed in LAYERS.items():
         for other in allowed:
             assert name not in LAYERS[other], (name, other)
+
+
+def test_floor_plan_is_small():
+    """A reader finds a stage by its folder: few entries at the top, no module too long to read in one go."""
+    top = sorted(p.name for p in (ROOT / "llmprune").iterdir() if p.name != "__pycache__")
+    assert len(top) <= MAX_TOP_ENTRIES, top
+    long = {name: n for name, path in modules().items()
+            if layer(name) != "cli" and (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert not long, long

@@ -13,9 +13,10 @@ import torch
 import llmprune  # noqa: F401  (registers per-layer classes)
 from llmprune import PruneConfig
 from llmprune import RatioError, prune
-from llmprune.config import LayerPlan, PrunePlan
-from llmprune.io import read_plan, save_pruned
-from llmprune.surgery import apply_plan, layer_widths, widths_by_kind
+from llmprune.core.config import LayerPlan, PrunePlan
+from llmprune.checkpoint.io import read_plan, save_pruned
+from llmprune.structured.apply import apply_plan
+from llmprune.structured.surgery import layer_widths, widths_by_kind
 
 from masking import mask_model
 from tiny_models import MOE_CONFIGS, assert_reloads_identically, tiny_moe
@@ -99,9 +100,9 @@ def test_save_reload_identical(tmp_path, model_type, allocation):
 
 
 def test_expert_scores_use_routing_mass_with_calibration():
-    from llmprune.score import score_layers
+    from llmprune.structured.score import score_layers
     from llmprune.arch import get_adapter
-    from llmprune.calibrate import layerwise_statistics
+    from llmprune.calibration.calibrate import layerwise_statistics
 
     model = tiny_moe("mixtral")
     adapter = get_adapter(model)

@@ -73,8 +73,8 @@ def test_fisher_diagonal_is_the_diagonal_of_the_full_fisher():
     model = tiny_causal_lm("llama").eval()
     adapter = get_adapter(model)
     batches = [torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))]
-    full = output_fisher(model, adapter, batches)
-    diag = output_fisher(model, adapter, batches, diagonal=True)
+    full = output_fisher(model, adapter, batches, labels="data")
+    diag = output_fisher(model, adapter, batches, diagonal=True, labels="data")
     assert all(p.requires_grad for p in model.parameters())  # left as it was
     for fl, dl in zip(full, diag):
         for m in fl:
@@ -93,6 +93,35 @@ def test_fisher_diagonal_is_the_diagonal_of_the_full_fisher():
     loss.backward()
     g = seen["y"].grad.reshape(-1, seen["y"].shape[-1]).double()
     torch.testing.assert_close(full[1][o], g.t() @ g / batches[0].numel())
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "gemma2", "gpt2", "falcon", "opt"])
+def test_layerwise_fisher_equals_the_whole_model_backward(model_type):
+    """The pass runs one layer at a time (forward keeping inputs, backward recomputing each layer); the reference
+    is one backward through the whole model with every output projection's output gradient retained."""
+    model = tiny_causal_lm(model_type).eval()
+    adapter = get_adapter(model)
+    ids = torch.randint(0, 128, (3, 12), generator=torch.Generator().manual_seed(1))
+    fisher = output_fisher(model, adapter, [ids[:2], ids[2:]], labels="data")
+    outs, handles = {}, []
+
+    def keep(module, args, out):
+        out.retain_grad()
+        outs[module] = out
+
+    for layer in adapter.decoder_layers(model):
+        for spec in (adapter.attention(layer), adapter.ffn(layer)):
+            handles.append(spec.output.module.register_forward_hook(keep))
+    loss = torch.nn.functional.cross_entropy(model(ids).logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(),
+                                             reduction="sum")
+    loss.backward()
+    for h in handles:
+        h.remove()
+    for i, layer in enumerate(adapter.decoder_layers(model)):
+        assert set(fisher[i]) == {s.output.module for s in (adapter.attention(layer), adapter.ffn(layer))}
+        for m, f in fisher[i].items():
+            g = outs[m].grad.reshape(-1, outs[m].shape[-1]).double()
+            torch.testing.assert_close(f, g.t() @ g / ids.numel(), rtol=1e-4, atol=1e-9)
 
 
 def _exact_true_fisher(model, module, ids):
@@ -134,7 +163,7 @@ def test_model_labelled_fisher_estimates_the_true_fisher():
     mean = sum(output_fisher(model, adapter, [ids], labels="model", seed=s)[1][o] for s in range(n)) / n
     # Monte-Carlo error ~ 1/sqrt(n): 0.22 / 0.11 / 0.06 at 100 / 400 / 1600 seeds (no bias left at 1600)
     assert float((mean - exact).norm() / exact.norm()) < 0.15
-    data = output_fisher(model, adapter, [ids])[1][o]  # the empirical Fisher is another matrix
+    data = output_fisher(model, adapter, [ids], labels="data")[1][o]  # the empirical Fisher is another matrix
     assert float((data - exact).norm() / exact.norm()) > 0.2
     with pytest.raises(ValueError, match="labels"):
         output_fisher(model, adapter, [ids], labels="uniform")
@@ -172,129 +201,60 @@ def test_fisher_allocation_keeps_each_kinds_total(ref_model):
     assert len({len(lp.kept_neurons) for lp in layers}) > 1  # per-layer widths
 
 
-def test_fisher_joint_spends_one_budget_across_kinds(ref_model):
-    """fisher_joint: the parameters the uniform setting would remove, heads and neurons competing for them."""
-    from llmprune.cli.table import block_parameters
-    from llmprune.structured.sequential import _uniform_budgets
-
-    model, tok = ref_model
-    cfg = PruneConfig(heads=0.25, ffn=0.25, method="obs", allocation="fisher", fisher_joint=True, n_samples=4,
-                      seq_len=128, fisher_samples=4, attention_unit="group")
-    head_budget, neuron_budget = _uniform_budgets(model, get_adapter(model), cfg)
-    before = block_parameters(model)
-    result = prune(model, cfg, tokenizer=tok, calibration="../shared/data/reference-train.txt", progress=False)
-    removed = before - block_parameters(model)
-    group = head_budget // 12  # 12 groups = 25% of 48 heads in groups of 2
-    assert head_budget + neuron_budget - group <= removed <= head_budget + neuron_budget  # one budget, spent whole
-    heads_removed = sum(8 - len(lp.kept_heads) for lp in result.plan.layers if lp.kept_heads is not None)
-    assert heads_removed % 2 == 0  # whole KV groups
-    with pytest.raises(ValueError, match="fisher_joint.*fisher"):
-        PruneConfig(ffn=0.25, method="obs", allocation="error", fisher_joint=True)
-
-
 def test_obs_refuses_what_it_does_not_do():
-    with pytest.raises(ValueError, match="fisher.*obs"):
-        PruneConfig(ffn=0.25, allocation="fisher")
-    with pytest.raises(ValueError, match="uniform, error or fisher"):
-        PruneConfig(ffn=0.25, method="obs", allocation="global")
-    with pytest.raises(ValueError, match="layers / experts"):
-        prune(tiny_causal_lm("llama"), PruneConfig(ffn=0.25, layers=1, method="obs"), calibration=torch.zeros(2, 8, dtype=torch.long))
+    model = tiny_causal_lm("llama")
+    calib = torch.zeros(2, 8, dtype=torch.long)
+    with pytest.raises(ValueError, match="supports allocation fisher, error, uniform, not 'global'"):
+        prune(model, PruneConfig(ffn=0.25, allocation="global"), calibration=calib, progress=False)
+    with pytest.raises(ValueError, match="method 'wanda' supports allocation .*not 'fisher'"):
+        prune(model, PruneConfig(ffn=0.25, method="wanda", allocation="fisher"), calibration=calib, progress=False)
 
 
-# ---- refit_target="dense": refit towards the original model's outputs ------------------------------------
-def _cross_stats(module, x, y):
-    """LayerStats holding the Gram of ``x`` and the cross statistics of (x, y), as layerwise_statistics fills them."""
-    from llmprune.calibration.hessian import CrossAccumulator, HessianAccumulator
-    from llmprune.core.stats import LayerStats
+def test_a_bare_config_is_the_default_recipe_everywhere():
+    """One default: PruneConfig's fields are the recipe the CLI and streaming run; the allocation is the method's
+    own, resolved before any work and named in the result."""
+    cfg = PruneConfig(heads=0.25, ffn=0.25)
+    assert (cfg.method, cfg.allocation, cfg.n_samples, cfg.seq_len, cfg.fisher_labels) == ("obs", None, 128, 1024,
+                                                                                          "model")
+    from llmprune.cli import build_parser
+    from llmprune.cli._common import config_from_args
 
-    stats = LayerStats()
-    g = stats.grams[module] = HessianAccumulator(x.shape[1])
-    c = stats.extra.setdefault("cross", {})[module] = CrossAccumulator(x.shape[1])
-    for part in range(2):  # two batches: the running means must combine like one
-        sl = slice(part * len(x) // 2, (part + 1) * len(x) // 2)
-        g.update(x[sl])
-        c.update(x[sl], y[sl])
-    return stats
-
-
-@pytest.mark.parametrize("bias", [False, True])
-def test_toward_dense_is_the_least_squares_map_to_the_original_outputs(bias):
-    from llmprune.structured.sequential import toward_dense
-
-    gen = torch.Generator().manual_seed(3)
-    lin = torch.nn.Linear(12, 5, bias=bias).double()
-    y = torch.randn(300, 12, generator=gen, dtype=torch.float64)  # inputs in the original model
-    x = y + 0.3 * torch.randn(300, 12, generator=gen, dtype=torch.float64) + 0.2  # drifted inputs
-    with torch.no_grad():
-        target = lin(y)
-    stats = _cross_stats(lin, x, y)
-    toward_dense(lin, stats, percdamp=0.0)
-    # reference: ordinary least squares of the original outputs on [x, 1]
-    design = torch.cat([x, torch.ones(300, 1, dtype=torch.float64)], 1) if bias else x
-    sol = torch.linalg.lstsq(design, target).solution.t()
-    torch.testing.assert_close(lin.weight.detach(), sol[:, :12], rtol=1e-8, atol=1e-8)
-    if bias:
-        torch.testing.assert_close(lin.bias.detach(), sol[:, 12], rtol=1e-8, atol=1e-8)
+    args = build_parser().parse_args(["prune", "M", "--heads", "0.25", "--ffn", "0.25", "--out", "O"])
+    assert config_from_args(PruneConfig, args) == cfg
+    args = build_parser().parse_args(["prune", "M", "--heads", "0.25", "--out", "O", "--fisher-labels", "data",
+                                      "--method", "wanda", "--n-samples", "8", "--reconstruct"])
+    assert config_from_args(PruneConfig, args) == PruneConfig(heads=0.25, fisher_labels="data", method="wanda",
+                                                              n_samples=8, reconstruct=True)
+    model = tiny_causal_lm("llama")
+    calib = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    done = prune(model, PruneConfig(heads=0.5, ffn=0.25, batch_size=2, fisher_samples=2), calibration=calib,
+                 progress=False).config
+    assert (done.method, done.allocation) == ("obs", "fisher") and done.attention_unit in ("group", "query")
+    wanda = prune(tiny_causal_lm("llama"), PruneConfig(ffn=0.25, method="wanda"), calibration=calib,
+                  progress=False).config
+    assert wanda.allocation == "uniform"
 
 
-def test_toward_dense_leaves_undrifted_weights_alone():
-    from llmprune.structured.sequential import toward_dense
+@pytest.mark.parametrize("model_type,tied", [("llama", True), ("llama", False), ("qwen3", False)])
+def test_layers_and_experts_keep_their_criteria_then_obs_prunes_units(tmp_path, model_type, tied):
+    """--layers with the default method: Block Influence removes the layers, obs prunes what is left; the one plan,
+    in original layer numbers, replays on a fresh copy (apply_plan) to the same model."""
+    from llmprune.structured.apply import apply_plan
 
-    lin = torch.nn.Linear(8, 4, bias=True).double()
-    before = lin.weight.detach().clone(), lin.bias.detach().clone()
-    x = torch.randn(100, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    toward_dense(lin, _cross_stats(lin, x, x), percdamp=0.01)  # damping shrinks the change, which is zero
-    torch.testing.assert_close(lin.weight.detach(), before[0], rtol=0, atol=1e-12)
-    torch.testing.assert_close(lin.bias.detach(), before[1], rtol=0, atol=1e-12)
-
-
-@pytest.mark.parametrize("model_type,tied", [("llama", True), ("llama", False), ("gpt2", True), ("opt", False)])  # RMSNorm / LayerNorm, biases, Conv1D
-def test_dense_refit_target_prunes_and_reloads_in_a_fresh_process(tmp_path, model_type, tied):
     model = tiny_causal_lm(model_type, tie_word_embeddings=tied).eval()
-    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
-    calib = torch.randint(3, 128, (16, 32), generator=torch.Generator().manual_seed(1))
-    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(2))
-    cfg = dict(heads=0.5, ffn=0.25, method="obs", allocation="fisher", batch_size=4, fisher_samples=4)
-    layer = tiny_causal_lm(model_type, tie_word_embeddings=tied).eval()
-    prune(layer, PruneConfig(**cfg), calibration=calib, progress=False)
-    result = prune(model, PruneConfig(**cfg, refit_target="dense"), calibration=calib, progress=False)
-    assert result.config.refit_target == "dense"
-    assert result.plan.to_dict()["layers"] and result.params_after == count(layer)
-    with torch.no_grad():
-        assert torch.isfinite(model(ids).logits).all()
+    twin = tiny_causal_lm(model_type, tie_word_embeddings=tied).eval()
+    twin.load_state_dict(model.state_dict())
+    calib = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    result = prune(model, PruneConfig(heads=0.5, ffn=0.25, layers=1, batch_size=2, fisher_samples=2),
+                   calibration=calib, progress=False)
+    assert len(result.plan.removed_layers) == 1 and result.config.method == "obs"
+    kept = [lp for i, lp in enumerate(result.plan.layers) if i not in result.plan.removed_layers]
+    assert all(lp.kept_neurons is not None for lp in kept)
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(2))
     out = result.save(tmp_path / "m")  # verified reload (fresh process) inside save
     assert_reloads_identically(model, out, ids)
-
-
-def count(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def test_dense_refit_target_needs_obs():
-    with pytest.raises(ValueError, match="refit_target='dense'.*obs"):
-        PruneConfig(ffn=0.25, refit_target="dense")
-
-
-def test_recommended_config_is_the_cli_default():
-    cfg = PruneConfig.recommended(heads=0.25, ffn=0.25)
-    assert (cfg.method, cfg.allocation, cfg.n_samples, cfg.seq_len) == ("obs", "fisher", 128, 1024)
-    assert cfg.fisher_labels == "model"
-    assert PruneConfig.recommended(heads=0.25, fisher_labels="data").fisher_labels == "data"
-    assert PruneConfig(heads=0.25, method="obs", allocation="fisher").fisher_labels == "data"  # field default kept
-    # the CLI resolves the same recipe from no flags, and a flag wins
-    from llmprune.cli import build_parser
-    from llmprune.cli.prune import resolve_method_defaults
-
-    for argv, labels in ((["prune", "M", "--heads", "0.25", "--out", "O"], "model"),
-                         (["prune", "M", "--heads", "0.25", "--out", "O", "--fisher-labels", "data"], "data")):
-        args = build_parser().parse_args(argv)
-        resolve_method_defaults(args)
-        assert (args.method, args.allocation, args.n_samples, args.fisher_labels) == ("obs", "fisher", 128, labels)
-    for kw in ({"layers": 2}, {"experts": 0.25}, {"bias_compensation": True}, {"streaming": True}):
-        cfg = PruneConfig.recommended(ffn=0.25, **kw)
-        assert (cfg.method, cfg.allocation, cfg.n_samples, cfg.seq_len) == ("wanda", "uniform", 32, 256)
-    cfg = PruneConfig.recommended(ffn=0.25, method="wanda", n_samples=8)
-    assert (cfg.method, cfg.allocation, cfg.n_samples, cfg.seq_len) == ("wanda", "uniform", 8, 256)
+    apply_plan(twin, result.plan)  # same shapes as the pruned model (obs refits weights, so values differ)
+    assert {k: v.shape for k, v in twin.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2", "opt", "qwen3"])

@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-from llmprune.io import save_pruned
-from llmprune.one_cycle import OneCycle, OneCycleConfig, jaccard
-from llmprune.recover import RecoveryConfig, recover
-from llmprune.surgery import layer_widths
+from llmprune.checkpoint.io import save_pruned
+from llmprune.training.one_cycle import OneCycle, OneCycleConfig, jaccard
+from llmprune.training.recover import RecoveryConfig, recover
+from llmprune.structured.surgery import layer_widths
 
 from tiny_models import assert_reloads_identically, tiny_causal_lm
 
@@ -83,7 +83,7 @@ def test_one_cycle_as_a_trainer_callback(tmp_path):
     """transformers.Trainer drives the schedule; the commit prunes mid-run and training continues."""
     from transformers import Trainer, TrainingArguments
 
-    from llmprune.one_cycle import OneCycleCallback
+    from llmprune.training.one_cycle import OneCycleCallback
 
     model = tiny_causal_lm("llama")
     windows = DATA[: 64 * 16].reshape(64, 16)
@@ -150,7 +150,7 @@ def test_config_round_trips_through_json_and_rejects_bad_values():
 
 
 def test_layer_cap_is_the_papers_formula():
-    from llmprune.one_cycle import layer_cap
+    from llmprune.training.one_cycle import layer_cap
 
     assert layer_cap(768) == pytest.approx(0.75 * (1 - math.exp(-0.015 * 768)))
     assert layer_cap(8) < 0.1 < layer_cap(64) < layer_cap(256) <= layer_cap(4096) <= 0.75
@@ -164,7 +164,7 @@ def _train(model, cb, steps, lr=1e-3, data=DATA):
 def test_global_selection_ranks_across_layers_under_the_per_layer_cap():
     """One threshold over all layers: a layer with many weak FFN neurons loses up to its cap, the others make
     up the rest; every layer keeps at least 1 - cap of its units."""
-    from llmprune.one_cycle import layer_cap
+    from llmprune.training.one_cycle import layer_cap
 
     model = tiny_causal_lm("llama")
     mlp = model.model.layers[0].mlp
@@ -222,8 +222,8 @@ def test_refit_at_the_commit_is_the_sequential_reconstruction_of_the_selected_un
     import copy
 
     from llmprune.arch import get_adapter
-    from llmprune.one_cycle import pinned_scores
-    from llmprune.sequential import prune_sequential
+    from llmprune.training.one_cycle import pinned_scores
+    from llmprune.structured.sequential import prune_sequential
 
     model = tiny_causal_lm("llama")
     cb = OneCycle(model, OneCycleConfig(heads=0.5, ffn=0.5, allocation="uniform", refit_batches=2), total_steps=10)
@@ -234,7 +234,7 @@ def test_refit_at_the_commit_is_the_sequential_reconstruction_of_the_selected_un
     twin = copy.deepcopy(model)
     batches = list(cb._recent)
     plain = copy.deepcopy(model)
-    from llmprune.surgery import apply_plan
+    from llmprune.structured.apply import apply_plan
 
     apply_plan(plain, cb.plans[-1])
     cb._commit(step=5)

@@ -52,7 +52,7 @@ def smollm2_gguf():
 def test_prune_smollm2_gguf_end_to_end(smollm2_gguf, tmp_path, shared_dir, capsys):
     from llmprune import PruneConfig, load_model, prune
     from llmprune.cli import main
-    from llmprune.io import read_recipe
+    from llmprune.checkpoint.io import read_recipe
 
     out = tmp_path / "pruned"
     args = ["--heads", "0.25", "--ffn", "0.25", "--calib", str(CALIB_TEXT), "--n-samples", "8"]

@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 
 from llmprune import PruneConfig, prune
 from llmprune.cli import main
-from llmprune.iterative import prune_iteratively, step_fraction
-from llmprune.recipe import Recipe, read_recipe_file
-from llmprune.recover import RecoveryConfig
-from llmprune.surgery import layer_widths
+from llmprune.training.iterative import prune_iteratively, step_fraction
+from llmprune.training.recipe import Recipe, read_recipe_file
+from llmprune.training.recover import RecoveryConfig
+from llmprune.structured.surgery import layer_widths
 
 from tiny_models import tiny_causal_lm
 

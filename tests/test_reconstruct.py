@@ -21,14 +21,14 @@ import pytest
 import torch
 
 import llmprune
-import llmprune.pipeline  # the old path is a re-export module, loaded only when imported
+import llmprune.structured.pipeline  # the old path is a re-export module, loaded only when imported
 from llmprune import PruneConfig, prune
 from llmprune.arch import get_adapter
 from llmprune.arch.base import weight_matrix
-from llmprune.io import read_recipe, save_pruned
-from llmprune.reconstruct import augment_gram, output_error, refit_columns, removal_error_curve
-from llmprune.sequential import output_modules
-from llmprune.surgery import _complement
+from llmprune.checkpoint.io import read_recipe, save_pruned
+from llmprune.structured.reconstruct import augment_gram, output_error, refit_columns, removal_error_curve
+from llmprune.structured.sequential import output_modules
+from llmprune.structured.surgery import _complement
 
 from tiny_models import assert_reloads_identically, tiny_causal_lm
 
@@ -235,5 +235,5 @@ def test_cli_reconstruct_records_it_in_the_recipe(tmp_path, ref_model_path, shar
     assert rc == 0
     cfg = read_recipe(out)["config"]
     assert cfg["reconstruct"] is True and cfg["allocation"] == "error" and cfg["percdamp"] == 0.01
-    reloaded, _ = llmprune.io.load_model(out)
-    assert llmprune.pipeline.count_parameters(reloaded) < 6_819_072
+    reloaded, _ = llmprune.checkpoint.io.load_model(out)
+    assert llmprune.structured.pipeline.count_parameters(reloaded) < 6_819_072

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from llmprune import PruneConfig, prune
-from llmprune.io import save_pruned
-from llmprune.recover import STATE_DIR_SUFFIX, RecoveryConfig, recover, training_windows
+from llmprune.checkpoint.io import save_pruned
+from llmprune.training.recover import STATE_DIR_SUFFIX, RecoveryConfig, recover, training_windows
 
 from tiny_models import tiny_causal_lm
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 import llmprune
 from llmprune import PruneConfig, prune
-from llmprune.io import VerificationError, save_pruned
+from llmprune.checkpoint.io import VerificationError, save_pruned
 
 from tiny_models import CAUSAL_LM_TYPES, LIGHT_VARIANTS, MOE_CONFIGS, tiny_causal_lm, tiny_moe
 
@@ -156,7 +156,7 @@ def test_gpt_neox_issue_case_reloads_identically(tmp_path, shared_dir):
     widths = json.loads((out / "config.json").read_text())["llmprune_layer_widths"]
     assert [w["heads"] for w in widths] == [3, 3, 3]  # 4 * 0.34 = 1.36 -> 1 head removed per layer
     ids = tok("The history of the city is long and", return_tensors="pt").input_ids
-    pruned, _ = llmprune.io.load_model(out)  # in-process reference: the folder the CLI verified
+    pruned, _ = llmprune.checkpoint.io.load_model(out)  # in-process reference: the folder the CLI verified
     with torch.no_grad():
         expected = pruned(ids).logits
     torch.save(ids, tmp_path / "ids.pt")

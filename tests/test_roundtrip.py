@@ -10,8 +10,8 @@ import torch
 import llmprune
 from llmprune import PruneConfig
 from llmprune import prune
-from llmprune.config import PrunePlan
-from llmprune.io import read_plan, read_recipe, save_pruned
+from llmprune.core.config import PrunePlan
+from llmprune.checkpoint.io import read_plan, read_recipe, save_pruned
 
 from tiny_models import assert_reloads_identically, base_type, tiny_causal_lm
 
@@ -91,7 +91,7 @@ def test_reference_model_roundtrip(tmp_path, ref_model, shared_dir):
     result = prune(model, cfg, tokenizer=tok, calibration=shared_dir / "data" / "reference-train.txt", progress=False)
     out = tmp_path / "ref"
     save_pruned(model, out, tokenizer=tok, config=cfg, plan=result.plan)
-    reloaded, tok2 = llmprune.io.load_model(out)
+    reloaded, tok2 = llmprune.checkpoint.io.load_model(out)
     ids = tok("The history of the city", return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=0, rtol=0)

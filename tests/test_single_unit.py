@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from llmprune import PruneConfig, get_adapter, prune
-from llmprune.criteria import get_criterion
-from llmprune.single_unit import cluster_analysis, single_unit_statistics, unit_scores
+from llmprune.structured.criteria import get_criterion
+from llmprune.calibration.single_unit import cluster_analysis, single_unit_statistics, unit_scores
 
 from tiny_models import tiny_causal_lm
 

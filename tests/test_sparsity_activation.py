@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_models import tiny_causal_lm
 
-from llmprune.calibrate import CalibrationError
+from llmprune.calibration.calibrate import CalibrationError
 from llmprune.sparsity import apply_activation_sparsity, calibrate_activation_thresholds, measure_activation_sparsity
 from llmprune.sparsity.activation import AbsHistogram, Reservoir, threshold_from_sample
 

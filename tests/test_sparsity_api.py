@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_models import tiny_causal_lm
 
-from llmprune.calibrate import CalibrationError
+from llmprune.calibration.calibrate import CalibrationError
 from llmprune.sparsity import SparsityConfig, num_pruned, sparsify
 
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from llmprune import PruneConfig, load_model, prune
-from llmprune.calibrate import CalibrationError
-from llmprune.io import CheckpointError, OutputExistsError, save_pruned
+from llmprune.calibration.calibrate import CalibrationError
+from llmprune.checkpoint.io import CheckpointError, OutputExistsError, save_pruned
 from llmprune.sparsity import SparsityConfig, calibrate_activation_thresholds, read_activation_thresholds, sparsify
 from llmprune.streaming import StreamingError, parse_memory, prune_streaming, should_stream, sparsify_streaming
 
@@ -69,6 +69,11 @@ MODES = {
     "block_influence": dict(heads=0.5, ffn=0.5, method="flap", allocation="block_influence"),
     "bias-compensation": dict(heads=0.5, ffn=0.25, method="flap", bias_compensation=True),
     "bias+reconstruct": dict(heads=0.5, ffn=0.25, method="wanda", bias_compensation=True, reconstruct=True),
+    # the default method: obs with its fisher allocation (a layer-by-layer Fisher pass, a pricing pass, the cut)
+    "obs-fisher": dict(heads=0.5, ffn=0.25, batch_size=2, fisher_samples=2),
+    "obs-fisher-data-diagonal": dict(heads=0.5, ffn=0.5, fisher_labels="data", fisher_diagonal=True),
+    "obs-error": dict(heads=0.5, ffn=0.5, allocation="error"),
+    "obs-uniform+bias": dict(heads=0.5, ffn=0.25, allocation="uniform", bias_compensation=True),
 }
 
 
@@ -173,6 +178,12 @@ _KILLER = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGKILL)  # a real kill, right after layer k was finished
         return out
     streaming.LayerStream.leave = leave
+    commit = streaming.resume.DiskStore.commit
+    def committed(self):  # the Fisher pass: killed once its backward has reached layer k
+        commit(self)
+        if phase == "fisher" and self.state.get("backward_next") == k:
+            os.kill(os.getpid(), signal.SIGKILL)
+    streaming.resume.DiskStore.commit = committed
     ids = torch.load({ids!r}, weights_only=True)
     if kind == "prune":
         streaming.prune_streaming({src!r}, PruneConfig(**{cfg!r}), {out!r}, calibration=ids, progress=False,
@@ -191,13 +202,18 @@ KILLS = {
                                        n_samples=4, seq_len=32)),
     "bias-compensation-cut": ("prune", "cut", dict(heads=0.5, ffn=0.5, method="flap", bias_compensation=True,
                                                    n_samples=4, seq_len=32)),
+    "obs-fisher": ("prune", "fisher", dict(heads=0.5, ffn=0.5, n_samples=4, seq_len=32, batch_size=2,
+                                           fisher_samples=2)),
+    "obs-price": ("prune", "price", dict(heads=0.5, ffn=0.5, n_samples=4, seq_len=32)),
+    "obs-cut": ("prune", "cut", dict(heads=0.5, ffn=0.5, n_samples=4, seq_len=32)),
     "sparsegpt": ("sparsify", "sparsify", dict(method="sparsegpt", sparsity=0.5, n_samples=4, seq_len=32)),
     # the second pass of --activation-sparsity (TEAL thresholds of the written layers)
     "activation": ("sparsify", "activation", dict(method="wanda", sparsity=0.5, n_samples=4, seq_len=32)),
 }
 
 
-@pytest.mark.parametrize("case", [c if c in ("reconstruct-cut", "global-score", "sparsegpt", "activation")
+@pytest.mark.parametrize("case", [c if c in ("reconstruct-cut", "global-score", "sparsegpt", "activation",
+                                            "obs-fisher", "obs-cut")
                                   else pytest.param(c, marks=pytest.mark.slow) for c in KILLS])
 def test_killed_run_resumes_to_the_uninterrupted_output(tmp_path, case):
     kind, phase, cfg = KILLS[case]
@@ -222,7 +238,8 @@ def test_killed_run_resumes_to_the_uninterrupted_output(tmp_path, case):
     assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL
     partial = tmp_path / ".out.partial"
     state = json.loads((partial / "stream_state.json").read_text())
-    assert state[phase]["next"] == 3 and not (tmp_path / "out").exists()
+    done = state[phase]["backward_next"] == 2 if phase == "fisher" else state[phase]["next"] == 3
+    assert done and not (tmp_path / "out").exists()
     with pytest.raises(OutputExistsError, match="resume"):  # without resume: refused, the saved work is kept
         if kind == "prune":
             prune_streaming(src, PruneConfig(**cfg), tmp_path / "out", calibration=IDS, progress=False)

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from llmprune import PruneConfig, get_adapter, prune
 from llmprune.arch.base import _is_conv1d
-from llmprune.criteria import get_criterion
-from llmprune.gradients import taylor_statistics
+from llmprune.structured.criteria import get_criterion
+from llmprune.calibration.gradients import taylor_statistics
 
 from tiny_models import tiny_causal_lm
 

@@ -18,7 +18,6 @@ Example::
 
 from __future__ import annotations
 
-import copy
 import inspect
 import os
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from ..arch.base import weight_matrix
 from ..core.progress import progress_bar
 from ..core.stats import InputStats, LayerStats
 from ..core.distributed import all_reduce_sum, world
-from .hessian import CrossAccumulator, HessianAccumulator
+from .hessian import HessianAccumulator
 
 __all__ = [
     "CalibrationError",
@@ -279,6 +278,16 @@ class LayerIO:
     def leave(self, i: int, layer: nn.Module, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
         return hidden
 
+    @property
+    def records(self) -> dict[int, Any]:
+        """What a pass keeps of each finished layer (JSON-able; a streamed run saves it as part of its resume
+        point), e.g. the cost curves of the obs pricing pass."""
+        return self.__dict__.setdefault("_records", {})
+
+    def release(self, i: int, layer: nn.Module) -> None:
+        """Drop layer ``i``'s weights without ending a pass (the Fisher's forward and backward visit each layer
+        twice)."""
+
 
 @torch.no_grad()
 def layerwise_statistics(
@@ -292,7 +301,6 @@ def layerwise_statistics(
     grams_of: Callable[[nn.Module], Iterable[nn.Module]] | None = None,
     layer_io: LayerIO | None = None,
     rerun: bool = True,
-    dense_targets: Callable[[nn.Module], Iterable[nn.Module]] | None = None,
 ) -> list[LayerStats]:
     """Input statistics of each layer's projections, gathered one decoder layer at a time.
 
@@ -307,16 +315,9 @@ def layerwise_statistics(
         layer_io: hooks around each layer (streaming: load / write / free weights, resume point); the
             returned list then starts at ``layer_io.start``.
         rerun: recompute the layer's output after ``on_layer`` (False when ``on_layer`` only reads it).
-        dense_targets: modules of a layer whose inputs are also paired with the *original* model's inputs of
-            the same module: a second stream of hidden states runs through an unmodified copy of each layer,
-            and ``stats.extra["cross"][module]`` (:class:`~llmprune.calibration.hessian.CrossAccumulator`)
-            holds the cross statistics, so ``on_layer`` can refit towards the original outputs
-            (``refit_target="dense"``). ``regram`` re-gathers them too. One extra layer copy in memory.
     """
     if not batches:
         raise CalibrationError("no calibration batches")
-    if dense_targets is not None and layer_io is not None:
-        raise ValueError("dense refit targets are not supported by the streaming path")
     layers = adapter.decoder_layers(model)
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
@@ -326,7 +327,6 @@ def layerwise_statistics(
     hidden = io.initial_hidden(captured.hidden)
     modules_of = modules_of or (lambda layer: _slot_modules(adapter, layer))
     results: list[LayerStats] = []
-    dense_hidden = hidden  # the original model's hidden states (dense_targets)
     for i in progress_bar(range(io.start, len(layers)), desc="calibrating layers", disable=not progress,
                           total=len(layers), initial=io.start):
         io.enter(i, layers[i])
@@ -347,15 +347,8 @@ def layerwise_statistics(
                 h.remove()
         stats.block_influence = _block_influence(hidden, outs)
         _all_reduce_layer(stats, sum(h.shape[0] * h.shape[1] for h in hidden))
-        dense_layer = dense_outs = None
-        if dense_targets is not None:
-            dense_layer = copy.deepcopy(layer)  # the layer as the original model has it, before on_layer cuts it
-            cross = stats.extra.setdefault("cross", {})
-            dense_outs = _paired_pass(layer, dense_layer, list(dense_targets(layer)), hidden, dense_hidden,
-                                      captured.layer_args[i], device, cross)
         if on_layer is not None:
-            def regram(module: nn.Module, layer: nn.Module = layer, i: int = i, stats: LayerStats = stats,
-                       dense_layer: nn.Module | None = dense_layer) -> None:
+            def regram(module: nn.Module, layer: nn.Module = layer, i: int = i, stats: LayerStats = stats) -> None:
                 """Re-gather ``module``'s input Gram and statistics on the layer as it is now (e.g. after its
                 attention was cut, for the FFN that reads it), in place of the first ones."""
                 g = HessianAccumulator(weight_matrix(module).shape[1], device=device)
@@ -367,12 +360,8 @@ def layerwise_statistics(
 
                 h = module.register_forward_pre_hook(record)
                 try:
-                    if dense_layer is not None:
-                        _paired_pass(layer, dense_layer, [module], hidden, dense_hidden, captured.layer_args[i],
-                                     device, stats.extra["cross"])
-                    else:
-                        for b, hb in enumerate(hidden):
-                            run_layer(layer, hb, *captured.layer_args[i][b], device)
+                    for b, hb in enumerate(hidden):
+                        run_layer(layer, hb, *captured.layer_args[i][b], device)
                 finally:
                     h.remove()
                 g.all_reduce()
@@ -386,41 +375,11 @@ def layerwise_statistics(
             if rerun:
                 outs = [run_layer(layer, h, *captured.layer_args[i][b], device) for b, h in enumerate(hidden)]
         hidden = [o.to(home) if device != home else o for o in outs]
-        if dense_outs is not None:
-            dense_hidden = [o.to(home) if device != home else o for o in dense_outs]
         if device != home:
             layers[i].to(home)
         hidden = io.leave(i, layers[i], hidden)
         results.append(stats)
     return results
-
-
-def _paired_pass(layer: nn.Module, dense_layer: nn.Module, modules: list[nn.Module], hidden: list[torch.Tensor],
-                 dense_hidden: list[torch.Tensor], layer_args: list, device: torch.device,
-                 cross: dict[nn.Module, CrossAccumulator]) -> list[torch.Tensor]:
-    """Run the original layer copy on the original hidden states and ``layer`` on the current ones, batch by
-    batch, pairing each of ``modules``' inputs with its counterpart's (same name in the copy) into ``cross``
-    (replaced); returns the copy's outputs (the original model's next hidden states)."""
-    names = {id(m): n for n, m in layer.named_modules()}
-    twins = dict(dense_layer.named_modules())
-    stash: dict[str, torch.Tensor] = {}
-    handles = []
-    for module in modules:
-        name = names[id(module)]
-        acc = cross[module] = CrossAccumulator(weight_matrix(module).shape[1], device=device)
-        handles.append(twins[name].register_forward_pre_hook(lambda m, a, n=name: stash.__setitem__(n, a[0])))
-        handles.append(module.register_forward_pre_hook(lambda m, a, n=name, acc=acc: acc.update(a[0], stash.pop(n))))
-    outs = []
-    try:
-        for b, (h, hd) in enumerate(zip(hidden, dense_hidden)):
-            outs.append(run_layer(dense_layer, hd, *layer_args[b], device))
-            run_layer(layer, h, *layer_args[b], device)
-    finally:
-        for h in handles:
-            h.remove()
-    for module in modules:
-        cross[module].all_reduce()
-    return outs
 
 
 def _slot_modules(adapter: ArchAdapter, layer: nn.Module) -> list[nn.Module]:

@@ -8,13 +8,14 @@ LLM Surgeon, van der Ouderaa et al. 2024). ``F`` is what makes a removal in laye
 comparable: a plain output error ignores that the residual stream, and the loss's sensitivity to it,
 differ by orders of magnitude between layers.
 
-One forward and backward pass of the whole model over ``batches`` (no weight gradients are kept: only
-the output gradients are read, by hooks). ``diagonal=True`` keeps ``diag(F)`` only: ``hidden`` floats per
+One forward and backward pass of the whole model over ``batches``, taken one decoder layer at a time (so a
+streamed model never needs more than one layer in memory; no weight gradients are kept: only the output
+gradients are read, by hooks). ``diagonal=True`` keeps ``diag(F)`` only: ``hidden`` floats per
 projection instead of ``hidden²``, for models whose full factors would not fit.
 
 Example::
 
-    fisher = output_fisher(model, adapter, batches[:2])       # [{o_proj: F, down_proj: F}, ...] per layer
+    fisher = output_fisher(model, adapter, batches[:2])       # fisher[i] == {o_proj: F, down_proj: F} of layer i
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from ..arch import ArchAdapter
 from ..arch.base import weight_matrix
 from ..core.distributed import all_reduce_sum, world
 
-__all__ = ["output_fisher", "output_modules_of"]
+__all__ = ["output_fisher", "output_modules_of", "FisherStore", "LayerFisher"]
 
 
 def output_modules_of(adapter: ArchAdapter, layer: nn.Module) -> list[nn.Module]:
@@ -40,74 +41,211 @@ def output_modules_of(adapter: ArchAdapter, layer: nn.Module) -> list[nn.Module]
     return out
 
 
+class FisherStore:
+    """Where the Fisher pass keeps what outlives one layer: the hidden states entering every layer, the
+    gradients flowing back, and each layer's finished Fisher. This base keeps them in memory; a streamed run
+    keeps them in its run folder (:class:`llmprune.streaming.resume.DiskStore`), where ``state`` and
+    :meth:`commit` make the pass resumable layer by layer."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, Any] = {}
+        self._tensors: dict[str, list[torch.Tensor]] = {}
+
+    def put(self, key: str, tensors: list[torch.Tensor]) -> None:
+        self._tensors[key] = tensors
+
+    def get(self, key: str) -> list[torch.Tensor]:
+        return self._tensors[key]
+
+    def drop(self, key: str) -> None:
+        self._tensors.pop(key, None)
+
+    def commit(self) -> None:
+        """Persist ``state`` (a no-op in memory)."""
+
+
+class LayerFisher:
+    """Per decoder layer, ``{output module: F}``, read from a :class:`FisherStore` when a layer asks for it (a
+    streamed run never holds every layer's ``hidden²`` matrices at once)."""
+
+    def __init__(self, model: nn.Module, adapter: ArchAdapter, store: FisherStore, tokens: int):
+        self.layers, self.adapter, self.store, self.tokens = adapter.decoder_layers(model), adapter, store, tokens
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, i: int) -> dict[nn.Module, torch.Tensor]:
+        mods = output_modules_of(self.adapter, self.layers[i])
+        return {m: f / max(self.tokens, 1) for m, f in zip(mods, self.store.get(f"fisher-{i}"))}
+
+
 def output_fisher(model: nn.Module, adapter: ArchAdapter, batches: list[torch.Tensor], diagonal: bool = False,
-                  device: Any = None, labels: str = "data",
-                  seed: int = 0) -> list[dict[nn.Module, torch.Tensor]] | None:
+                  device: Any = None, labels: str = "model", seed: int = 0, layer_io: Any = None,
+                  store: FisherStore | None = None) -> LayerFisher | None:
     """Per decoder layer, ``{output module: F}`` (float64 on CPU, ``[out, out]``, or ``[out]`` when
     ``diagonal``), from the next-token loss on ``batches``. ``None`` for models without a language-model head
     (encoders): callers then weigh output errors plainly.
 
-    ``labels="data"``: the loss of the text's own next tokens (the *empirical* Fisher). ``labels="model"``: of
-    next tokens sampled from the model's own prediction at each position (one per position, seeded by
-    ``seed``): a Monte-Carlo estimate of the *true* Fisher, the curvature of the KL divergence from the
-    unpruned model, which does not lean on how surprising the calibration text is to the model."""
+    ``labels="model"``: next tokens sampled from the model's own prediction at each position (one per
+    position, seeded by ``seed``): a Monte-Carlo estimate of the *true* Fisher, the curvature of the KL
+    divergence from the unpruned model. ``labels="data"``: the loss of the text's own next tokens (the
+    *empirical* Fisher).
+
+    The backward pass runs one decoder layer at a time, so it needs one layer in memory, as every other pass:
+    a forward pass keeps the hidden states entering each layer (in ``store``), the LM head turns the last ones
+    into the loss's gradient, and each layer, from the last, recomputes its forward on its saved inputs and
+    passes the gradient back. ``layer_io`` (:class:`~llmprune.calibration.calibrate.LayerIO`) loads and
+    releases each layer's weights (streaming); ``store`` keeps the states and the finished Fisher of each
+    layer (in memory by default; a streamed run's folder, where a killed pass resumes at its last layer)."""
+    from .calibrate import LayerIO, capture_layer_inputs, run_layer
+
     if labels not in ("data", "model"):
         raise ValueError(f"labels={labels!r}; choose data or model")
-    gen = torch.Generator().manual_seed(int(seed))
+    io = layer_io or LayerIO()
+    store = store if store is not None else FisherStore()
+    st = store.state
     layers = adapter.decoder_layers(model)
-    mods = [output_modules_of(adapter, layer) for layer in layers]
-    acc: dict[nn.Module, torch.Tensor] = {}
-    handles = []
-    for per_layer in mods:
-        for m in per_layer:
-            n_out = weight_matrix(m).shape[0]
-            acc[m] = torch.zeros(n_out if diagonal else (n_out, n_out), dtype=torch.float64)
-
-            def accumulate(grad: torch.Tensor, m: nn.Module = m) -> None:
-                g = grad.detach().reshape(-1, grad.shape[-1]).double()
-                acc[m] += (g.pow(2).sum(0) if diagonal else g.t() @ g).cpu()
-
-            def hook(module: nn.Module, args: Any, out: Any, accumulate=accumulate) -> None:
-                # a hook on the output tensor, not a module backward hook: those wrap the output in a view
-                # that in-place residual additions (Falcon's parallel attention) may not modify
-                if isinstance(out, torch.Tensor) and out.requires_grad:
-                    out.register_hook(accumulate)
-
-            handles.append(m.register_forward_hook(hook))
+    n = len(layers)
+    home = next(p for p in model.parameters() if p.device.type != "meta").device
+    dev = torch.device(device) if device is not None else home
+    # one window at a time, as a whole-model pass would take them: the logits, their softmax and its gradient
+    # are [tokens, vocab] each, and the same shapes keep the sums equal whatever the batch size
+    windows = [w for b in batches for w in b.split(1)]
+    requires = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
     model.eval()
-    requires = {p: p.requires_grad for p in model.parameters()}
-    tokens = 0
     try:
         for p in model.parameters():  # only activation gradients are needed; no weight gradient is stored
             p.requires_grad_(False)
-        dev = torch.device(device) if device is not None else next(model.parameters()).device
-        # one window at a time: the logits, their softmax and its gradient are [tokens, vocab] each, and a
-        # whole batch of them (8 x 512 x 49k floats at 135M) dominated the peak memory of the pass
-        for batch in (window for b in batches for window in b.split(1)):
-            batch = batch.to(dev)
-            with torch.enable_grad():
-                emb = model.get_input_embeddings()(batch).detach().requires_grad_(True)
-                out = model(inputs_embeds=emb, use_cache=False)
-                logits = getattr(out, "logits", None)
-                if logits is None or logits.shape[-1] != model.get_input_embeddings().num_embeddings:
-                    return None
-                flat = logits[:, :-1].flatten(0, 1).float()
-                if labels == "model":
-                    target = _sample_next_tokens(flat.detach(), gen)
-                else:
-                    target = batch[:, 1:].flatten()
-                loss = F.cross_entropy(flat, target, reduction="sum")
-                loss.backward()
-            tokens += batch.numel()
+        io.enter(0, layers[0])  # the capture probes layer 0 once
+        captured = capture_layer_inputs(model, adapter, windows)
+        if st.get("forward_next", 0) > 0:
+            io.release(0, layers[0])
+        # 1. forward, keeping each layer's inputs
+        start = st.get("forward_next", 0)
+        hidden = captured.hidden if start == 0 else store.get(f"in-{start}") if start < n else []
+        for i in range(start, n):
+            store.put(f"in-{i}", hidden)
+            io.enter(i, layers[i])
+            layer = layers[i].to(dev)
+            with torch.no_grad():
+                hidden = [run_layer(layer, h, *captured.layer_args[i][w], dev).to(home) for w, h in enumerate(hidden)]
+            layers[i].to(home)
+            io.release(i, layers[i])
+            store.put(f"in-{i + 1}", hidden)
+            st["forward_next"] = i + 1
+            store.commit()
+        # 2. the LM head: the loss's gradient with respect to the last hidden states
+        if "tokens" not in st:
+            grads, tokens = _head_gradients(model, adapter, windows, store.get(f"in-{n}"), captured.returns_tuple,
+                                            labels, seed)
+            if grads is None:
+                return None
+            tokens = int(_reduce_over_processes([torch.tensor([float(tokens)], dtype=torch.float64)], dev)[0].item())
+            store.put("grad", grads)
+            st.update(tokens=tokens, backward_next=n - 1)
+            store.commit()
+        # 3. backward, one layer at a time from the last, recomputing each layer's forward on its saved inputs
+        for i in range(st["backward_next"], -1, -1):
+            io.enter(i, layers[i])
+            layer = layers[i].to(dev)
+            grads, fisher = _layer_backward(adapter, layer, store.get(f"in-{i}"), store.get("grad"),
+                                            captured.layer_args[i], diagonal, dev)
+            layers[i].to(home)
+            io.release(i, layers[i])
+            store.put(f"fisher-{i}", _reduce_over_processes(fisher, dev))
+            store.put("grad", [g.to(home) for g in grads])
+            store.drop(f"in-{i + 1}")
+            st["backward_next"] = i - 1
+            store.commit()
+        store.drop("in-0")
+        store.drop("grad")
     finally:
-        for h in handles:
-            h.remove()
         for p, r in requires.items():
             p.requires_grad_(r)
         model.train(was_training)
-    acc, tokens = _reduce_over_processes(acc, tokens, dev)
-    return [{m: acc[m] / max(tokens, 1) for m in per_layer} for per_layer in mods]
+    return LayerFisher(model, adapter, store, st["tokens"])
+
+
+def _head_gradients(model: nn.Module, adapter: ArchAdapter, windows: list[torch.Tensor], last: list[torch.Tensor],
+                    returns_tuple: bool, labels: str, seed: int) -> tuple[list[torch.Tensor] | None, int]:
+    """``∂L/∂h`` of the summed next-token loss for each window's last hidden states ``h``. The model itself
+    computes the logits (its final norm, LM head and any soft-capping): its first decoder layer returns ``h``
+    and the others pass it on, so no family's head is written again here."""
+    layers = adapter.decoder_layers(model)
+    gen = torch.Generator().manual_seed(int(seed))
+    vocab = model.get_input_embeddings().num_embeddings
+    grads, tokens = [], 0
+    for w, window in enumerate(windows):
+        h = last[w].detach().clone().requires_grad_(True)
+
+        def first(*args: Any, h: torch.Tensor = h, **kwargs: Any) -> Any:
+            return (h,) if returns_tuple else h
+
+        def through(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            return (hidden_states,) if returns_tuple else hidden_states
+
+        for k, layer in enumerate(layers):
+            layer.forward = first if k == 0 else through
+        try:
+            with torch.enable_grad():
+                out = model(window.to(h.device), **_use_cache_off(model))
+        finally:
+            for layer in layers:
+                del layer.forward
+        logits = getattr(out, "logits", None)
+        if logits is None or logits.shape[-1] != vocab:
+            return None, 0
+        with torch.enable_grad():
+            flat = logits[:, :-1].flatten(0, 1).float()
+            target = _sample_next_tokens(flat.detach(), gen) if labels == "model" else window[:, 1:].flatten().to(flat.device)
+            loss = F.cross_entropy(flat, target, reduction="sum")
+            grads.append(torch.autograd.grad(loss, h)[0])
+        tokens += window.numel()
+    return grads, tokens
+
+
+def _use_cache_off(model: nn.Module) -> dict[str, Any]:
+    from .calibrate import _forward_kwargs
+
+    return _forward_kwargs(model)
+
+
+def _layer_backward(adapter: ArchAdapter, layer: nn.Module, inputs: list[torch.Tensor], grads: list[torch.Tensor],
+                    layer_args: list, diagonal: bool,
+                    dev: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """One layer's share of the backward pass: the gradients entering it (``∂L/∂x``) and, for each output
+    module, ``Σ_t g_t g_tᵀ`` of the gradients of its outputs."""
+    from .calibrate import run_layer
+
+    mods = output_modules_of(adapter, layer)
+    acc = [torch.zeros(weight_matrix(m).shape[0] if diagonal else (weight_matrix(m).shape[0],) * 2,
+                       dtype=torch.float64) for m in mods]
+    handles = []
+    for k, m in enumerate(mods):
+        def accumulate(grad: torch.Tensor, k: int = k) -> None:
+            g = grad.detach().reshape(-1, grad.shape[-1]).double()
+            acc[k] += (g.pow(2).sum(0) if diagonal else g.t() @ g).cpu()
+
+        def hook(module: nn.Module, args: Any, out: Any, accumulate=accumulate) -> None:
+            # a hook on the output tensor, not a module backward hook: those wrap the output in a view that
+            # in-place residual additions (Falcon's parallel attention) may not modify
+            if isinstance(out, torch.Tensor) and out.requires_grad:
+                out.register_hook(accumulate)
+
+        handles.append(m.register_forward_hook(hook))
+    back = []
+    try:
+        for w, (x, g) in enumerate(zip(inputs, grads)):
+            x = x.detach().to(dev).requires_grad_(True)
+            with torch.enable_grad():
+                y = run_layer(layer, x, *layer_args[w], dev)
+                (gx,) = torch.autograd.grad(y, x, grad_outputs=g.to(y.device, y.dtype))
+            back.append(gx)
+    finally:
+        for h in handles:
+            h.remove()
+    return back, acc
 
 
 def _sample_next_tokens(logits: torch.Tensor, gen: torch.Generator, rows: int = 256) -> torch.Tensor:
@@ -118,13 +256,10 @@ def _sample_next_tokens(logits: torch.Tensor, gen: torch.Generator, rows: int = 
     return torch.cat(out).to(logits.device)
 
 
-def _reduce_over_processes(acc: dict[nn.Module, torch.Tensor], tokens: int,
-                           dev: torch.device) -> tuple[dict[nn.Module, torch.Tensor], int]:
-    """Under ``accelerate launch`` each process saw its own windows: sum the outer products and the token counts
+def _reduce_over_processes(tensors: list[torch.Tensor], dev: torch.device) -> list[torch.Tensor]:
+    """Under ``accelerate launch`` each process saw its own windows: sum the Fisher sums and the token counts
     over processes, so every process prices removals with the same Fisher (and so makes the same cuts)."""
     if world()[1] == 1:
-        return acc, tokens
+        return tensors
     on = dev if dev.type == "cuda" else torch.device("cpu")  # NCCL reduces device tensors only
-    keys = list(acc)
-    out = all_reduce_sum(*[acc[k].to(on) for k in keys], torch.tensor([float(tokens)], dtype=torch.float64, device=on))
-    return {k: t.cpu() for k, t in zip(keys, out[:-1])}, int(out[-1].item())
+    return [t.cpu() for t in all_reduce_sum(*[t.to(on) for t in tensors])]

@@ -6,7 +6,7 @@ import torch
 
 from ..core.distributed import all_reduce_sum, world
 
-__all__ = ["HessianAccumulator", "CrossAccumulator"]
+__all__ = ["HessianAccumulator"]
 
 
 def _accumulate(mat: torch.Tensor, count: int, a: torch.Tensor, b: torch.Tensor) -> int:
@@ -59,31 +59,3 @@ class HessianAccumulator:
         H = self.hessian()
         self.H = None
         return H
-
-
-class CrossAccumulator:
-    """Running ``2/N * Σ_t [x_t; 1] [y_t; 1]ᵀ`` of two token-aligned input streams of one projection: ``x`` its
-    inputs in the model being pruned, ``y`` its inputs in the original model on the original hidden states.
-    The constant 1 lets a bias be refitted too. The same scale as :class:`HessianAccumulator`, so the pair
-    gives the least-squares map from the pruned inputs to the original outputs (``refit_target="dense"``)."""
-
-    def __init__(self, in_features: int, device: torch.device | str | None = None):
-        device = torch.device(device) if device is not None else torch.device("cpu")
-        self.dtype = torch.float32 if device.type == "cuda" else torch.float64
-        self.P = torch.zeros(in_features + 1, in_features + 1, device=device, dtype=self.dtype)
-        self.count = 0
-
-    @torch.no_grad()
-    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(self.P.device, self.dtype)
-        y = y.detach().reshape(-1, y.shape[-1]).to(self.P.device, self.dtype)
-        if x.shape != y.shape:
-            raise ValueError(f"cross statistics need token-aligned inputs, got {tuple(x.shape)} and {tuple(y.shape)}")
-        n = x.shape[0]
-        if n == 0:
-            return
-        ones = torch.ones(n, 1, device=x.device, dtype=x.dtype)
-        self.count = _accumulate(self.P, self.count, torch.cat([x, ones], 1), torch.cat([y, ones], 1))
-
-    def all_reduce(self) -> None:
-        self.P, self.count = _all_reduce_mean(self.P, self.count)

@@ -8,7 +8,7 @@ compressed-tensors removed its sparse compressors in 0.15 (vllm-project/compress
 requires compressed-tensors >= 0.15 and ignores ``sparsity_config`` (huggingface/transformers#46342), and vLLM
 removed its Sparse24 integration (vllm-project/vllm#36799). ``AutoModelForCausalLM.from_pretrained`` then reports
 every sparsified weight as *missing* and initialises it at random (a warning, no error), so llmprune refuses the
-folder with one :class:`~llmprune.io.CheckpointError` line instead. ``llmprune sparsify`` writes dense safetensors
+folder with one :class:`~llmprune.checkpoint.io.CheckpointError` line instead. ``llmprune sparsify`` writes dense safetensors
 (zeros kept; read by transformers and vLLM) and ``llmprune.runtime.save_compressed`` the kernel format; see the
 README, "Sparse checkpoint formats".
 """
@@ -49,7 +49,7 @@ def sparse_compression_format(folder: str | Path, headers: dict[str, dict[str, A
 
 
 def refuse_sparse_compressed(folder: str | Path, headers: dict[str, dict[str, Any]] | None = None) -> None:
-    """Raise :class:`~llmprune.io.CheckpointError` (one line) if ``folder`` holds compressed-tensors sparse
+    """Raise :class:`~llmprune.checkpoint.io.CheckpointError` (one line) if ``folder`` holds compressed-tensors sparse
     weights, which transformers 5.x would load as random weights."""
     fmt = sparse_compression_format(folder, headers)
     if fmt is None:

@@ -323,9 +323,9 @@ def save_pruned(
     """Save model (safetensors), tokenizer, recipe, plan and model card atomically into ``out_dir``.
 
     Before the folder is renamed into place it is reloaded and checked against ``model``
-    (:func:`llmprune.verify.verify_saved_model`): with ``verify=True`` (default) outputs on a short batch
+    (:func:`llmprune.checkpoint.verify.verify_saved_model`): with ``verify=True`` (default) outputs on a short batch
     must match; ``verify=False`` still checks every key and shape on the meta device. A failed check raises
-    :class:`~llmprune.verify.VerificationError` and leaves nothing behind.
+    :class:`~llmprune.checkpoint.verify.VerificationError` and leaves nothing behind.
     """
     from .verify import verify_saved_model
 

@@ -28,16 +28,52 @@ def add_calibration_arguments(p: argparse.ArgumentParser, n_samples: int, needed
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default 0)")
 
 
-def add_obs_calibration_arguments(p: argparse.ArgumentParser, needed_by: str) -> None:
-    """``prune``'s calibration options: their defaults depend on the method (obs: 128 windows of 1024 tokens,
-    measured better than 64 x 1024, 64 x 512, 64 x 2048 and 128 x 256 on a real model; the score-based
-    methods: 32 x 256)."""
+def add_config_arguments(p: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One ``--field-name`` option per field of the dataclass ``cls``, with the help text kept beside the field
+    (its ``metadata["help"]``), its type and choices from the annotation, and no default of its own: an option
+    left out keeps the field's default (:func:`config_from_args`)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        shown = f"default {default}" if default is not None else "default: the method's own"
+        help_text = f"{f.metadata.get('help', '')} ({shown})".replace("%", "%%")
+        if isinstance(default, bool):
+            p.add_argument(flag, dest=f.name, action="store_true", default=None, help=help_text)
+            continue
+        choices = [c for c in _literal_choices(hints[f.name]) if c is not None]
+        if choices:
+            p.add_argument(flag, dest=f.name, choices=choices, default=None, help=help_text)
+        else:
+            p.add_argument(flag, dest=f.name, type=type(default), default=None, help=help_text)
+
+
+def _literal_choices(hint: Any) -> list[Any]:
+    import typing
+
+    if typing.get_origin(hint) is typing.Literal:
+        return list(typing.get_args(hint))
+    return [c for arg in typing.get_args(hint) for c in _literal_choices(arg)]  # Optional[Literal[...]]
+
+
+def config_from_args(cls: type, args: argparse.Namespace, **fixed: Any) -> Any:
+    """``cls`` built from the parsed options by field name: each option given wins, each left out keeps the
+    field's default (one default per setting, in the config)."""
+    import dataclasses
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+             if getattr(args, f.name, None) is not None}
+    return cls(**{**given, **fixed})
+
+
+def add_calibration_text_argument(p: argparse.ArgumentParser, needed_by: str) -> None:
     p.add_argument("--calib", metavar="FILE_OR_NAME",
                    help=f"calibration text: a file, or wikitext2|c4|ptb (train split, via datasets); {needed_by}")
-    p.add_argument("--n-samples", type=int, default=None, help="calibration windows (default 128 with obs, else 32)")
-    p.add_argument("--seq-len", type=int, default=None,
-                   help="calibration window length (default 1024 with obs, capped at the model's context; else 256)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default 0)")
 
 
 def add_output_arguments(p: argparse.ArgumentParser) -> None:

@@ -72,11 +72,11 @@ def refuse_with_streaming(args: argparse.Namespace, **options: Any) -> None:
 
 
 def run_streamed(args: argparse.Namespace, stream: Callable[..., Any], cfg: Any, calibration: Any, out: Path,
-                 recipe: dict[str, Any], title: str, **options: Any) -> tuple[Any, list[tuple[str, str, str, str]]]:
+                 recipe: dict[str, Any], title: str | Callable[[Any], str], **options: Any) -> tuple[Any, list[tuple[str, str, str, str]]]:
     """Run ``stream`` (:func:`~llmprune.streaming.prune_streaming` or ``sparsify_streaming``) on the local folder
     of ``args.model`` with the shared options; returns its result and the table's rows (parameters, size on
     disk, memory budget, calibration throughput); the caller adds its own rows and prints. ``options``: further
-    keyword arguments of ``stream``."""
+    keyword arguments of ``stream``; ``title`` may be a function of the result (the settings it resolved)."""
     from transformers import AutoTokenizer
 
     from ..eval.efficiency import size_on_disk
@@ -99,5 +99,5 @@ def run_streamed(args: argparse.Namespace, stream: Callable[..., Any], cfg: Any,
             ("memory budget (GB)", "", f"{memory_budget(budget) / 1e9:.1f}", "")]
     if tokens:
         rows.append(("calibration tokens/s (through pruning)", "", f"{tokens / max(result.seconds, 1e-9):,.0f}", ""))
-    print(f"\nllmprune: {title}, streamed -> {out}")
+    print(f"\nllmprune: {title(result) if callable(title) else title}, streamed -> {out}")
     return result, rows

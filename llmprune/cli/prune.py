@@ -2,7 +2,7 @@
 
 Example::
 
-    llmprune prune ../shared/models/ref-llama-7m --heads 0.25 --ffn 0.25 --method wanda \\
+    llmprune prune ../shared/models/ref-llama-7m --heads 0.25 --ffn 0.25 \\
         --calib ../shared/data/reference-train.txt --ppl ../shared/data/wikitext2-raw-test.txt --out runs/pruned
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import (add_obs_calibration_arguments, add_output_arguments, add_ppl_arguments, add_runtime_arguments,
-                      check_output, is_main_process, ppl_function, ppl_protocol, read_calibration,
+from ._common import (add_calibration_text_argument, add_config_arguments, add_output_arguments, add_ppl_arguments,
+                      add_runtime_arguments, check_output, config_from_args, is_main_process, ppl_function, ppl_protocol, read_calibration,
                       wait_for_everyone)
 from ._registry import subcommand
 from ._streaming import add_streaming_arguments, local_folder, refuse_with_streaming, run_streamed, wants_streaming
@@ -22,84 +22,18 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..criteria import available_criteria
+    from ..core.config import PruneConfig
 
     p.add_argument("model", help="local model folder, Hugging Face Hub id, or a .gguf file (or a folder holding one; "
                                  "dequantised to float32, saved as plain safetensors)")
-    p.add_argument("--heads", type=float, default=0.0, help="fraction of attention heads removed (default 0)")
-    p.add_argument("--ffn", type=float, default=0.0, help="fraction of FFN neurons removed (default 0)")
-    p.add_argument("--layers", type=int, default=0, help="number of whole decoder blocks removed (Block Influence)")
-    p.add_argument("--experts", type=float, default=0.0,
-                   help="fraction of experts removed from every mixture-of-experts layer (routing mass with --calib, "
-                        "else weight norm); --ffn then prunes neurons inside each expert")
-    p.add_argument("--hidden", type=float, default=0.0,
-                   help="fraction of hidden (embedding) channels removed everywhere: embeddings, every norm, every "
-                        "projection reading or writing the residual stream, the LM head (Minitron); applied before "
-                        "--heads / --ffn. Llama-likes, Phi-3, Qwen3-MoE, Mixtral")
-    p.add_argument("--hidden-method", choices=("minitron", "rms"), default="minitron",
-                   help="how hidden channels are chosen: minitron (mean |activation| after every norm; default) or "
-                        "rms (greedy on the normalised outputs' error with the RMS rescaling, each norm's weight "
-                        "corrected in closed form for its new RMS)")
-    p.add_argument("--params", type=float, default=0.0,
-                   help="fraction of ALL parameters (embeddings included) to remove, split among --hidden, --heads and "
-                        "--ffn: 4 candidate splits are pruned with a fast proxy and the one with the lowest "
-                        "calibration loss is pruned with --method (give it instead of --hidden/--heads/--ffn)")
-    p.add_argument("--method", default=None,
-                   help=f"how units are chosen: {', '.join(available_criteria())}. Default: obs (structured optimal "
-                        "brain surgeon: each layer's heads / neurons removed greedily by the output error left after "
-                        "the optimal refit of o_proj / down_proj, weighed by the Fisher of the model's own "
-                        "predictions) when only --heads / --ffn are given and not --streaming, on 128 x 1024 "
-                        "calibration tokens (SmolLM2-135M: 25%% of block parameters, 28.8 -> 45.4 PPL at seed 0, "
-                        "45.4-46.8 over four seeds of the windows, "
-                        "in about 50 min on 1 CPU thread; --n-samples 64 halves the time); wanda otherwise (minutes). "
-                        "Calibrated methods need --calib")
-    p.add_argument("--allocation", choices=("uniform", "global", "error", "block_influence", "fisher"), default=None,
-                   help="per-layer widths: fisher (default with obs: each kind's total goes where the estimated loss "
-                        "increase is lowest; per-layer widths, reloads through llmprune or as a Mistral config), "
-                        "uniform (same widths everywhere: a standard config; default for other methods), global "
-                        "(normalised scores), error (the uniform setting's parameters removed where the output "
-                        "reconstruction error is lowest; heads and FFN compete), block_influence (ratios within "
-                        "+-spread, less pruning in high-influence layers)")
-    p.add_argument("--attention-unit", choices=("auto", "group", "query"), default="auto",
-                   help="group: remove whole KV groups; query: remove query heads evenly from every KV group; auto "
-                        "(default): group for MHA, query with <= 4 KV heads (MQA, 2-4 groups), else group when "
-                        "--heads x KV heads is within 0.25 of a whole number of groups, else query (resolved once; "
-                        "the recipe and the table name the unit used)")
-    p.add_argument("--rounding", choices=("nearest", "down", "up", "error"), default="nearest",
-                   help="when --heads does not give whole units: round to the nearest valid count (default), "
-                        "down, up, or stop with an error listing the valid ratios")
-    p.add_argument("--multiple-of", type=int, default=1, help="round kept FFN widths to a multiple of this")
-    p.add_argument("--min-keep", type=float, default=0.1,
-                   help="non-uniform allocation: smallest fraction of a layer's heads / neurons kept")
-    p.add_argument("--spread", type=float, default=0.1, help="block_influence allocation: ratios span 2*spread")
-    p.add_argument("--bias-compensation", action="store_true",
-                   help="add removed units' mean output to the o_proj/down_proj bias (FLAP)")
-    p.add_argument("--reconstruct", action="store_true",
-                   help="refit the projections that consume removed heads/neurons (o_proj, down_proj, ...) by least "
-                        "squares on calibration inputs, layer by layer on the pruned model's activations")
-    p.add_argument("--percdamp", type=float, default=0.01,
-                   help="reconstruction damping, fraction of the mean Gram diagonal (default 0.01)")
+    add_config_arguments(p, PruneConfig)  # every PruneConfig field, its help beside the field
+    add_calibration_text_argument(p, needed_by="needed by obs (the default), wanda, flap, --reconstruct and --layers")
     p.add_argument("--iterative-steps", type=int, default=1,
                    help="reach the target in K steps, recalibrating on the current model each time (default 1)")
     p.add_argument("--recover-steps", type=int, default=0,
                    help="with --iterative-steps: recovery steps (LoRA defaults) after every step but the last")
     p.add_argument("--data", metavar="FILE_OR_NAME", help="training text for --recover-steps")
     p.add_argument("--teacher", help="with --recover-steps: distil from this model ('source': the input model)")
-    add_obs_calibration_arguments(p, needed_by="needed by obs, wanda, flap, --reconstruct and --layers")
-    p.add_argument("--fisher-samples", type=int, default=16,
-                   help="allocation fisher: calibration windows of its one forward/backward pass (default 16)")
-    p.add_argument("--fisher-diagonal", action="store_true",
-                   help="allocation fisher: keep only the Fisher's diagonal (hidden floats per projection instead of "
-                        "hidden^2; for very wide models)")
-    p.add_argument("--fisher-labels", choices=("data", "model"), default=None,
-                   help="allocation fisher: weigh errors by the loss of next tokens sampled from the unpruned model "
-                        "(model, default: the true Fisher, the curvature of the KL divergence from the original model) "
-                        "or of the calibration text's own next tokens (data: the empirical Fisher; on SmolLM2-135M at "
-                        "25%%, 47.6 / 50.1 PPL at window seeds 0 / 1 against 45.4 / 46.8 with model)")
-    p.add_argument("--refit-target", choices=("layer", "dense"), default="layer",
-                   help="method obs: refit o_proj/down_proj towards the layer's own outputs on its current inputs "
-                        "(layer, default) or towards the original model's outputs (dense: a second stream through "
-                        "an unmodified copy of each layer, ~2x the layer forwards; 56.9 vs 51.8 PPL on SmolLM2 at 25%%)")
     add_output_arguments(p)
     add_ppl_arguments(p)
     add_runtime_arguments(p)
@@ -107,24 +41,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval", action="store_true", help="run the eval harness on the original and pruned model at the end")
     p.add_argument("--eval-tasks", default="", help="tasks for --eval, e.g. lambada,piqa")
     p.add_argument("--eval-limit", type=int, default=None, help="documents per task for --eval")
-
-
-def resolve_method_defaults(args: argparse.Namespace) -> None:
-    """The recommended recipe (:meth:`PruneConfig.recommended`) for what ``--method`` / ``--allocation`` /
-    ``--n-samples`` / ``--seq-len`` leave unset: ``obs`` with the ``fisher`` allocation for heads and FFN neurons
-    in memory (measured best on real models, BENCHMARKS.md), ``wanda`` (uniform) where obs does not apply:
-    layer or expert removal, bias compensation, ``--streaming``."""
-    from ..core.config import PruneConfig
-
-    streaming = wants_streaming(args)
-    args.streaming = streaming  # decided once (an automatic choice prints its reason once)
-    rec = PruneConfig.recommended(streaming=streaming, method=args.method, allocation=args.allocation,
-                                  layers=args.layers, experts=args.experts, bias_compensation=args.bias_compensation,
-                                  n_samples=args.n_samples, seq_len=args.seq_len,
-                                  fisher_labels=args.fisher_labels)
-    args.seq_len_default = args.seq_len is None  # capped at the model's context once it is loaded
-    args.method, args.allocation, args.n_samples, args.seq_len = rec.method, rec.allocation, rec.n_samples, rec.seq_len
-    args.fisher_labels = rec.fisher_labels
 
 
 @subcommand("prune", "prune heads, FFN neurons, layers or experts and save the smaller model", add_arguments)
@@ -136,19 +52,12 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoint.io import load_model, save_pruned
     from ..calibration.calibrate import read_calibration_text
     from ..structured.pipeline import PruneResult, count_parameters, prune
-    from ..recipe import Recipe
+    from ..training.recipe import Recipe
     from ..structured.surgery import layer_widths
     from .table import block_parameters
 
-    resolve_method_defaults(args)
-    cfg = PruneConfig(heads=args.heads, ffn=args.ffn, layers=args.layers, experts=args.experts, method=args.method,
-                      hidden=args.hidden, hidden_method=args.hidden_method, params=args.params,
-                      allocation=args.allocation, attention_unit=args.attention_unit, rounding=args.rounding,
-                      multiple_of=args.multiple_of, bias_compensation=args.bias_compensation,
-                      min_keep=args.min_keep, n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed,
-                      reconstruct=args.reconstruct, percdamp=args.percdamp, spread=args.spread,
-                      fisher_samples=args.fisher_samples, fisher_diagonal=args.fisher_diagonal,
-                      fisher_labels=args.fisher_labels, refit_target=args.refit_target)
+    args.streaming = wants_streaming(args)  # decided once (an automatic choice prints its reason once)
+    cfg = config_from_args(PruneConfig, args)
     if args.recover_steps and not args.data:
         from ..calibration.calibrate import CalibrationError
 
@@ -162,14 +71,14 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
     context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    if args.seq_len_default and context and cfg.seq_len > context:
+    if args.seq_len is None and context and cfg.seq_len > context:
         import dataclasses
 
         cfg = dataclasses.replace(cfg, seq_len=int(context))
     from ..arch import get_adapter
     from ..structured.select import check_ratios, resolve_config
 
-    cfg = resolve_config(model, get_adapter(model), cfg)  # attention_unit "auto" -> the concrete unit, once
+    cfg = resolve_config(model, get_adapter(model), cfg)  # "auto" unit, default allocation -> concrete, once
     check_ratios(model, get_adapter(model), cfg)  # before perplexity or any other work
     main = is_main_process()  # under accelerate launch: every process calibrates, the main one evaluates and saves
     progress = not args.quiet and main
@@ -221,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
                                      iterative_steps=args.iterative_steps, recover_between=args.recover_steps,
                                      data=args.data, teacher=args.teacher).to_dict()})
     after["size"] = size_on_disk(out)
-    print(f"\nllmprune: {args.method}, {args.allocation} allocation, {cfg.attention_unit} attention units -> {out}")
+    print(f"\nllmprune: {done.method}, {done.allocation} allocation, {done.attention_unit} attention units -> {out}")
     rows = unit_fraction_rows(done, widths_before, layer_widths(model), result.plan)
     print(format_table(rows + width_rows(cfg, done, hidden_before, int(model.config.hidden_size), before["params"],
                                          after["params"])))
@@ -247,14 +156,14 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_streaming(args: argparse.Namespace, cfg, calibration, out: Path) -> int:
     """``--streaming``: the same pruning, one layer in memory at a time (:func:`llmprune.streaming.prune_streaming`)."""
-    from ..recipe import Recipe
+    from ..training.recipe import Recipe
     from ..streaming import prune_streaming
 
     refuse_with_streaming(args, **{"--ppl": args.ppl, "--eval": args.eval,
                                    "--iterative-steps": args.iterative_steps > 1})
     recipe = Recipe(model=str(args.model), prune=cfg, calibration=args.calib, dtype=args.dtype).to_dict()
     result, rows = run_streamed(args, prune_streaming, cfg, calibration, out, recipe,
-                                f"{args.method}, {args.allocation} allocation")
+                                lambda res: f"{res.config.method}, {res.config.allocation} allocation")
     print(format_table(_streamed_unit_rows(cfg, local_folder(args.model), out, result.plan)))
     print()
     print(format_table(rows))

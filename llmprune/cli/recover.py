@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
             recipe = read_recipe(src)
             prune_cfg = PruneConfig.from_dict(recipe["config"]) if recipe.get("config") else None
             plan = read_plan(src) if (src / "llmprune_plan.json").is_file() else None
-        from ..recipe import Recipe
+        from ..training.recipe import Recipe
 
         extra = {"run": Recipe(model=str(args.model), recover=cfg, data=args.data, teacher=args.teacher,
                                dtype=args.dtype).to_dict(),

@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 @subcommand("run", "run a recipe file (prune / sparsify / iterative / recover / evaluate / save)", add_arguments)
 def run(args: argparse.Namespace) -> int:
-    from ..recipe import read_recipe_file, run_recipe
+    from ..training.recipe import read_recipe_file, run_recipe
 
     recipe = read_recipe_file(args.recipe)
     summary = run_recipe(recipe, out=args.out, overwrite=args.overwrite, verify=not args.no_verify,

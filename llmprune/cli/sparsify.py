@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     before = {"params": count_parameters(model), "block": block_parameters(model), "nonzero": nonzero(model),
               "ppl": ppl_of(model), "size": size_on_disk(src) if src.is_dir() else None}
     report = sparsify(model, cfg, tokenizer=tokenizer, calibration=calibration, progress=progress, device=device)
-    from ..recipe import Recipe
+    from ..training.recipe import Recipe
 
     extra_rows, extra = [], {"sparsity_config": cfg.to_dict(), "weight_sparsity": report.overall_sparsity,
                              "calibration": args.calib,
@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_streaming(args: argparse.Namespace, cfg, calibration, out: Path) -> int:
     """``--streaming``: the same weight sparsity and activation thresholds, one layer in memory at a time."""
-    from ..recipe import Recipe
+    from ..training.recipe import Recipe
     from ..streaming import sparsify_streaming
 
     refuse_with_streaming(args, **{"--ppl": args.ppl})

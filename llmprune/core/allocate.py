@@ -4,7 +4,7 @@ Two families of rules, both with a bounded per-layer ratio and an exact total:
 
 - **Cost-based** (:func:`allocate_by_cost`, structured ``allocation="error"``): every layer offers a curve
   "remove ``k`` units -> remove ``p(k)`` parameters at cost ``c(k)``" (the layer's output reconstruction
-  error, :func:`llmprune.reconstruct.removal_error_curve`). The parameter budget goes to the cheapest
+  error, :func:`llmprune.structured.reconstruct.removal_error_curve`). The parameter budget goes to the cheapest
   removals overall: marginal cost per parameter on each curve's lower convex hull, greedily. Curves of
   different unit kinds (a layer's attention heads and its FFN neurons) compete for the same budget, so the
   split between heads and neurons follows the measured cost too. Raw squared errors are comparable across

@@ -2,7 +2,7 @@
 
 Example::
 
-    cfg = PruneConfig(heads=0.25, ffn=0.25, method="wanda")
+    cfg = PruneConfig(heads=0.25, ffn=0.25)        # the default method, obs, with its fisher allocation
     assert PruneConfig.from_json(cfg.to_json()) == cfg
 """
 
@@ -15,7 +15,7 @@ from typing import Any, Literal
 __all__ = ["PruneConfig", "LayerPlan", "PrunePlan", "RECIPE_VERSION"]
 
 #: bumped whenever the saved recipe's meaning changes
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 
 class _JsonMixin:
@@ -50,18 +50,22 @@ class PruneConfig(_JsonMixin):
             With calibration data experts are ranked by routing mass (selection frequency x mean routing
             weight on the calibration tokens); without, by the L2 norm of their weights. In MoE layers
             ``ffn`` prunes neurons inside each expert (each expert its own, the same count in all).
-        method: importance criterion name (see ``llmprune.criteria.available_criteria()``).
-        allocation: ``uniform`` (same widths in every layer -> a standard checkpoint), ``global``
+        method: the structured method (``llmprune.structured.criteria.available_criteria()``): ``obs`` (the
+            default) chooses heads and neurons greedily with the optimal refit; the others are per-unit scores.
+            Layer removal (Block Influence) and expert removal (routing mass) have their own criteria, whatever
+            the method.
+        allocation: ``None`` (default): the method's own (``fisher`` for ``obs``, ``uniform`` for the scores),
+            resolved before any work so results and saved recipes name it. ``uniform`` (same widths in every layer -> a standard checkpoint), ``global``
             (per-layer widths from globally comparable, per-layer-normalised scores), ``error`` (the
             parameters that ``heads``/``ffn`` remove uniformly go where each layer's output reconstruction
             error per parameter is lowest, heads and FFN neurons competing for the same budget) or
             ``block_influence`` (each layer's ratios move within ``±spread`` of ``heads``/``ffn``, less
             pruning where the layer's Block Influence is higher), or ``fisher`` (method ``obs``: each
             kind's uniform total goes where the estimated loss increase, the OBS cost weighed by the output
-            Fisher, is lowest; :mod:`llmprune.calibration.fisher`). See :mod:`llmprune.allocate`.
+            Fisher, is lowest; :mod:`llmprune.calibration.fisher`). See :mod:`llmprune.core.allocate`.
         attention_unit: ``group`` removes whole KV groups (a KV head with its query heads; shrinks the KV
             cache) or ``query`` removes the same number of query heads from every KV group. ``auto`` (default)
-            is resolved once per model, before any work, by :func:`llmprune.select.resolve_attention_unit`:
+            is resolved once per model, before any work, by :func:`llmprune.structured.select.resolve_attention_unit`:
             ``group`` for MHA, ``query`` with at most 4 KV heads (MQA, 2-4 groups), else ``group`` when
             ``heads * num_kv_heads`` is within 0.25 of a non-zero whole number of groups, else ``query``.
             :func:`llmprune.prune` works on the resolved copy, so results and saved recipes name the concrete unit.
@@ -79,24 +83,16 @@ class PruneConfig(_JsonMixin):
         reconstruct: after removing heads / neurons, refit the projection that consumes them (the
             adapter's ``output`` slot: o_proj, down_proj, GPT-2 ``c_proj``, ...) by damped least squares on
             calibration inputs, layer by layer with the inputs of the already pruned layers
-            (:mod:`llmprune.reconstruct`).
+            (:mod:`llmprune.structured.reconstruct`).
         percdamp: damping of the reconstruction, as a fraction of the mean diagonal of the Gram matrix.
         spread: ``block_influence`` allocation: layer ratios span ``2 * spread`` around the target.
         fisher_samples: ``fisher`` allocation: calibration windows of the one forward/backward pass that
             estimates the output Fisher (:mod:`llmprune.calibration.fisher`).
-        fisher_joint: ``fisher`` allocation: heads and FFN neurons compete for one budget (the parameters
-            that ``heads`` / ``ffn`` remove uniformly, as with ``error``) instead of each kind keeping its
-            total, so the achieved head and neuron fractions move away from the requested ones.
-        fisher_labels: ``fisher`` allocation: ``data`` weighs errors by the loss of the calibration text's own next
-            tokens (the empirical Fisher); ``model`` by next tokens sampled from the unpruned model's predictions
-            (the true Fisher: the curvature of the KL divergence from the unpruned model).
+        fisher_labels: ``fisher`` allocation: ``model`` (default) weighs errors by the loss of next tokens sampled
+            from the unpruned model's predictions (the true Fisher: the curvature of the KL divergence from the
+            unpruned model); ``data`` by the loss of the calibration text's own next tokens (the empirical Fisher).
         fisher_diagonal: keep only the Fisher's diagonal (``hidden`` floats per projection instead of
             ``hidden²``: for models whose full factors would not fit in memory).
-        refit_target: what method ``obs`` refits o_proj / down_proj towards. ``layer``: the layer's own outputs
-            on its current inputs (those of the already pruned layers). ``dense``: the *original* model's
-            outputs of that projection on the original hidden states, so each layer also corrects the error
-            that the layers before it left (a second stream of hidden states runs through an unmodified copy
-            of each layer: about twice the layer forwards, one extra layer in memory).
         hidden: fraction of the hidden (embedding) channels removed, in [0, 1): the same channels leave the
             embeddings, every norm, every projection reading or writing the residual stream and the LM head
             (Minitron's width axis; :mod:`llmprune.structured.hidden`). Applied before heads / FFN neurons,
@@ -109,62 +105,63 @@ class PruneConfig(_JsonMixin):
             (:mod:`llmprune.structured.budget`). Excludes giving those three.
     """
 
-    heads: float = 0.0
-    ffn: float = 0.0
-    layers: int = 0
-    experts: float = 0.0
-    method: str = "wanda"
-    allocation: Literal["uniform", "global", "error", "block_influence", "fisher"] = "uniform"
-    attention_unit: Literal["auto", "group", "query"] = "auto"
-    rounding: Literal["error", "down", "up", "nearest"] = "nearest"
-    multiple_of: int = 1
-    min_keep: float = 0.1
-    n_samples: int = 32
-    seq_len: int = 256
-    seed: int = 0
-    batch_size: int = 8
-    bias_compensation: bool = False
-    reconstruct: bool = False
-    percdamp: float = 0.01
-    spread: float = 0.1
-    fisher_samples: int = 16
-    fisher_joint: bool = False
-    fisher_diagonal: bool = False
-    fisher_labels: Literal["data", "model"] = "data"
-    refit_target: Literal["layer", "dense"] = "layer"
-    hidden: float = 0.0
-    hidden_method: Literal["minitron", "rms"] = "minitron"
-    params: float = 0.0
+    heads: float = field(default=0.0, metadata={"help": "fraction of attention (query) heads removed, in [0, 1)"})
+    ffn: float = field(default=0.0, metadata={"help": "fraction of FFN neurons removed, in [0, 1)"})
+    layers: int = field(default=0, metadata={"help": "number of whole decoder blocks removed (Block Influence)"})
+    experts: float = field(default=0.0, metadata={
+        "help": "fraction of experts removed from every mixture-of-experts layer (routing mass with calibration "
+                "data, else weight norm); --ffn then prunes neurons inside each expert"})
+    method: str = field(default="obs", metadata={
+        "help": "how heads and neurons are chosen: obs (default: greedy structured optimal brain surgeon with the "
+                "optimal refit of o_proj / down_proj, weighed by the output Fisher) or a per-unit score (wanda, flap, "
+                "magnitude, magnitude_l1, taylor, single-unit); quality and time: BENCHMARKS.md "
+                "#structured-pruning-quality"})
+    allocation: Literal["uniform", "global", "error", "block_influence", "fisher"] | None = field(default=None, metadata={
+        "help": "per-layer widths; default: the method's own (fisher for obs: each kind's total goes where the "
+                "estimated loss increase is lowest; uniform for the scores: same widths everywhere, a standard "
+                "config). global: normalised scores; error: the uniform setting's parameters go where the output "
+                "error is lowest, heads and neurons competing; block_influence: ratios within +-spread"})
+    attention_unit: Literal["auto", "group", "query"] = field(default="auto", metadata={
+        "help": "group: remove whole KV groups; query: remove query heads evenly from every KV group; auto: chosen "
+                "once per model (the recipe and the table name the unit used)"})
+    rounding: Literal["error", "down", "up", "nearest"] = field(default="nearest", metadata={
+        "help": "when --heads does not give whole units: the nearest valid count, down, up, or an error listing "
+                "the valid ratios"})
+    multiple_of: int = field(default=1, metadata={"help": "kept FFN widths rounded to a multiple of this"})
+    min_keep: float = field(default=0.1, metadata={
+        "help": "non-uniform allocations: smallest fraction of a layer's heads / neurons kept"})
+    n_samples: int = field(default=128, metadata={"help": "calibration windows"})
+    seq_len: int = field(default=1024, metadata={
+        "help": "calibration window length (capped at the model's context)"})
+    seed: int = field(default=0, metadata={"help": "seed of the calibration windows and the Fisher's samples"})
+    batch_size: int = field(default=8, metadata={"help": "calibration windows per forward pass"})
+    bias_compensation: bool = field(default=False, metadata={
+        "help": "add the removed units' mean output to the o_proj / down_proj bias (FLAP; refitted with obs or "
+                "--reconstruct)"})
+    reconstruct: bool = field(default=False, metadata={
+        "help": "score methods: refit the projections that consume removed heads / neurons by least squares, "
+                "layer by layer on the pruned model's activations (obs always refits)"})
+    percdamp: float = field(default=0.01, metadata={"help": "refit damping, fraction of the mean Gram diagonal"})
+    spread: float = field(default=0.1, metadata={"help": "block_influence allocation: ratios span 2 x spread"})
+    fisher_samples: int = field(default=16, metadata={
+        "help": "fisher allocation: calibration windows of its forward/backward pass"})
+    fisher_diagonal: bool = field(default=False, metadata={
+        "help": "fisher allocation: keep only the Fisher's diagonal (for very wide models)"})
+    fisher_labels: Literal["data", "model"] = field(default="model", metadata={
+        "help": "fisher allocation: next tokens sampled from the unpruned model (model: the true Fisher) or the "
+                "calibration text's own (data: the empirical Fisher)"})
+    hidden: float = field(default=0.0, metadata={
+        "help": "fraction of hidden (embedding) channels removed everywhere: embeddings, norms, every projection "
+                "of the residual stream, the LM head (Minitron); before --heads / --ffn"})
+    hidden_method: Literal["minitron", "rms"] = field(default="minitron", metadata={
+        "help": "how hidden channels are chosen: minitron (mean |activation| after every norm) or rms (greedy on "
+                "the normalised outputs, each norm's weight corrected for its new RMS)"})
+    params: float = field(default=0.0, metadata={
+        "help": "fraction of ALL parameters (embeddings included) to remove, split among --hidden, --heads and "
+                "--ffn by the calibration loss of a few candidates (give it alone)"})
 
     def __post_init__(self) -> None:
         self.validate()
-
-    @classmethod
-    def recommended(cls, heads: float = 0.0, ffn: float = 0.0, *, streaming: bool = False,
-                    **overrides: Any) -> "PruneConfig":
-        """The recipe measured best on real models (BENCHMARKS.md, SmolLM2-135M), which ``llmprune prune``
-        runs when no ``--method`` / ``--allocation`` is given: method ``obs`` with the ``fisher`` allocation on
-        128 windows of 1024 tokens for heads and FFN neurons in memory, its Fisher taken on next tokens sampled
-        from the model (``fisher_labels="model"``; SmolLM2-135M at 25%: 45.39 / 46.76 / 46.68 / 46.51 PPL at seeds
-        0-3 of the windows, against 47.61 / 50.06 at seeds 0-1 with the text's own next tokens); ``wanda``
-        (uniform, 32 x 256) where obs does not apply (layer or expert removal, bias compensation, streaming).
-        ``overrides`` win.
-
-        Example::
-
-            cfg = PruneConfig.recommended(heads=0.25, ffn=0.25)       # obs + fisher
-            cfg = PruneConfig.recommended(layers=4)                    # wanda, uniform
-        """
-        obs_ok = not (overrides.get("layers") or overrides.get("experts") or overrides.get("bias_compensation")
-                      or streaming)
-        method = overrides.pop("method", None) or ("obs" if obs_ok else "wanda")
-        allocation = overrides.pop("allocation", None) or ("fisher" if method == "obs" and obs_ok else "uniform")
-        defaults = {"n_samples": 128 if method == "obs" else 32, "seq_len": 1024 if method == "obs" else 256,
-                    "fisher_labels": "model" if allocation == "fisher" else "data"}
-        for name, value in defaults.items():
-            if overrides.get(name) is None:
-                overrides[name] = value
-        return cls(heads=heads, ffn=ffn, method=method, allocation=allocation, **overrides)
 
     def validate(self) -> None:
         for name in ("heads", "ffn", "experts", "hidden", "params"):
@@ -173,13 +170,14 @@ class PruneConfig(_JsonMixin):
                 raise ValueError(f"{name}={value!r} is out of range: it is the fraction removed and must be in [0, 1)")
         if not isinstance(self.layers, int) or self.layers < 0:
             raise ValueError(f"layers={self.layers!r} must be a non-negative number of blocks to remove")
-        choices = {"allocation": ("uniform", "global", "error", "block_influence", "fisher"),
+        choices = {"allocation": (None, "uniform", "global", "error", "block_influence", "fisher"),
                    "attention_unit": ("auto", "group", "query"), "rounding": ("error", "down", "up", "nearest"),
-                   "refit_target": ("layer", "dense"), "fisher_labels": ("data", "model"),
+                   "fisher_labels": ("data", "model"),
                    "hidden_method": ("minitron", "rms")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {', '.join(allowed)}")
+                raise ValueError(f"{name}={getattr(self, name)!r}; choose one of "
+                                 f"{', '.join(a for a in allowed if a is not None)}")
         if self.multiple_of < 1:
             raise ValueError("multiple_of must be >= 1")
         if not 0.0 < self.min_keep <= 1.0:
@@ -189,16 +187,6 @@ class PruneConfig(_JsonMixin):
                 raise ValueError(f"{name} must be >= 1")
         if not 0.0 <= self.percdamp < 1.0:
             raise ValueError(f"percdamp={self.percdamp!r} must be in [0, 1)")
-        if self.allocation == "fisher" and self.method != "obs":
-            raise ValueError("allocation='fisher' prices removals with the obs method; use method='obs'")
-        if self.fisher_joint and self.allocation != "fisher":
-            raise ValueError("fisher_joint shares the fisher allocation's budget between heads and FFN neurons; "
-                             "use allocation='fisher'")
-        if self.method == "obs" and self.allocation in ("global", "block_influence"):
-            raise ValueError(f"method 'obs' chooses units inside the sequential pass; allocation "
-                             f"{self.allocation!r} needs per-unit scores: use uniform, error or fisher")
-        if self.refit_target == "dense" and self.method != "obs":
-            raise ValueError("refit_target='dense' is a refit of method 'obs'; use method='obs'")
         if not 0.0 <= self.spread <= 0.5:
             raise ValueError(f"spread={self.spread!r} must be in [0, 0.5]")
         if self.params > 0 and (self.hidden or self.heads or self.ffn or self.layers or self.experts):

@@ -21,10 +21,10 @@ class InputStats:
     count: int = 0
     sum: torch.Tensor | None = None
     sq_sum: torch.Tensor | None = None
-    #: row / column sums of the first-order Taylor importance |W * dL/dW| (``llmprune.gradients``), if gathered
+    #: row / column sums of the first-order Taylor importance |W * dL/dW| (``llmprune.calibration.gradients``), if gathered
     grad_rows: torch.Tensor | None = None
     grad_cols: torch.Tensor | None = None
-    #: single-unit performance (``llmprune.single_unit``): per-label input sums [in, K], label counts [K],
+    #: single-unit performance (``llmprune.calibration.single_unit``): per-label input sums [in, K], label counts [K],
     #: readout logits per input feature [K, in]
     label_sums: torch.Tensor | None = None
     label_counts: torch.Tensor | None = None

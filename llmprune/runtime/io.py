@@ -86,10 +86,10 @@ def _dedupe(sd: dict) -> tuple[dict, dict]:
 def save_compressed(model: nn.Module, out_dir: str | os.PathLike, overwrite: bool = False, verify: bool = True) -> str:
     """Write ``model`` (after ``use_kernels``) atomically to ``out_dir``; returns its path.
 
-    An existing ``out_dir`` is refused unless ``overwrite`` (see :class:`llmprune.io.atomic_directory`).
+    An existing ``out_dir`` is refused unless ``overwrite`` (see :class:`llmprune.checkpoint.io.atomic_directory`).
     Before the rename the folder is checked: every tensor's name and shape in the written file, and with
     ``verify=True`` (default) the outputs of the model :func:`load_compressed` rebuilds on a short batch
-    (:func:`llmprune.verify.verify_saved_model`). A failed check leaves nothing behind.
+    (:func:`llmprune.checkpoint.verify.verify_saved_model`). A failed check leaves nothing behind.
     """
     from safetensors import safe_open
     from safetensors.torch import save_file

@@ -328,7 +328,7 @@ def calibrate_activation_thresholds(
             instead of one pass per stage. ``None``: staged when that estimate fits in a quarter of
             ``max_memory`` (bytes; default: the available memory of the layer's device). Same thresholds
             either way.
-        layer_io: :class:`llmprune.calibrate.LayerIO` that loads and frees layers when streaming (its
+        layer_io: :class:`llmprune.calibration.calibrate.LayerIO` that loads and frees layers when streaming (its
             ``start`` > 0 resumes at that layer; earlier layers' thresholds are then not returned).
         on_layer: called with ``(i, {name: threshold})`` once layer ``i`` is calibrated, before the
             layer is left (streaming keeps them in its resume state).

@@ -236,7 +236,7 @@ def sparsify(
             by ``wanda`` and ``sparsegpt``.
         device: where each decoder layer runs during calibration (default: the model's device).
 
-    A model dispatched with accelerate is refused (:class:`~llmprune.dispatched.DispatchedModelError`):
+    A model dispatched with accelerate is refused (:class:`~llmprune.checkpoint.dispatched.DispatchedModelError`):
     :func:`llmprune.streaming.sparsify_streaming` takes it instead.
     """
     if config is None:
@@ -310,7 +310,7 @@ def _owl_sparsity(model, adapter, targets, batches, config, device) -> list[floa
 @torch.no_grad()  # as layerwise_statistics: a layer's autograd graph would keep its weights and activations alive
 def _sequential(model, adapter, layers, targets, batches, config, progress, device, layer_sparsity,
                 layer_io=None) -> None:
-    """Calibrate and prune one decoder layer at a time; ``layer_io`` (:class:`llmprune.calibrate.LayerIO`)
+    """Calibrate and prune one decoder layer at a time; ``layer_io`` (:class:`llmprune.calibration.calibrate.LayerIO`)
     loads / writes / frees layers when streaming."""
     from ..calibration.calibrate import LayerIO
 

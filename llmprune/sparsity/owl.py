@@ -4,7 +4,7 @@ Layers with more activation *outliers* are pruned less. A layer's outlier ratio 
 weights whose Wanda score ``|W_ij| * ||X_j||`` exceeds ``threshold`` times the mean score of their
 matrix (the paper's ``M``, 5 by default); decoder blocks are ranked by it and their sparsities spread
 linearly within ``±spread`` of the target (the paper's ``λ``, 0.08), with the parameter-weighted mean
-equal to the target exactly (:func:`llmprune.allocate.spread_ratios`). Every matrix of a block gets the
+equal to the target exactly (:func:`llmprune.core.allocate.spread_ratios`). Every matrix of a block gets the
 block's sparsity and is then pruned by the chosen method (Wanda in the paper; any unstructured method here).
 
 Example::

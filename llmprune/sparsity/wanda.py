@@ -20,7 +20,7 @@ def wanda_scores(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor
     Args:
         weight: ``[out, in]``.
         input_norm: ``[in]`` L2 norm of each input feature over the calibration tokens
-            (``llmprune.calibrate.InputStats.norm``).
+            (``llmprune.calibration.calibrate.InputStats.norm``).
     """
     if input_norm.dim() != 1 or input_norm.numel() != weight.shape[1]:
         raise ValueError(f"input_norm has shape {tuple(input_norm.shape)}; expected [{weight.shape[1]}]")

@@ -5,10 +5,10 @@ than one decoder layer's weights (plus the embeddings, the final norm and the LM
 
 1. the model skeleton is built on the meta device (:func:`build_skeleton`); only the non-layer weights are
    read from the checkpoint (a folder, :class:`Checkpoint`, or a loaded model dispatched with accelerate's
-   ``device_map`` / ``cpu_offload``, :class:`llmprune.dispatched.ModelSource`, which is only read);
-2. every layer-by-layer pass of the in-memory path (:func:`llmprune.calibrate.layerwise_statistics`,
-   :func:`llmprune.sequential.prune_sequential`, the sparsity loop) runs unchanged with a
-   :class:`LayerStream` as its :class:`~llmprune.calibrate.LayerIO`: on ``enter`` the layer's tensors are
+   ``device_map`` / ``cpu_offload``, :class:`llmprune.checkpoint.dispatched.ModelSource`, which is only read);
+2. every layer-by-layer pass of the in-memory path (:func:`llmprune.calibration.calibrate.layerwise_statistics`,
+   :func:`llmprune.structured.sequential.prune_sequential`, the sparsity loop) runs unchanged with a
+   :class:`LayerStream` as its :class:`~llmprune.calibration.calibrate.LayerIO`: on ``enter`` the layer's tensors are
    read from the safetensors shards, on ``leave`` the pruned layer is written to its own output shard
    (read back and compared bit for bit), freed back to the meta device, and the hidden states that feed the
    next layer are saved as the resume point;

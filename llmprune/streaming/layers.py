@@ -48,6 +48,7 @@ class LayerStream(LayerIO):
         self.start = int(st.get("next", 0))
         for i, lp in st.get("plans", {}).items():
             self.plans[int(i)] = LayerPlan(**lp)
+        self.records.update({int(i): r for i, r in st.get("records", {}).items()})
         self.loaded: set[int] = set()
 
     # materialise / free ---------------------------------------------------------------------------------
@@ -104,6 +105,9 @@ class LayerStream(LayerIO):
     def enter(self, i: int, layer: nn.Module) -> None:
         self.load(i)
 
+    def release(self, i: int, layer: nn.Module) -> None:
+        self.free(i)
+
     def leave(self, i: int, layer: nn.Module, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.on_leave is not None:
             self.on_leave(i, layer)
@@ -118,6 +122,8 @@ class LayerStream(LayerIO):
         st["next"] = i + 1
         if i in self.plans:
             st.setdefault("plans", {})[str(i)] = self.plans[i].to_dict()
+        if i in self.records:
+            st.setdefault("records", {})[str(i)] = self.records[i]
         self.part.save_state()
         if old is not None and (last or old["file"] != st["hidden"]["file"]):
             (self.part.dir / old["file"]).unlink(missing_ok=True)

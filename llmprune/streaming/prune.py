@@ -29,6 +29,8 @@ class StreamResult:
     params_after: int
     seconds: float = 0.0
     report: dict[str, Any] = field(default_factory=dict)
+    #: the settings that ran (the attention unit and the allocation resolved)
+    config: Any = None
 
 
 def _count(model: nn.Module) -> int:
@@ -47,27 +49,25 @@ def prune_streaming(source: str | os.PathLike | nn.Module, config: PruneConfig, 
 
     ``source`` is a checkpoint folder, or a loaded model, typically one dispatched with accelerate
     (``device_map`` with ``"cpu"`` / ``"disk"`` entries, ``cpu_offload``): its weights are read one layer at a
-    time from its parameters and offload hooks (:class:`llmprune.dispatched.ModelSource`) and the model is
+    time from its parameters and offload hooks (:class:`llmprune.checkpoint.dispatched.ModelSource`) and the model is
     left unchanged; layers run on its hooks' execution device unless ``device`` is given.
-    The same settings as :func:`llmprune.prune` (``error`` / ``block_influence`` / ``global`` allocations,
+    The same settings as :func:`llmprune.prune` (the default ``obs`` with its ``fisher`` allocation, ``error`` /
+    ``block_influence`` / ``global`` allocations,
     ``reconstruct``, bias compensation) give the same tensors. Not streamed (clear error): criteria with
     their own gradient pass (``taylor``, ``single-unit``), layer removal and MoE experts.
     """
     import time
 
-    from ..criteria import get_criterion
+    from ..structured.criteria import get_criterion
     from ..structured.select import check_ratios, resolve_config
 
     t0 = time.perf_counter()
     config.validate()
     criterion = get_criterion(config.method)
-    if criterion.prepare is not None:
-        raise StreamingError(f"method {config.method!r} takes gradients through the whole model; it cannot be "
-                             "streamed layer by layer (use wanda, flap or magnitude, or prune in memory)")
-    if config.method == "obs":
-        raise StreamingError("method 'obs' is not streamed yet (its fisher allocation takes gradients through the "
-                             "whole model); stream with wanda, flap or magnitude (--reconstruct refits), or prune in "
-                             "memory")
+    if not criterion.streams:
+        raise StreamingError(f"method {config.method!r} takes its own pass through the whole model; it cannot be "
+                             "streamed layer by layer (use the default obs, or wanda / flap / magnitude, or prune in "
+                             "memory)")
     if config.layers or config.experts:
         raise StreamingError("layer and expert removal are not streamed yet; prune in memory")
     if config.hidden or config.params:
@@ -79,10 +79,10 @@ def prune_streaming(source: str | os.PathLike | nn.Module, config: PruneConfig, 
     if any(adapter.experts(layer) is not None for layer in adapter.decoder_layers(model)):
         raise StreamingError("mixture-of-experts models are not streamed yet; prune in memory")
     dt = next(p for p in model.parameters() if p.device.type != "meta").dtype
-    config = resolve_config(model, adapter, config)  # attention_unit "auto" -> "group" / "query", once
+    config = resolve_config(model, adapter, config)  # "auto" unit, default allocation -> concrete, once
     run = (extra or {}).get("run")
-    if isinstance(run, dict) and isinstance(run.get("prune"), dict):  # the CLI's recipe names the concrete unit too
-        extra = {**extra, "run": {**run, "prune": {**run["prune"], "attention_unit": config.attention_unit}}}
+    if isinstance(run, dict) and isinstance(run.get("prune"), dict):  # the CLI's recipe names what ran too
+        extra = {**extra, "run": {**run, "prune": config.to_dict()}}
     check_ratios(model, adapter, config)
     prunes_units = config.heads > 0 or config.ffn > 0
     needs_data = (criterion.needs_calibration or config.bias_compensation or config.reconstruct
@@ -100,19 +100,21 @@ def prune_streaming(source: str | os.PathLike | nn.Module, config: PruneConfig, 
     stream = lambda phase, write, on_leave=None: LayerStream(model, ck, prefixes, part, phase, write, dt, spill,
                                                              on_leave)
     layers = adapter.decoder_layers(model)
-    reconstruct = config.reconstruct and prunes_units
-    first_pass = not (reconstruct and config.allocation == "uniform")
-    plan = None
-    if first_pass:
-        plan = _scoring_pass(model, adapter, config, batches if needs_data else None, stream, part, device,
-                             progress, prunes_units)
     from ..structured.perlayer import set_config_widths
 
-    if reconstruct:
+    if criterion.run is not None and prunes_units:  # the method's own passes, each over its own layer stream
+        from .resume import DiskStore
+
+        plan = criterion.run(model, adapter, config, batches, device, progress,
+                             streams=lambda phase: stream(phase, phase == "cut"), store=DiskStore(part, spill))
+    elif config.reconstruct and prunes_units:
         from ..structured.compensate import enable_biases, zero_deltas
         from ..structured.sequential import prune_sequential
         from ..structured.surgery import prune_layer
 
+        plan = None
+        if config.allocation != "uniform":  # a scoring pass decides each layer's counts first
+            plan = _scoring_pass(model, adapter, config, batches, stream, part, device, progress, prunes_units)
         if config.bias_compensation:
             enable_biases(adapter, model, zero_deltas(adapter, model))
         io = stream("cut", True)
@@ -121,6 +123,8 @@ def prune_streaming(source: str | os.PathLike | nn.Module, config: PruneConfig, 
         plan = prune_sequential(model, adapter, config, batches, plan, device=device, progress=progress,
                                 layer_io=io)
     else:
+        plan = _scoring_pass(model, adapter, config, batches if needs_data else None, stream, part, device,
+                             progress, prunes_units)
         plan = _cutting_pass(model, adapter, config, plan, stream, part, progress)
         set_config_widths(model, adapter)
     params_after = _count(model)
@@ -128,7 +132,7 @@ def prune_streaming(source: str | os.PathLike | nn.Module, config: PruneConfig, 
                 extra={"params_before": params_before, "params_after": params_after, "streamed": True,
                        **(extra or {})})
     path = _finish(model, part, prefixes, ck, tokenizer, meta)
-    return StreamResult(path, plan, params_before, params_after, time.perf_counter() - t0)
+    return StreamResult(path, plan, params_before, params_after, time.perf_counter() - t0, config=config)
 
 
 def _announce(ck: Checkpoint | ModelSource, n_layers: int, max_memory: int | None, batches: Any, model: nn.Module,

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..calibration.fisher import FisherStore
 from ..checkpoint.dispatched import ModelSource
 from ..checkpoint.io import OutputExistsError, replace_directory
 from .source import Checkpoint, StreamingError
@@ -64,6 +65,45 @@ class PartialOutput:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
         replace_directory(self.dir, self.out)
         return self.out
+
+
+class DiskStore(FisherStore):
+    """The Fisher pass's states in the run folder: each ``put`` writes a new file, and the files it replaces are
+    deleted only after :meth:`commit` has saved the state that no longer names them, so a kill at any point leaves
+    a state whose files exist (the pass resumes at its last finished layer)."""
+
+    def __init__(self, part: PartialOutput, spill_bytes: int):
+        super().__init__()
+        self.part, self.spill_bytes = part, spill_bytes
+        self.state = part.state.setdefault("fisher", {})
+        self.files: dict[str, Any] = self.state.setdefault("files", {})
+        self._stale: list[str] = []
+        self._serial = int(self.state.get("serial", 0))
+
+    def put(self, key: str, tensors: list[torch.Tensor]) -> None:
+        self._serial += 1
+        self.state["serial"] = self._serial
+        old = self.files.get(key)
+        self.files[key] = _save_hidden(self.part.dir, f"fisher-{self._serial}", tensors)
+        if old is not None:
+            self._stale.append(old["file"])
+
+    def get(self, key: str) -> list[torch.Tensor]:
+        desc = self.files[key]
+        size = torch.empty(0, dtype=getattr(torch, desc["dtype"])).element_size()
+        return _load_hidden(self.part.dir, desc, mapped=sum(math.prod(s) for s in desc["shapes"]) * size
+                            > self.spill_bytes)
+
+    def drop(self, key: str) -> None:
+        old = self.files.pop(key, None)
+        if old is not None:
+            self._stale.append(old["file"])
+
+    def commit(self) -> None:
+        self.part.save_state()
+        for name in self._stale:
+            (self.part.dir / name).unlink(missing_ok=True)
+        self._stale.clear()
 
 
 def _save_hidden(folder: Path, tag: str, hidden: list[torch.Tensor]) -> dict[str, Any]:

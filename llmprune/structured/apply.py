@@ -20,7 +20,7 @@ def apply_plan(model: nn.Module, plan: PrunePlan, adapter: ArchAdapter | None = 
     Hidden channels (``plan.kept_hidden``) go first, then layers are pruned (indices refer to the original
     layers), then removed. If all layers end up
     with the same widths the config stays standard; otherwise it becomes llmprune's per-layer config
-    (see :mod:`llmprune.perlayer`).
+    (see :mod:`llmprune.structured.perlayer`).
     """
     adapter = adapter or get_adapter(model)
     if plan.kept_hidden is not None:  # channel indices are the same in every layer: cut them first

@@ -162,9 +162,9 @@ def _neuron_columns(ffn, stats) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def obs_layer_scores(adapter, layer: nn.Module, cfg, stats, counts, fisher: dict | None = None):
-    """:class:`~llmprune.score.LayerScores` of one layer whose ``counts`` lowest units are exactly the greedy
+    """:class:`~llmprune.structured.score.LayerScores` of one layer whose ``counts`` lowest units are exactly the greedy
     OBS choice on the layer's current input Gram matrices (``stats.grams``): a unit's score is the step at
-    which it was removed, units that stay score higher. :func:`llmprune.select.plan_layer` then keeps the rest
+    which it was removed, units that stay score higher. :func:`llmprune.structured.select.plan_layer` then keeps the rest
     under the GQA constraints unchanged."""
     from ..arch.base import weight_matrix
     from .score import LayerScores
@@ -210,7 +210,7 @@ def _cap(ratio: float) -> float:
 
 
 def obs_cost_curves(adapter, layer: nn.Module, cfg, stats, fisher: dict | None = None):
-    """(heads, neurons) :class:`~llmprune.allocate.CostCurve` of one layer: the greedy OBS cost of removing
+    """(heads, neurons) :class:`~llmprune.core.allocate.CostCurve` of one layer: the greedy OBS cost of removing
     ``k`` attention units / ``k * multiple_of`` neurons, up to keeping ``min_keep`` (the ``fisher``
     allocation; in loss units when ``fisher`` is given)."""
     from ..core.allocate import CostCurve

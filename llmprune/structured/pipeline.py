@@ -17,7 +17,6 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -29,11 +28,11 @@ from ..arch import get_adapter
 from ..calibration.calibrate import CalibrationError, as_batches, layerwise_statistics
 from .compensate import add_deltas, compensation_deltas, enable_biases, zero_deltas
 from ..core.config import LayerPlan, PruneConfig, PrunePlan
-from ..criteria import get_criterion
+from .criteria import get_criterion
 from ..checkpoint.dispatched import check_not_dispatched
 from .score import LayerScores, score_layer, score_layers
 from .select import check_ratios, plan_pruning, resolve_config
-from .sequential import (block_influence_counts, error_counts, layer_cost_curves, output_modules, per_kind_cost_counts,
+from .sequential import (block_influence_counts, error_counts, layer_cost_curves, output_modules,
                          prune_sequential)
 from .apply import apply_plan
 from .surgery import count_parameters
@@ -54,7 +53,7 @@ class PruneResult:
 
     def save(self, out_dir: str | os.PathLike, tokenizer: Any = None, source: str | None = None,
              overwrite: bool = False) -> Any:
-        """Save the pruned model with its recipe and plan (see :func:`llmprune.io.save_pruned`)."""
+        """Save the pruned model with its recipe and plan (see :func:`llmprune.checkpoint.io.save_pruned`)."""
         from ..checkpoint.io import save_pruned
 
         extra: dict[str, Any] = {"params_before": self.params_before, "params_after": self.params_after}
@@ -94,7 +93,7 @@ def prune(
         device: where each layer runs during calibration (the model may stay on CPU).
 
     A model dispatched with accelerate (offloaded weights, several devices) is refused with a
-    :class:`~llmprune.dispatched.DispatchedModelError` naming :func:`llmprune.streaming.prune_streaming`,
+    :class:`~llmprune.checkpoint.dispatched.DispatchedModelError` naming :func:`llmprune.streaming.prune_streaming`,
     which prunes it one layer at a time into a checkpoint folder.
     """
     config.validate()
@@ -103,12 +102,11 @@ def prune(
     if config.hidden > 0 or config.params > 0:
         return _prune_width(model, adapter, config, tokenizer, calibration, device, progress)
     criterion = get_criterion(config.method)
-    config = resolve_config(model, adapter, config)  # attention_unit "auto" -> "group" / "query", once
+    config = resolve_config(model, adapter, config)  # "auto" unit, default allocation -> concrete, once
     check_ratios(model, adapter, config)
     prunes_units = config.heads > 0 or config.ffn > 0
-    if config.method == "obs" and (config.layers or config.experts):
-        raise ValueError("method 'obs' prunes heads and FFN neurons; remove layers / experts in a separate run with "
-                         "another method")
+    if criterion.run is not None and prunes_units and (config.layers or config.experts):
+        return _layers_then_units(model, adapter, config, criterion, tokenizer, calibration, device, progress)
     needs_data = ((criterion.needs_calibration or config.bias_compensation or config.reconstruct
                    or config.allocation in ("error", "block_influence")) and prunes_units) or config.layers > 0
     batches = as_batches(calibration, tokenizer, config.n_samples, config.seq_len, config.seed, config.batch_size)
@@ -123,8 +121,8 @@ def prune(
     params_before = count_parameters(model)
     was_training = model.training
     model.eval()
-    if config.method == "obs" and prunes_units:
-        plan = _prune_obs(model, adapter, config, batches, device, progress)
+    if criterion.run is not None and prunes_units:  # a method that selects inside the sequential pass
+        plan = criterion.run(model, adapter, config, batches, device, progress)
         model.train(was_training)
         return PruneResult(model, plan, config, params_before, count_parameters(model), [])
     # Expert removal uses routing statistics whenever calibration data is given (weight norms otherwise).
@@ -179,35 +177,20 @@ def prune(
     return PruneResult(model, plan, config, params_before, count_parameters(model), scores or [])
 
 
-def _prune_obs(model: nn.Module, adapter: Any, config: PruneConfig, batches: list[torch.Tensor], device: Any,
-               progress: bool) -> PrunePlan:
-    """Method ``obs``: the output Fisher (allocation ``fisher``), then a dense pass pricing every layer's greedy
-    removals (``fisher`` / ``error``), then the sequential pass choosing and refitting layer by layer."""
-    from ..calibration.fisher import output_fisher
-    from .obs import obs_cost_curves
-
-    if config.bias_compensation:  # zero biases on o_proj / down_proj (outputs unchanged), refitted with the kept
-        enable_biases(adapter, model, zero_deltas(adapter, model))  # columns; raises first where none can be declared
-    fisher = None
-    if config.allocation == "fisher":
-        fisher = output_fisher(model, adapter, batches[:max(1, math.ceil(config.fisher_samples / config.batch_size))],
-                               diagonal=config.fisher_diagonal, device=device, labels=config.fisher_labels,
-                               seed=config.seed)
-    counts = None
-    if config.allocation in ("fisher", "error"):
-        curves: list = []
-
-        def price(i: int, layer: nn.Module, stats: Any) -> None:
-            curves.append(obs_cost_curves(adapter, layer, config, stats, fisher[i] if fisher else None))
-            stats.grams.clear()
-
-        layerwise_statistics(model, adapter, batches, device=device, progress=progress, on_layer=price,
-                             grams_of=lambda layer: output_modules(adapter, layer), rerun=False,
-                             modules_of=lambda layer: [])
-        joint = config.allocation == "error" or config.fisher_joint  # one budget for heads and neurons
-        counts = (error_counts if joint else per_kind_cost_counts)(model, adapter, config, curves)
-    return prune_sequential(model, adapter, config, batches, device=device, progress=progress, counts=counts,
-                            fisher=fisher)
+def _layers_then_units(model: nn.Module, adapter: Any, config: PruneConfig, criterion: Any, tokenizer: Any,
+                       calibration: Any, device: Any, progress: bool) -> PruneResult:
+    """Layers and experts go first, by their own criteria (Block Influence, routing mass); then a method that
+    selects inside the sequential pass (``obs``) prunes heads and neurons of what is left. One plan, in the
+    original layer numbering."""
+    params_before = count_parameters(model)
+    first = prune(model, dataclasses.replace(config, heads=0.0, ffn=0.0), tokenizer, calibration, device, progress)
+    units = dataclasses.replace(config, layers=0, experts=0.0)
+    second = prune(model, units, tokenizer, calibration, device, progress)
+    plan = first.plan
+    for j, i in enumerate(plan.kept_layers):
+        lp, inner = plan.layers[i], second.plan.layers[j]
+        lp.kept_heads, lp.kept_kv_heads, lp.kept_neurons = inner.kept_heads, inner.kept_kv_heads, inner.kept_neurons
+    return PruneResult(model, plan, config, params_before, count_parameters(model))
 
 
 def _prune_width(model: nn.Module, adapter: Any, config: PruneConfig, tokenizer: Any, calibration: Any, device: Any,

@@ -16,7 +16,7 @@ signal is re-expressed through the kept ones. Solves run in float64.
 The same Gram matrix prices a removal before it is made: :func:`removal_error_curve` gives the output
 error of removing the first ``k`` features of an ordering, for every ``k``, in one pass (the
 optimal-brain-surgeon elimination with the Cholesky factor of the inverse Gram, as in SparseGPT). It drives
-the ``error`` allocation (:mod:`llmprune.allocate`).
+the ``error`` allocation (:mod:`llmprune.core.allocate`).
 
 Example::
 

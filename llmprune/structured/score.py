@@ -18,7 +18,7 @@ from ..arch import ArchAdapter
 from ..arch.base import ExpertsSpec
 from ..calibration.calibrate import LayerStats
 from ..core.config import PruneConfig
-from ..criteria import get_criterion
+from .criteria.base import get_criterion
 
 __all__ = ["LayerScores", "score_layers", "score_layer", "expert_scores"]
 

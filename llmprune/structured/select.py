@@ -1,7 +1,7 @@
 """From importance scores to kept indices: uniform or global allocation under GQA constraints.
 
 The per-layer counts of the other allocations (``error``, ``block_influence``) come from
-:mod:`llmprune.allocate` and are applied with the same :func:`plan_layer`.
+:mod:`llmprune.core.allocate` and are applied with the same :func:`plan_layer`.
 
 Attention is pruned in *attention units* so that every layer stays a valid GQA/MQA layout:
 
@@ -200,12 +200,22 @@ def resolve_attention_unit(heads_ratio: float, num_heads: int, num_kv_heads: int
 
 
 def resolve_config(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig) -> PruneConfig:
-    """``cfg`` itself, or a copy with ``attention_unit="auto"`` resolved (:func:`resolve_attention_unit`) from
-    the first attention layer of ``model``; called once per model before any work."""
-    if cfg.attention_unit != "auto":
-        return cfg
+    """``cfg`` itself, or a copy with the choices left to the model and the method made concrete:
+    ``attention_unit="auto"`` (:func:`resolve_attention_unit`, from the first attention layer of ``model``) and
+    ``allocation=None`` (the method's own default); called once per model before any work, so results and saved
+    recipes name what ran. Refuses an allocation the method does not support."""
     import dataclasses
 
+    from .criteria.base import get_criterion  # the registry alone: the methods import this module
+
+    method = get_criterion(cfg.method)
+    if cfg.allocation is None:
+        cfg = dataclasses.replace(cfg, allocation=method.default_allocation)
+    elif cfg.allocation not in method.allocations:
+        raise ValueError(f"method {cfg.method!r} supports allocation {', '.join(method.allocations)}, not "
+                         f"{cfg.allocation!r}")
+    if cfg.attention_unit != "auto":
+        return cfg
     attn = next((a for a in map(adapter.attention, adapter.decoder_layers(model)) if a is not None), None)
     unit = "group" if attn is None else resolve_attention_unit(cfg.heads, attn.num_heads, attn.num_kv_heads)
     return dataclasses.replace(cfg, attention_unit=unit)
@@ -219,7 +229,7 @@ def _nothing_removed(flag: str, ratio: float, what: str, smallest: float, how: s
 def check_ratios(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig) -> None:
     """Fail fast (before any calibration) on ratios the structure cannot realise, and on a non-zero ratio
     that would remove nothing at all (rounded to zero units in every layer)."""
-    if cfg.attention_unit == "auto":
+    if cfg.attention_unit == "auto" or cfg.allocation is None:
         cfg = resolve_config(model, adapter, cfg)
     _check_hidden(model, adapter, cfg)
     layers = adapter.decoder_layers(model)
@@ -315,7 +325,7 @@ class LayerCounts:
 def removal_counts(cfg: PruneConfig, scores: list[LayerScores], keep_heads: Sequence[float] | None = None,
                    keep_neurons: Sequence[float] | None = None) -> list[LayerCounts]:
     """Per-layer removal counts of the ``uniform`` and ``global`` allocations (``error`` and
-    ``block_influence`` counts come from :mod:`llmprune.allocate`). ``keep_heads`` / ``keep_neurons``: per-layer
+    ``block_influence`` counts come from :mod:`llmprune.core.allocate`). ``keep_heads`` / ``keep_neurons``: per-layer
     smallest kept fractions (one per layer that has heads / a dense FFN) replacing ``cfg.min_keep`` in the
     global allocation (one-cycle's per-layer caps)."""
     head_counts = [0] * len(scores)

@@ -1,14 +1,14 @@
 """Structured pruning with reconstruction, one decoder layer at a time (``PruneConfig(reconstruct=True)``),
 and the layer-level inputs of the ``error`` and ``block_influence`` allocations.
 
-:func:`prune_sequential` runs inside :func:`llmprune.calibrate.layerwise_statistics`'s ``on_layer`` hook,
+:func:`prune_sequential` runs inside :func:`llmprune.calibration.calibrate.layerwise_statistics`'s ``on_layer`` hook,
 so every layer is calibrated on the outputs of the layers already pruned before it:
 
 1. score the layer's units on its current inputs (the configured criterion);
-2. remove as many units as the allocation gave this layer (:func:`llmprune.select.plan_layer`);
-3. cut the weights (:func:`llmprune.surgery.prune_layer`) and refit the kept columns of every output
+2. remove as many units as the allocation gave this layer (:func:`llmprune.structured.select.plan_layer`);
+3. cut the weights (:func:`llmprune.structured.surgery.prune_layer`) and refit the kept columns of every output
    projection (the adapter's ``output`` slots: o_proj / down_proj and their per-family equivalents) from
-   the projection's input Gram matrix (:func:`llmprune.reconstruct.refit_columns`); an existing bias is
+   the projection's input Gram matrix (:func:`llmprune.structured.reconstruct.refit_columns`); an existing bias is
    refitted with them;
 4. the pruned layer's output feeds the next layer.
 
@@ -25,7 +25,7 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -37,12 +37,12 @@ from ..calibration.calibrate import LayerStats, layerwise_statistics
 from ..core.config import LayerPlan, PruneConfig, PrunePlan
 from ..calibration.fisher import output_modules_of
 from .obs import obs_layer_scores
-from .reconstruct import augment_gram, damped_cholesky, refit_columns, removal_error_curve
+from .reconstruct import augment_gram, refit_columns, removal_error_curve
 from .score import LayerScores, score_layer
 from .select import LayerCounts, attention_units, neurons_to_remove, plan_layer, removal_counts, units_to_remove
 from .surgery import _complement, prune_layer, remove_layers
 
-__all__ = ["output_modules", "prune_sequential", "layer_cost_curves", "error_counts", "per_kind_cost_counts",
+__all__ = ["output_modules", "prune_sequential", "obs_layer", "layer_cost_curves", "error_counts", "per_kind_cost_counts",
            "block_influence_counts"]
 
 
@@ -198,50 +198,14 @@ def _cut_and_refit(adapter: ArchAdapter, layer: nn.Module, lp: LayerPlan, stats:
         _refit(module, original, kept.to(original.device), stats, percdamp)
 
 
-@torch.no_grad()
-def toward_dense(module: nn.Module, stats: LayerStats, percdamp: float) -> None:
-    """``refit_target="dense"``: replace ``module``'s weight (and bias) by the damped least-squares map from its
-    current inputs ``x`` to the original model's outputs ``W y + b`` (``y``: its inputs in the original model).
-    The damping pulls the *change* towards zero, so a layer whose inputs did not drift keeps its weights."""
-    cross = stats.extra.get("cross", {}).get(module)
-    if cross is None:
-        return
-    dt = torch.float64
-    g = stats.grams[module].hessian().to(dt)
-    n = g.shape[0]
-    p = cross.P.to(g.device, dt)  # 2/N Σ [x;1][y;1]ᵀ
-    w = weight_matrix(module).detach().to(g.device, dt)
-    bias = getattr(module, "bias", None)
-    has_bias = isinstance(bias, torch.Tensor)
-    if has_bias:
-        w = torch.cat([w, bias.detach().reshape(-1, 1).to(w)], dim=1)
-        g = torch.cat([torch.cat([g, p[:n, n:]], 1), torch.cat([p[:n, n:].t(), p[n:, n:]], 1)], 0)
-        p_xy = p
-    else:
-        p_xy = p[:n, :n]
-    lam = percdamp * float(torch.diagonal(g)[:n].mean().clamp_min(1e-12))
-    rhs = w @ (p_xy.t() - g)  # W (Σ y xᵀ - Σ x xᵀ): the change that maps x onto the original outputs
-    delta = torch.cholesky_solve(rhs.t(), damped_cholesky(g, lam, who="refit_target='dense'")).t()
-    new = w + delta
-    if has_bias:
-        module.bias.data.copy_(new[:, -1].to(module.bias.dtype))
-        new = new[:, :-1]
-    set_weight_matrix(module, new.to(module.weight.device, module.weight.dtype))
-
-
-def _obs_layer(adapter: ArchAdapter, layer: nn.Module, cfg: PruneConfig, stats: LayerStats, counts: LayerCounts,
-               fisher: dict | None) -> LayerPlan:
+def obs_layer(adapter: ArchAdapter, layer: nn.Module, cfg: PruneConfig, stats: LayerStats, counts: LayerCounts,
+              fisher: dict | None) -> LayerPlan:
     """Method ``obs`` on one layer: heads first (greedy on o_proj's Gram, cut, refit), then the FFN neurons on
-    the down projection's Gram *re-gathered with the attention already cut* (its inputs changed). With
-    ``refit_target="dense"`` each output projection is first mapped onto the original model's outputs
-    (:func:`toward_dense`), and the greedy removal and refit work from there."""
+    the down projection's Gram *re-gathered with the attention already cut* (its inputs changed)."""
     import dataclasses
 
-    dense = cfg.refit_target == "dense"
     lp = LayerPlan()
-    attn, ffn = adapter.attention(layer), adapter.ffn(layer)
-    if attn is not None and dense:
-        toward_dense(attn.output.module, stats, cfg.percdamp)
+    attn = adapter.attention(layer)
     if attn is not None and cfg.heads > 0:
         heads_only = dataclasses.replace(cfg, ffn=0.0)
         c = LayerCounts(counts.attention_units, 0)
@@ -249,13 +213,10 @@ def _obs_layer(adapter: ArchAdapter, layer: nn.Module, cfg: PruneConfig, stats: 
         if counts.attention_units > 0:
             _cut_and_refit(adapter, layer, lp_h, stats, cfg.percdamp)
         lp.kept_heads, lp.kept_kv_heads = lp_h.kept_heads, lp_h.kept_kv_heads
-    regram = stats.extra.get("regram")
-    changed = dense or (attn is not None and cfg.heads > 0 and counts.attention_units > 0)
-    if ffn is not None and changed and regram is not None and (dense or (cfg.ffn > 0 and counts.neurons > 0)):
-        regram(ffn.output.module)  # the attention changed, so the FFN's inputs did
     ffn = adapter.ffn(layer)
-    if ffn is not None and dense:
-        toward_dense(ffn.output.module, stats, cfg.percdamp)
+    cut_heads = attn is not None and cfg.heads > 0 and counts.attention_units > 0
+    if ffn is not None and cfg.ffn > 0 and counts.neurons > 0 and cut_heads and "regram" in stats.extra:
+        stats.extra["regram"](ffn.output.module)  # the attention changed, so the FFN's inputs did
     if ffn is not None and cfg.ffn > 0:
         ffn_only = dataclasses.replace(cfg, heads=0.0)
         c = LayerCounts(0, counts.neurons)
@@ -306,9 +267,9 @@ def prune_sequential(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig, b
                      plan: PrunePlan | None = None, device: Any = None, progress: bool = True,
                      fixed_scores: list[LayerScores] | None = None, layer_io: Any = None,
                      counts: Sequence[LayerCounts] | None = None,
-                     fisher: Sequence[dict] | None = None) -> PrunePlan:
+                     fisher: Sequence[dict] | None = None, select_layer: Callable | None = None) -> PrunePlan:
     """Prune and reconstruct layer by layer, in place; returns the plan that was applied (original layer
-    indices). ``model.config`` describes the new widths afterwards, as after :func:`~llmprune.surgery.apply_plan`.
+    indices). ``model.config`` describes the new widths afterwards, as after :func:`~llmprune.structured.apply.apply_plan`.
 
     ``plan`` (from a first, dense calibration pass) fixes how many units each layer loses, which layers
     are removed and the expert choices; the kept heads and neurons are chosen again here on the
@@ -316,11 +277,11 @@ def prune_sequential(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig, b
     (per original layer) are used instead of re-scoring: gradient criteria (``taylor``) are scored once, on
     the dense model, since their gradients cannot be taken one layer at a time.
     Layers removed by the plan are dropped first, so the stream skips them as the pruned model will.
-    ``layer_io`` (:class:`llmprune.calibrate.LayerIO`, streaming) sees each layer's plan in its ``plans``
+    ``layer_io`` (:class:`llmprune.calibration.calibrate.LayerIO`, streaming) sees each layer's plan in its ``plans``
     dict before the layer is cut; on resume, its ``plans`` already hold the finished layers'.
-    Method ``obs`` chooses each layer's units greedily from its current Gram matrices
-    (:func:`llmprune.structured.obs.obs_layer_scores`), with per-layer ``counts`` (``fisher`` / ``error`` allocation; per
-    original layer) or the uniform ones, and output errors weighed by ``fisher`` (per original layer).
+    ``select_layer`` (:func:`obs_layer`, method ``obs``) chooses, cuts and refits each layer itself from its current
+    Gram matrices, with per-layer ``counts`` (``fisher`` / ``error`` allocation; per original layer) or the uniform
+    ones, and output errors weighed by ``fisher`` (per original layer).
     """
     from .perlayer import set_config_widths  # local import: perlayer imports surgery
 
@@ -334,9 +295,11 @@ def prune_sequential(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig, b
 
     def on_layer(j: int, layer: nn.Module, stats: LayerStats) -> None:
         i = kept_layers[j]
-        if cfg.method == "obs":
+        if select_layer is not None:
             n = counts[i] if counts is not None else removal_counts(cfg, [_shape_scores(adapter, layer, cfg)])[0]
-            final.layers[i] = _obs_layer(adapter, layer, cfg, stats, n, fisher[i] if fisher is not None else None)
+            final.layers[i] = select_layer(adapter, layer, cfg, stats, n, fisher[i] if fisher is not None else None)
+            if layer_io is not None:
+                layer_io.plans[i] = final.layers[i]
             stats.grams.clear()
             return
         scores = fixed_scores[i] if fixed_scores is not None else score_layer(adapter, layer, cfg, stats)
@@ -355,10 +318,7 @@ def prune_sequential(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig, b
         stats.grams.clear()  # one layer's Gram matrices at a time
         final.layers[i] = lp
 
-    dense_targets = ((lambda layer: output_modules(adapter, layer))
-                     if cfg.method == "obs" and cfg.refit_target == "dense" else None)
     layerwise_statistics(model, adapter, batches, device=device, progress=progress, on_layer=on_layer,
-                         grams_of=lambda layer: output_modules(adapter, layer), layer_io=layer_io,
-                         dense_targets=dense_targets)
+                         grams_of=lambda layer: output_modules(adapter, layer), layer_io=layer_io)
     set_config_widths(model, adapter)
     return final

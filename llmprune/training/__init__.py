@@ -1,5 +1,5 @@
 """Training a pruned model back: recovery fine-tuning (``recover``), prune-and-recover rounds (``iterative``)
-and pruning during training (``one_cycle``).
+pruning during training (``one_cycle``), and whole runs from a recipe file (``recipe``: prune, recover, evaluate).
 
-May import: ``core``, ``arch``, ``calibration``, ``criteria``, ``checkpoint``, ``structured``.
+May import: ``core``, ``arch``, ``calibration``, ``checkpoint``, ``structured``, ``sparsity``, ``eval``.
 """

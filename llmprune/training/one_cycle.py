@@ -76,7 +76,7 @@ SELECTION_METHODS = ("wanda", "flap", "magnitude", "magnitude_l1")
 class OneCycleConfig(_JsonMixin):
     heads: float = 0.0
     ffn: float = 0.0
-    attention_unit: str = "auto"  # resolved by OneCycle like PruneConfig's (llmprune.select.resolve_config)
+    attention_unit: str = "auto"  # resolved by OneCycle like PruneConfig's (llmprune.structured.select.resolve_config)
     method: str = "wanda"
     allocation: str = "global"
     cap_limit: float = 0.75
@@ -211,7 +211,7 @@ class OneCycle:
 
     def _select(self) -> PrunePlan:
         from ..calibration.calibrate import layerwise_statistics
-        from ..criteria import get_criterion
+        from ..structured.criteria import get_criterion
         from ..structured.score import score_layers
         from ..structured.select import plan_pruning, removal_counts
 

@@ -266,7 +266,7 @@ def recover(
         accelerator: an ``accelerate.Accelerator`` (default: a new one with ``grad_accum``).
         stop_after: stop (without the final merge) after this many steps, as a kill would (tests).
         callback: an object with ``on_step_end(step, lr) -> plan | None`` called after every optimizer step
-            (e.g. :class:`llmprune.one_cycle.OneCycle`); when it returns a plan the model's shapes changed, so
+            (e.g. :class:`llmprune.training.one_cycle.OneCycle`); when it returns a plan the model's shapes changed, so
             the optimizer is rebuilt on the same schedule. Needs ``full=True`` or a callback that merges LoRA
             adapters itself (``OneCycle``: training continues with fresh adapters); runs with a callback are not
             resumable and keep the best step only among those after the last structural change.
@@ -277,7 +277,7 @@ def recover(
     config.validate()
     if callback is not None and not config.full and not hasattr(callback, "peft"):
         raise ValueError("pruning during training changes parameter shapes: use full fine-tuning (--full), or a "
-                         "callback that can merge LoRA adapters (llmprune.one_cycle.OneCycle)")
+                         "callback that can merge LoRA adapters (llmprune.training.one_cycle.OneCycle)")
     if data is None:
         raise CalibrationError("recovery needs training data: pass data=<text file, text or token ids>")
     stream = _token_stream(data, tokenizer)

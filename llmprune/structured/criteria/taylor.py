@@ -1,7 +1,7 @@
 """First-order Taylor criterion (LLM-Pruner, Ma et al. 2023): a unit's importance is the sum over the weights it
 owns of ``|w · ∂L/∂w|``, the first-order estimate of the loss change when they are zeroed.
 
-The gradients come from :func:`llmprune.gradients.taylor_statistics` (LM loss on the calibration windows),
+The gradients come from :func:`llmprune.calibration.gradients.taylor_statistics` (LM loss on the calibration windows),
 already reduced to row and column sums per module, so scoring here only gathers the unit's rows or columns.
 
 Example::
@@ -16,15 +16,15 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ..arch.base import Slot
-from ..calibration.calibrate import InputStats
+from ...arch.base import Slot
+from ...calibration.calibrate import InputStats
 from .base import register_criterion
 
 __all__ = ["taylor"]
 
 
 def _prepare(model: nn.Module, adapter, batches, progress: bool):
-    from ..calibration.gradients import taylor_statistics
+    from ...calibration.gradients import taylor_statistics
 
     return taylor_statistics(model, adapter, batches, progress=progress)
 

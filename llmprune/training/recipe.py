@@ -27,9 +27,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .core.config import PruneConfig
-from .training.recover import RecoveryConfig
-from .sparsity import SparsityConfig
+from ..core.config import PruneConfig
+from .recover import RecoveryConfig
+from ..sparsity import SparsityConfig
 
 __all__ = ["Recipe", "read_recipe_file", "run_recipe"]
 
@@ -130,12 +130,12 @@ def run_recipe(recipe: Recipe, out: str | os.PathLike | None = None, overwrite: 
 
     Returns ``{"out", "params_before", "params_after", "ppl_before", "ppl_after"}``.
     """
-    from .calibration.calibrate import read_calibration_text
-    from .checkpoint.io import OutputExistsError, load_model, save_pruned
-    from .training.iterative import prune_iteratively
-    from .structured.pipeline import count_parameters, prune
-    from .training.recover import recover
-    from .sparsity import sparsify
+    from ..calibration.calibrate import read_calibration_text
+    from ..checkpoint.io import OutputExistsError, load_model, save_pruned
+    from .iterative import prune_iteratively
+    from ..structured.pipeline import count_parameters, prune
+    from .recover import recover
+    from ..sparsity import sparsify
 
     target = Path(out or recipe.output or "")
     if not str(target) or str(target) == ".":
@@ -148,8 +148,8 @@ def run_recipe(recipe: Recipe, out: str | os.PathLike | None = None, overwrite: 
     if recipe.prune is not None:  # attention_unit "auto" resolved once, so the saved recipe names the unit
         import dataclasses
 
-        from .arch import get_adapter
-        from .structured.select import resolve_config
+        from ..arch import get_adapter
+        from ..structured.select import resolve_config
 
         recipe = dataclasses.replace(recipe, prune=resolve_config(model, get_adapter(model), recipe.prune))
     teacher = None
@@ -194,7 +194,7 @@ def run_recipe(recipe: Recipe, out: str | os.PathLike | None = None, overwrite: 
 def _ppl_function(source: str | None, tokenizer: Any, progress: bool):
     if not source:
         return lambda model: None
-    from .eval.perplexity import load_text, perplexity
+    from ..eval.perplexity import load_text, perplexity
 
     text = load_text(source)
     return lambda model: perplexity(model, tokenizer, text, seq_len=256, max_tokens=60000, progress=progress).ppl

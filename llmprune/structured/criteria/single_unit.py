@@ -1,4 +1,4 @@
-"""Single-unit performance criterion (the seed's method, adapted to LLMs; see :mod:`llmprune.single_unit`).
+"""Single-unit performance criterion (the seed's method, adapted to LLMs; see :mod:`llmprune.calibration.single_unit`).
 
 A head's, KV group's or FFN neuron's importance is what it predicts *on its own*: its solo contribution read out
 through the frozen final norm and LM head over the top-K calibration target tokens, analysed into label
@@ -16,15 +16,15 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ..arch.base import Slot
-from ..calibration.calibrate import InputStats
+from ...arch.base import Slot
+from ...calibration.calibrate import InputStats
 from .base import register_criterion
 
 __all__ = ["single_unit"]
 
 
 def _prepare(model: nn.Module, adapter, batches, progress: bool):
-    from ..calibration.single_unit import single_unit_statistics
+    from ...calibration.single_unit import single_unit_statistics
 
     outputs = {}
     for i, layer in enumerate(adapter.decoder_layers(model)):  # the output projections units write through
@@ -39,7 +39,7 @@ def _prepare(model: nn.Module, adapter, batches, progress: bool):
                     description="what the unit predicts alone through the final norm and LM head: label clusters "
                                 "and SNR (the seed's single-filter performance)")
 def single_unit(slots: list[Slot], n_units: int, stats: Mapping[nn.Module, InputStats] | None) -> torch.Tensor:
-    from ..calibration.single_unit import unit_scores
+    from ...calibration.single_unit import unit_scores
 
     if stats is None:
         raise ValueError("the single-unit criterion needs calibration data (give calibration text)")

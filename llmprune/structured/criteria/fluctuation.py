@@ -19,8 +19,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ..arch.base import Slot
-from ..calibration.calibrate import InputStats
+from ...arch.base import Slot
+from ...calibration.calibrate import InputStats
 from .base import register_criterion, slot_input_feature, slot_weights
 
 __all__ = ["fluctuation"]

@@ -7,7 +7,7 @@ Example::
 
 from __future__ import annotations
 
-from .arch import registered_adapters
+from . import registered_adapters
 
 __all__ = ["support_matrix", "support_matrix_markdown", "UNIT_COLUMNS", "MARKER_START", "MARKER_END",
            "replace_readme_block"]

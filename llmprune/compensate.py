@@ -1,3 +1,0 @@
-"""Moved to :mod:`llmprune.structured.compensate`; kept for compatibility."""
-
-from .structured.compensate import *  # noqa: F401,F403

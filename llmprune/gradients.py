@@ -1,3 +1,0 @@
-"""Moved to :mod:`llmprune.calibration.gradients`; kept for compatibility."""
-
-from .calibration.gradients import *  # noqa: F401,F403

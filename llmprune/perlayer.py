@@ -1,3 +1,0 @@
-"""Moved to :mod:`llmprune.structured.perlayer`; kept for compatibility."""
-
-from .structured.perlayer import *  # noqa: F401,F403

@@ -1,3 +1,0 @@
-"""Moved to :mod:`llmprune.structured.reconstruct`; kept for compatibility."""
-
-from .structured.reconstruct import *  # noqa: F401,F403
