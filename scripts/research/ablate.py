@@ -3,7 +3,6 @@ Python API, score WikiText-2 (first 20k tokens, 512-token windows) and append a 
 
     python scripts/research/ablate.py TAG '{"heads": 0.333, "method": "obs", "allocation": "fisher"}' \
         [--calib FILE] [--out bench/real_structured/ablations.jsonl] [--threads 1] [--iterative-steps N]
-        [--obs-chunk-div N]
 
 The calibration text defaults to ``../shared/data/reference-train.txt``; the model to scripts/real_model.py's
 SmolLM2-135M-Instruct. Fields: tag, config, block params removed, PPL, pruning seconds.
@@ -35,9 +34,6 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--iterative-steps", type=int, default=1,
                     help="prune in this many equal steps (llmprune.training.prune_iteratively, no recovery between)")
-    ap.add_argument("--obs-chunk-div", type=int, default=None,
-                    help="method obs: remove FFN neurons in chunks of 1/N of the remaining ones instead of the "
-                         "library's 1/32 (a huge N: exact one-at-a-time greedy)")
     args = ap.parse_args()
 
     import torch
@@ -55,11 +51,6 @@ def main() -> int:
     model, tok = llmprune.load_model(args.model)
     before = block_parameters(model)
     cfg = PruneConfig(**json.loads(args.config))
-    if args.obs_chunk_div is not None:  # research knob, not a PruneConfig field: patch the greedy's default
-        import llmprune.structured.obs as obs
-
-        inner = getattr(obs.greedy_column_removal, "__wrapped__", obs.greedy_column_removal)
-        inner.__defaults__ = (*inner.__defaults__[:-1], args.obs_chunk_div)
     t0 = time.time()
     if args.iterative_steps > 1:
         from llmprune.training.iterative import prune_iteratively
@@ -73,7 +64,6 @@ def main() -> int:
                      max_tokens=20000, progress=False).ppl
     row = {"tag": args.tag, "config": (cfg if args.iterative_steps > 1 else result.config).to_dict(),
            **({"iterative_steps": args.iterative_steps} if args.iterative_steps > 1 else {}),
-           **({"obs_chunk_div": args.obs_chunk_div} if args.obs_chunk_div is not None else {}),
            "calib": Path(args.calib).name,
            "block_removed": round(1 - block_parameters(model) / before, 4), "ppl": round(ppl, 2),
            "seconds": round(seconds), "threads": args.threads, "widths": widths_by_kind(model)}
