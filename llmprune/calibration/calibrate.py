@@ -18,9 +18,7 @@ Example::
 
 from __future__ import annotations
 
-import inspect
 import os
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
@@ -28,9 +26,10 @@ from torch import nn
 
 from ..arch import ArchAdapter
 from ..arch.base import weight_matrix
-from ..core.progress import progress_bar
 from ..core.stats import InputStats, LayerStats
 from ..core.distributed import all_reduce_sum, world
+from .engine import (CapturedInputs, LayerIO, LayerStep, capture_layer_inputs, layer_by_layer,  # noqa: F401
+                     run_layer)
 from .hessian import HessianAccumulator
 
 __all__ = [
@@ -165,130 +164,6 @@ def as_batches(calibration: Any, tokenizer: Any, n_samples: int, seq_len: int, s
     return batches
 
 
-class _StopForward(Exception):
-    pass
-
-
-def _forward_kwargs(model: nn.Module) -> dict[str, Any]:
-    """``use_cache=False`` for models whose forward accepts it (decoders); nothing for encoders."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):  # pragma: no cover - exotic wrappers
-        return {}
-    return {"use_cache": False} if "use_cache" in params else {}
-
-
-@dataclass
-class CapturedInputs:
-    """Layer-0 hidden states per batch and, per layer and batch, the (args, kwargs) the model passed."""
-
-    hidden: list[torch.Tensor]
-    layer_args: list[list[tuple[tuple, dict]]]  # [layer][batch] -> (args, kwargs)
-    returns_tuple: bool
-
-
-@torch.no_grad()
-def capture_layer_inputs(model: nn.Module, adapter: ArchAdapter, batches: list[torch.Tensor]) -> CapturedInputs:
-    """Record what the model feeds each decoder layer without computing any decoder layer."""
-    layers = adapter.decoder_layers(model)
-    device = next(model.parameters()).device
-    # Pass 1: learn whether a layer returns a tensor or a tuple (models index tuple outputs with [0]).
-    first = layers[0]
-    seen: dict[str, Any] = {}
-
-    def probe(*args: Any, **kwargs: Any) -> Any:
-        out = type(first).forward(first, *args, **kwargs)
-        seen["tuple"] = isinstance(out, tuple)
-        raise _StopForward
-
-    fwd_kwargs = _forward_kwargs(model)
-    first.forward = probe
-    try:
-        model(batches[0][:1].to(device), **fwd_kwargs)
-    except _StopForward:
-        pass
-    finally:
-        del first.forward
-    returns_tuple = bool(seen.get("tuple", False))
-
-    # Pass 2: every layer is a recording pass-through.
-    hidden: list[torch.Tensor] = []
-    layer_args: list[list[tuple[tuple, dict]]] = [[] for _ in layers]
-
-    def make_recorder(i: int) -> Callable[..., Any]:
-        def record(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            if i == 0:
-                hidden.append(hidden_states)
-            layer_args[i].append((args, kwargs))
-            if all(len(a) == len(hidden) for a in layer_args):
-                # every layer has this batch's inputs: skip the rest (final norm, and the LM head, whose
-                # vocabulary-wide product costs as much as several decoder layers)
-                raise _StopForward
-            return (hidden_states,) if returns_tuple else hidden_states
-
-        return record
-
-    for i, layer in enumerate(layers):
-        layer.forward = make_recorder(i)
-    try:
-        for batch in batches:
-            try:
-                model(batch.to(device), **fwd_kwargs)
-            except _StopForward:
-                pass
-    finally:
-        for layer in layers:
-            del layer.forward
-    return CapturedInputs(hidden, layer_args, returns_tuple)
-
-
-def _to(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [_to(o, device) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
-
-
-def run_layer(layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict, device: torch.device) -> torch.Tensor:
-    """Run one decoder layer on ``device`` with recorded arguments; returns the hidden states."""
-    out = layer(hidden.to(device), *_to(args, device), **_to(kwargs, device))
-    return out[0] if isinstance(out, tuple) else out
-
-
-class LayerIO:
-    """Hooks around each decoder layer of a layer-by-layer pass. The in-memory path uses this no-op base;
-    the streaming path (:mod:`llmprune.streaming`) reads a layer's weights from the checkpoint on
-    :meth:`enter`, and on :meth:`leave` writes it if asked, frees it and saves the hidden states that feed
-    the next layer (the resume point). ``start`` > 0 resumes a pass at that layer from ``initial_hidden``
-    (``enter(0)`` also comes before the capture pass, which runs layer 0 once)."""
-
-    start: int = 0
-
-    def initial_hidden(self, captured: list[torch.Tensor]) -> list[torch.Tensor]:
-        return captured
-
-    def enter(self, i: int, layer: nn.Module) -> None:
-        pass
-
-    def leave(self, i: int, layer: nn.Module, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
-        return hidden
-
-    @property
-    def records(self) -> dict[int, Any]:
-        """What a pass keeps of each finished layer (JSON-able; a streamed run saves it as part of its resume
-        point), e.g. the cost curves of the obs pricing pass."""
-        return self.__dict__.setdefault("_records", {})
-
-    def release(self, i: int, layer: nn.Module) -> None:
-        """Drop layer ``i``'s weights without ending a pass (the Fisher's forward and backward visit each layer
-        twice)."""
-
-
 @torch.no_grad()
 def layerwise_statistics(
     model: nn.Module,
@@ -318,40 +193,31 @@ def layerwise_statistics(
     """
     if not batches:
         raise CalibrationError("no calibration batches")
-    layers = adapter.decoder_layers(model)
-    home = next(model.parameters()).device
-    device = torch.device(device) if device is not None else home
-    io = layer_io or LayerIO()
-    io.enter(0, layers[0])  # the capture pass runs layer 0's forward once to learn its output type
-    captured = capture_layer_inputs(model, adapter, batches)
-    hidden = io.initial_hidden(captured.hidden)
     modules_of = modules_of or (lambda layer: _slot_modules(adapter, layer))
     results: list[LayerStats] = []
-    for i in progress_bar(range(io.start, len(layers)), desc="calibrating layers", disable=not progress,
-                          total=len(layers), initial=io.start):
-        io.enter(i, layers[i])
-        layer = layers[i].to(device)
-        stats = LayerStats()
-        handles = []
+    for step in layer_by_layer(model, adapter, batches, device=device, layer_io=layer_io, progress=progress,
+                               desc="calibrating layers"):
+        layer, stats, handles = step.layer, LayerStats(), []
         for module in modules_of(layer):
             s = stats.inputs.setdefault(module, InputStats())
             handles.append(module.register_forward_pre_hook(lambda m, a, s=s: s.update(a[0])))
         for module in (grams_of(layer) if grams_of is not None else ()):
-            g = stats.grams.setdefault(module, HessianAccumulator(weight_matrix(module).shape[1], device=device))
+            g = stats.grams.setdefault(module, HessianAccumulator(weight_matrix(module).shape[1], device=step.device))
             handles.append(module.register_forward_pre_hook(lambda m, a, g=g: g.update(a[0])))
         handles += adapter.calibration_hooks(layer, stats)
         try:
-            outs = [run_layer(layer, h, *captured.layer_args[i][b], device) for b, h in enumerate(hidden)]
+            outs = step.forward()
         finally:
             for h in handles:
                 h.remove()
-        stats.block_influence = _block_influence(hidden, outs)
-        _all_reduce_layer(stats, sum(h.shape[0] * h.shape[1] for h in hidden))
+        stats.block_influence = _block_influence(step.inputs, outs)
+        _all_reduce_layer(stats, sum(h.shape[0] * h.shape[1] for h in step.inputs))
+        step.outputs = outs
         if on_layer is not None:
-            def regram(module: nn.Module, layer: nn.Module = layer, i: int = i, stats: LayerStats = stats) -> None:
+            def regram(module: nn.Module, step: LayerStep = step, stats: LayerStats = stats) -> None:
                 """Re-gather ``module``'s input Gram and statistics on the layer as it is now (e.g. after its
                 attention was cut, for the FFN that reads it), in place of the first ones."""
-                g = HessianAccumulator(weight_matrix(module).shape[1], device=device)
+                g = HessianAccumulator(weight_matrix(module).shape[1], device=step.device)
                 s = InputStats()
 
                 def record(m: nn.Module, a: tuple) -> None:
@@ -360,8 +226,7 @@ def layerwise_statistics(
 
                 h = module.register_forward_pre_hook(record)
                 try:
-                    for b, hb in enumerate(hidden):
-                        run_layer(layer, hb, *captured.layer_args[i][b], device)
+                    step.forward()
                 finally:
                     h.remove()
                 g.all_reduce()
@@ -370,14 +235,10 @@ def layerwise_statistics(
                 stats.inputs[module] = s
 
             stats.extra["regram"] = regram
-            on_layer(i, layer, stats)
+            on_layer(step.index, layer, stats)
             stats.extra.pop("regram", None)
             if rerun:
-                outs = [run_layer(layer, h, *captured.layer_args[i][b], device) for b, h in enumerate(hidden)]
-        hidden = [o.to(home) if device != home else o for o in outs]
-        if device != home:
-            layers[i].to(home)
-        hidden = io.leave(i, layers[i], hidden)
+                step.outputs = step.forward()
         results.append(stats)
     return results
 

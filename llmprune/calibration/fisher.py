@@ -29,6 +29,7 @@ from torch import nn
 from ..arch import ArchAdapter
 from ..arch.base import weight_matrix
 from ..core.distributed import all_reduce_sum, world
+from .engine import LayerIO, _forward_kwargs, capture_layer_inputs, run_layer
 
 __all__ = ["output_fisher", "output_modules_of", "FisherStore", "LayerFisher"]
 
@@ -97,8 +98,6 @@ def output_fisher(model: nn.Module, adapter: ArchAdapter, batches: list[torch.Te
     passes the gradient back. ``layer_io`` (:class:`~llmprune.calibration.calibrate.LayerIO`) loads and
     releases each layer's weights (streaming); ``store`` keeps the states and the finished Fisher of each
     layer (in memory by default; a streamed run's folder, where a killed pass resumes at its last layer)."""
-    from .calibrate import LayerIO, capture_layer_inputs, run_layer
-
     if labels not in ("data", "model"):
         raise ValueError(f"labels={labels!r}; choose data or model")
     io = layer_io or LayerIO()
@@ -189,7 +188,7 @@ def _head_gradients(model: nn.Module, adapter: ArchAdapter, windows: list[torch.
             layer.forward = first if k == 0 else through
         try:
             with torch.enable_grad():
-                out = model(window.to(h.device), **_use_cache_off(model))
+                out = model(window.to(h.device), **_forward_kwargs(model))
         finally:
             for layer in layers:
                 del layer.forward
@@ -205,19 +204,11 @@ def _head_gradients(model: nn.Module, adapter: ArchAdapter, windows: list[torch.
     return grads, tokens
 
 
-def _use_cache_off(model: nn.Module) -> dict[str, Any]:
-    from .calibrate import _forward_kwargs
-
-    return _forward_kwargs(model)
-
-
 def _layer_backward(adapter: ArchAdapter, layer: nn.Module, inputs: list[torch.Tensor], grads: list[torch.Tensor],
                     layer_args: list, diagonal: bool,
                     dev: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """One layer's share of the backward pass: the gradients entering it (``∂L/∂x``) and, for each output
     module, ``Σ_t g_t g_tᵀ`` of the gradients of its outputs."""
-    from .calibrate import run_layer
-
     mods = output_modules_of(adapter, layer)
     acc = [torch.zeros(weight_matrix(m).shape[0] if diagonal else (weight_matrix(m).shape[0],) * 2,
                        dtype=torch.float64) for m in mods]
