@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from llmprune.sparsity import HessianAccumulator, sparsegpt_prune, sparsegpt_prune_group
-from llmprune.sparsity.sparsegpt import _damped_reverse_cholesky, _reverse_cholesky_, _view_transform
+from llmprune.sparsity.cholesky import _damped_reverse_cholesky, _reverse_cholesky_
+from llmprune.sparsity.sparsegpt import _view_transform
 
 
 def _gram(n, tokens=None, seed=0, dead=()):
@@ -149,15 +150,16 @@ def test_accumulator_release_hands_over():
 def test_factor_and_work_matrices_in_the_hessians_memory(monkeypatch, in_place, rows):
     """The float32 factor written over the float64 H it is read from (and W0 / C in the rest) gives what a
     separately allocated factor gives."""
-    from llmprune.sparsity import sparsegpt as sg
+    from llmprune.sparsity import cholesky, sparsegpt as sg
 
     cols = 160
     H = _gram(cols, tokens=120, seed=8)
     w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(9))
-    V, spare = sg._upper_in_place(H.clone(), torch.float32)
+    V, spare = cholesky._upper_in_place(H.clone(), torch.float32)
     assert torch.equal(V, H.triu().to(torch.float32)) and spare.numel() == cols * cols
     in_place = sparsegpt_prune(w, H.clone(), 0.5, blocksize=32, overwrite_hessian=True)
-    monkeypatch.setattr(sg, "_upper_in_place", lambda H, dtype: (sg._upper(H, dtype, consume=True), None))
+    # the solve's own reference to the in-place factor, replaced by a separately allocated one
+    monkeypatch.setattr(sg, "_upper_in_place", lambda H, dtype: (cholesky._upper(H, dtype, consume=True), None))
     separate = sparsegpt_prune(w, H.clone(), 0.5, blocksize=32, overwrite_hessian=True)
     assert torch.equal(in_place[0], separate[0]) and torch.equal(in_place[1], separate[1])
 

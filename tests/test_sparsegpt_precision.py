@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llmprune.sparsity import HessianAccumulator, sparsegpt_prune_group
-from llmprune.sparsity.sparsegpt import _damped_reverse_cholesky
+from llmprune.sparsity.cholesky import _damped_reverse_cholesky
 
 SETTINGS = [(0.5, None), (0.7, None), (0.5, (2, 4)), (0.5, (4, 8))]
 

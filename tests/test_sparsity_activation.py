@@ -8,7 +8,7 @@ from tiny_models import tiny_causal_lm
 
 from llmprune.calibration.calibrate import CalibrationError
 from llmprune.sparsity import apply_activation_sparsity, calibrate_activation_thresholds, measure_activation_sparsity
-from llmprune.sparsity.activation import AbsHistogram, Reservoir, threshold_from_sample
+from llmprune.sparsity.thresholds import AbsHistogram, Reservoir, threshold_from_sample
 
 
 def _batches(vocab=128, n=8, seq=16, seed=0):

@@ -21,19 +21,17 @@ from .table import before_after_rows, format_table
 
 __all__ = ["add_arguments", "run"]
 
-_METHOD_HELP = {"magnitude": "|W|, no data", "wanda": "|W| * ||X||",
-                "sparsegpt": "OBS reconstruction of the kept weights",
-                "alps": "ADMM mask search then the exact least-squares update on the mask (best measured)",
-                "ria": "relative importance |W| over its row and column sums, times ||X||^0.5"}
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..sparsity import ALLOCATIONS, METHODS
+    from ..sparsity import ALLOCATIONS, SparsityConfig, available_sparsity_methods, get_sparsity_method
 
+    methods = [get_sparsity_method(m) for m in available_sparsity_methods()]  # the help text is each one's own
+    with_data = ", ".join(m.name for m in methods if m.needs_calibration)
+    default = SparsityConfig.method
     p.add_argument("model", help="local model folder, Hugging Face Hub id, or a .gguf file (or a folder holding one)")
-    p.add_argument("--method", default="wanda", choices=METHODS,
-                   help="; ".join(f"{m}: {_METHOD_HELP.get(m, '')}" for m in METHODS)
-                   + " (default wanda; all but magnitude need --calib)")
+    p.add_argument("--method", default=default, choices=[m.name for m in methods],
+                   help="; ".join(f"{m.name}: {m.description}" for m in methods)
+                   + f" (default {default}; {with_data} need --calib)")
     p.add_argument("--allocation", default="uniform", choices=ALLOCATIONS,
                    help="uniform: every layer at --sparsity; owl: per-block sparsity from the block's activation "
                         "outliers (within +-0.08, exact mean; unstructured only)")
@@ -45,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--activation-sparsity", type=float, default=0.0, metavar="R",
                    help="also calibrate TEAL thresholds zeroing a fraction R of each target layer's inputs; they are "
                         "stored in the recipe (llmprune.sparsity.read_activation_thresholds)")
-    add_calibration_arguments(p, n_samples=128, needed_by="needed by wanda, sparsegpt and --activation-sparsity")
+    add_calibration_arguments(p, n_samples=128, needed_by=f"needed by {with_data} and --activation-sparsity")
     add_output_arguments(p)
     add_ppl_arguments(p)
     add_runtime_arguments(p)

@@ -17,14 +17,21 @@ from .activation import (
     measure_activation_sparsity,
     read_activation_thresholds,
 )
-from .alps import alps_prune, masked_least_squares
-from .api import ALLOCATIONS, METHODS, SparsityConfig, SparsityReport, sparsify, weight_sparsity
-from .magnitude import magnitude_mask, magnitude_scores
+from .api import ALLOCATIONS, SparsityConfig, SparsityReport, sparsify, weight_sparsity
+from .cholesky import inverse_hessian_cholesky
 from .masks import mask_sparsity, nm_mask, num_pruned, parse_pattern, unstructured_mask
 from .owl import outlier_ratio, owl_ratios
+from .registry import SparsityMethod, available_sparsity_methods, get_sparsity_method, register_sparsity_method
+
+# the weight-sparsity methods: importing each module registers it (one file and one registration per method)
+from .alps import alps_prune, masked_least_squares
+from .magnitude import magnitude_mask, magnitude_scores
 from .ria import ria_mask, ria_scores
-from .sparsegpt import HessianAccumulator, inverse_hessian_cholesky, sparsegpt_prune, sparsegpt_prune_group
+from .sparsegpt import HessianAccumulator, sparsegpt_prune, sparsegpt_prune_group
 from .wanda import wanda_mask, wanda_scores
+
+#: the registered weight-sparsity method names, sorted (a snapshot: :func:`available_sparsity_methods` is live)
+METHODS = available_sparsity_methods()
 
 __all__ = [
     "SparsityConfig",
@@ -33,6 +40,10 @@ __all__ = [
     "weight_sparsity",
     "METHODS",
     "ALLOCATIONS",
+    "SparsityMethod",
+    "register_sparsity_method",
+    "get_sparsity_method",
+    "available_sparsity_methods",
     "alps_prune",
     "masked_least_squares",
     "ria_scores",

@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 
 from .masks import _lowest, check_nm, num_pruned
+from .registry import register_sparsity_method
 
 __all__ = ["alps_prune", "masked_least_squares"]
 
@@ -153,3 +154,14 @@ def alps_prune(
     out = final / scale[None, :]
     out[:, dead] = 0.0
     return out.to(weight.device, weight.dtype), keep.to(weight.device)
+
+
+@torch.no_grad()
+def _prune(weight: torch.Tensor, stats, sparsity: float, config) -> None:
+    """The registered ``prune``: :func:`alps_prune` (per layer) on ``stats.hessian()``, written into ``weight``."""
+    new_w, _ = alps_prune(weight, stats.hessian(), sparsity, nm=config.nm, per="layer", percdamp=config.percdamp)
+    weight.copy_(new_w)
+
+
+register_sparsity_method("alps", "ADMM mask search then the exact least-squares update on the mask",
+                         needs="hessian", prune=_prune)

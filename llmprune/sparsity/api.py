@@ -1,8 +1,10 @@
-"""``sparsify``: unstructured / N:M weight sparsity with magnitude, Wanda or SparseGPT.
+"""``sparsify``: unstructured / N:M weight sparsity with a registered method (:mod:`.registry`: magnitude, Wanda,
+RIA, SparseGPT, ALPS, each in its own module).
 
-Weights are zeroed in place (shapes unchanged). With calibration (Wanda, SparseGPT) the model is pruned
-one decoder layer at a time: the layer's input statistics are gathered, its linear layers are pruned,
-and (``sequential=True``) its *pruned* output becomes the next layer's input, as in SparseGPT/Wanda.
+Weights are zeroed in place (shapes unchanged). With calibration (every method whose ``needs`` is not ``weights``)
+the model is pruned one decoder layer at a time: the statistics the method needs of the layer's inputs are
+gathered, its linear layers are pruned, and (``sequential=True``) its *pruned* output becomes the next layer's
+input, as in SparseGPT/Wanda.
 
 Example::
 
@@ -30,23 +32,16 @@ from ..calibration.calibrate import CalibrationError, InputStats, capture_layer_
 from ..checkpoint.dispatched import check_not_dispatched
 from ..core.progress import progress_bar
 from ..calibration.calibrate import as_batches
+from ..calibration.hessian import HessianAccumulator
 from ._common import DEFAULT_TARGETS, layer_targets
-from .magnitude import magnitude_mask
 from .masks import check_nm, parse_pattern
-from .sparsegpt import HessianAccumulator, sparsegpt_prune, sparsegpt_prune_group
-from .alps import alps_prune
 from .owl import DEFAULT_SPREAD, DEFAULT_THRESHOLD, outlier_ratio, owl_ratios
-from .ria import ria_mask
-from .wanda import wanda_mask
+from .registry import available_sparsity_methods, get_sparsity_method
 
-__all__ = ["SparsityConfig", "SparsityReport", "sparsify", "METHODS", "ALLOCATIONS", "weight_sparsity"]
+__all__ = ["SparsityConfig", "SparsityReport", "sparsify", "ALLOCATIONS", "weight_sparsity"]
 
-METHODS = ("magnitude", "wanda", "sparsegpt", "alps", "ria")
-_NEEDS_DATA = ("wanda", "sparsegpt", "alps", "ria")
 #: per-layer sparsity rules (``SparsityConfig.allocation``)
 ALLOCATIONS = ("uniform", "owl")
-#: methods that need the full input Gram matrix (the others use per-feature statistics)
-_NEEDS_HESSIAN = ("sparsegpt", "alps")
 
 
 @dataclass
@@ -54,16 +49,17 @@ class SparsityConfig:
     """What weight sparsity to apply, round-tripping through JSON.
 
     Attributes:
-        method: ``magnitude`` (|W|), ``wanda`` (|W|*||X||), ``sparsegpt`` (OBS reconstruction), ``alps``
-            (ADMM with a penalty schedule, then the exact weight update on the chosen support; Meng et al.
-            2024) or ``ria`` (relative importance and activations; Zhang et al. 2024).
+        method: a registered method (:func:`~llmprune.sparsity.registry.available_sparsity_methods`):
+            ``magnitude`` (|W|), ``wanda`` (|W|*||X||), ``sparsegpt`` (OBS reconstruction), ``alps`` (ADMM with
+            a penalty schedule, then the exact weight update on the chosen support; Meng et al. 2024) or
+            ``ria`` (relative importance and activations; Zhang et al. 2024).
         sparsity: fraction of weights zeroed in each target layer, in [0, 1). For an N:M pattern it must
             equal ``1 - n/m`` (0.5 for 2:4 and 4:8).
         pattern: ``unstructured`` or ``N:M`` (``n`` kept in every ``m`` consecutive inputs: ``2:4``, ``4:8``).
         targets: fnmatch patterns of linear layers inside the decoder blocks, matched against the full
             module name (``model.layers.0.mlp.down_proj``) or the name inside the block (``mlp.down_proj``);
             default every linear layer of every block.
-        n_samples, seq_len, seed, batch_size: calibration windows (Wanda, SparseGPT).
+        n_samples, seq_len, seed, batch_size: calibration windows (every method but magnitude, and OWL).
         sequential: feed each layer's pruned output to the next layer (otherwise the dense output).
         per: unstructured comparison group of magnitude/Wanda: ``row`` (each output row, Wanda) or
             ``layer``. SparseGPT always selects adaptively per column block.
@@ -98,8 +94,8 @@ class SparsityConfig:
         self.validate()
 
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method={self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.method not in available_sparsity_methods():
+            raise ValueError(f"method={self.method!r}; choose one of {', '.join(available_sparsity_methods())}")
         s = self.sparsity
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= float(s) < 1.0:
             raise ValueError(f"sparsity={s!r} is out of range: it is the fraction of weights zeroed, in [0, 1)")
@@ -133,7 +129,7 @@ class SparsityConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        return (self.method in _NEEDS_DATA or self.allocation == "owl") and self.sparsity > 0
+        return (get_sparsity_method(self.method).needs_calibration or self.allocation == "owl") and self.sparsity > 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -182,40 +178,22 @@ def weight_sparsity(module: nn.Module) -> float:
 
 @torch.no_grad()
 def _prune_module(module: nn.Module, config: SparsityConfig, stats: Any, sparsity: float | None = None) -> None:
-    w = weight_matrix(module)  # [out, in] view in the module's own storage
-    nm = config.nm
+    """Prune ``module``'s weight in place with the config's method, reading ``stats`` (what the method needs)."""
     sparsity = config.sparsity if sparsity is None else sparsity
-    if config.method == "alps":
-        new_w, _ = alps_prune(w, stats.hessian(), sparsity, nm=nm, per="layer", percdamp=config.percdamp)
-        w.copy_(new_w)
-        return
-    if config.method == "sparsegpt":  # consumes the Hessian (works in its memory, frees it), writes into w
-        sparsegpt_prune(w, stats.release(), sparsity, nm=nm, blocksize=config.blocksize, percdamp=config.percdamp,
-                        overwrite_hessian=True, overwrite_weights=True)
-        return
-    if config.method in ("wanda", "ria"):
-        if stats.count == 0:
-            raise CalibrationError(f"no calibration inputs reached {type(module).__name__}")
-        mask_fn = wanda_mask if config.method == "wanda" else ria_mask
-        keep = mask_fn(w, stats.norm, sparsity, nm=nm, per=config.per)
-    else:
-        keep = magnitude_mask(w, sparsity, nm=nm, per=config.per)
-    w.mul_(keep.to(w.device, w.dtype))
+    get_sparsity_method(config.method).prune(weight_matrix(module), stats, sparsity, config)
 
 
 @torch.no_grad()
 def _prune_modules(modules: list[nn.Module], config: SparsityConfig, stats: Any, sparsity: float) -> None:
-    """Prune modules that read one input (``stats``); SparseGPT solves them as one (one Hessian), and the
-    solve consumes the Hessian: ``stats`` releases it, the solve works in its memory (an 8192-wide float64
-    Hessian is 0.5 GB) and it is freed when the solve returns, so no Hessian outlives its group's solve; the
-    pruned weights are written straight into the modules."""
-    if config.method != "sparsegpt" or len(modules) == 1:
+    """Prune modules that read one input (``stats``): one by one, or as one where the method has a joint solve
+    (``prune_group``: SparseGPT's, which consumes the Hessian, so none outlives its group's solve). The pruned
+    weights are written straight into the modules."""
+    method = get_sparsity_method(config.method)
+    if method.prune_group is None or len(modules) == 1:
         for mod in modules:
             _prune_module(mod, config, stats, sparsity)
         return
-    sparsegpt_prune_group([weight_matrix(m) for m in modules], stats.release(), sparsity, nm=config.nm,
-                          blocksize=config.blocksize, percdamp=config.percdamp, overwrite_hessian=True,
-                          overwrite_weights=True)
+    method.prune_group([weight_matrix(m) for m in modules], stats, sparsity, config)
 
 
 @torch.no_grad()
@@ -233,7 +211,7 @@ def sparsify(
         config: a :class:`SparsityConfig` (or its dict form).
         tokenizer: needed when ``calibration`` is text.
         calibration: text file path, text, ``[n, seq_len]`` token-id tensor or list of batches; required
-            by ``wanda`` and ``sparsegpt``.
+            by every method that reads calibration statistics (all but ``magnitude``) and by OWL.
         device: where each decoder layer runs during calibration (default: the model's device).
 
     A model dispatched with accelerate is refused (:class:`~llmprune.checkpoint.dispatched.DispatchedModelError`):
@@ -270,7 +248,7 @@ def sparsify(
     if config.sparsity > 0:
         layer_sparsity = _owl_sparsity(model, adapter, targets, batches, config, device) \
             if config.allocation == "owl" else [config.sparsity] * len(layers)
-        if config.method not in _NEEDS_DATA:  # magnitude: no data, layer order irrelevant
+        if not get_sparsity_method(config.method).needs_calibration:  # weights only: layer order irrelevant
             for group, s in zip(progress_bar(targets, desc=f"{config.method} pruning", disable=not progress),
                                 layer_sparsity):
                 for _, mod in group:
@@ -315,6 +293,7 @@ def _sequential(model, adapter, layers, targets, batches, config, progress, devi
     from ..calibration.calibrate import LayerIO
 
     io = layer_io or LayerIO()
+    needs = get_sparsity_method(config.method).needs  # the statistics gathered: Gram matrix or per-feature
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
     io.enter(0, layers[0])  # the capture pass runs layer 0's forward once to learn its output type
@@ -325,7 +304,7 @@ def _sequential(model, adapter, layers, targets, batches, config, progress, devi
         io.enter(i, layers[i])
         layer = layers[i].to(device)
         shared = _SharedInputs(lambda mod: HessianAccumulator(weight_matrix(mod).shape[1], device=device)
-                               if config.method in _NEEDS_HESSIAN else InputStats())
+                               if needs == "hessian" else InputStats())
         modules = list(dict.fromkeys(mod for _, mod in targets[i]))
         outs = _gather(layer, modules, shared, hidden, captured.layer_args[i], device)
         if not shared.consistent:  # input sharing changed between batches: statistics per module after all

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import torch
 
+from ..calibration.calibrate import CalibrationError
 from .masks import nm_mask, unstructured_mask
+from .registry import register_sparsity_method
 
 __all__ = ["ria_scores", "ria_mask"]
 
@@ -37,3 +39,16 @@ def ria_mask(weight: torch.Tensor, input_norm: torch.Tensor, sparsity: float, nm
     """Keep-mask of ``weight`` by RIA scores: per output row (default), per layer, or N:M when ``nm=(n, m)``."""
     scores = ria_scores(weight, input_norm, alpha)
     return nm_mask(scores, *nm) if nm is not None else unstructured_mask(scores, sparsity, per=per)
+
+
+@torch.no_grad()
+def _prune(weight: torch.Tensor, stats, sparsity: float, config) -> None:
+    """The registered ``prune``: zero the lowest-scoring weights of ``weight`` in place (``stats``: ``InputStats``)."""
+    if stats.count == 0:
+        raise CalibrationError(f"no calibration inputs reached the layer with weight {list(weight.shape)}")
+    keep = ria_mask(weight, stats.norm, sparsity, nm=config.nm, per=config.per)
+    weight.mul_(keep.to(weight.device, weight.dtype))
+
+
+register_sparsity_method("ria", "relative importance |W| over its row and column sums, times ||X||^0.5",
+                         needs="norms", prune=_prune)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from ..calibration.calibrate import CalibrationError
 from .masks import nm_mask, unstructured_mask
+from .registry import register_sparsity_method
 
 __all__ = ["wanda_scores", "wanda_mask"]
 
@@ -32,3 +34,15 @@ def wanda_mask(weight: torch.Tensor, input_norm: torch.Tensor, sparsity: float,
     """Keep-mask of ``weight`` by Wanda scores: per output row (default) or N:M when ``nm=(n, m)``."""
     scores = wanda_scores(weight, input_norm)
     return nm_mask(scores, *nm) if nm is not None else unstructured_mask(scores, sparsity, per=per)
+
+
+@torch.no_grad()
+def _prune(weight: torch.Tensor, stats, sparsity: float, config) -> None:
+    """The registered ``prune``: zero the lowest-scoring weights of ``weight`` in place (``stats``: ``InputStats``)."""
+    if stats.count == 0:
+        raise CalibrationError(f"no calibration inputs reached the layer with weight {list(weight.shape)}")
+    keep = wanda_mask(weight, stats.norm, sparsity, nm=config.nm, per=config.per)
+    weight.mul_(keep.to(weight.device, weight.dtype))
+
+
+register_sparsity_method("wanda", "|W| * ||X||", needs="norms", prune=_prune)

@@ -35,13 +35,17 @@ def sparsify_streaming(source: str | os.PathLike | nn.Module, config: Any, out: 
     import time
 
     from ..sparsity._common import layer_targets
-    from ..sparsity.api import SparsityConfig, _NEEDS_DATA, _prune_module, _sequential
+    from ..sparsity.api import SparsityConfig, _prune_module, _sequential
+    from ..sparsity.registry import get_sparsity_method
 
     t0 = time.perf_counter()
     config = SparsityConfig.from_dict(config) if isinstance(config, dict) else config
     config.validate()
     if config.allocation != "uniform":
         raise StreamingError(f"allocation {config.allocation!r} is not streamed yet; use uniform or sparsify in memory")
+    method = get_sparsity_method(config.method)
+    if not method.streams:
+        raise StreamingError(f"method {config.method!r} is not streamed; sparsify in memory")
     model, ck, prefixes = build_skeleton(source, dtype)
     device = device if device is not None else ck.execution_device
     adapter = get_adapter(model)
@@ -71,7 +75,7 @@ def sparsify_streaming(source: str | os.PathLike | nn.Module, config: Any, out: 
             report[name] = [int((w == 0).sum()), w.numel()]
 
     io = LayerStream(model, ck, prefixes, part, "sparsify", True, dt, _spill_bytes(max_memory), count)
-    if config.sparsity > 0 and config.method in _NEEDS_DATA:
+    if config.sparsity > 0 and method.needs_calibration:
         if io.start < len(layers):
             _sequential(model, adapter, layers, targets, batches, config, progress, device,
                         [config.sparsity] * len(layers), layer_io=io)
