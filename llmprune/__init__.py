@@ -15,12 +15,11 @@ from .structured.pipeline import PruneResult, prune
 from .training.recover import RecoveryConfig, RecoveryResult, recover
 from .arch import UnsupportedArchitectureError, get_adapter, supported_model_types
 from .calibration.calibrate import CalibrationError
-from .core.config import LayerPlan, PruneConfig, PrunePlan
+from .core.config import LayerPlan, PruneConfig, PrunePlan, RatioError
 from .structured.criteria import available_criteria
 from .checkpoint.dispatched import DispatchedModelError
 from .checkpoint.io import CheckpointError, OutputExistsError, load_model, save_pruned
 from .structured.perlayer import register_per_layer_configs
-from .structured.select import RatioError
 from .sparsity import SparsityConfig, sparsify
 from .structured.apply import apply_plan
 

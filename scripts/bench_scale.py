@@ -4,6 +4,8 @@
 Writes random-weight Llama checkpoints of real shapes to disk (bf16, sharded at 1 GB, with the reference
 model's tokenizer), then prunes each with
 
+- ``obs`` structured, 25% of heads and FFN neurons: the default recipe (obs + fisher; a layer-by-layer Fisher
+  pass, a pricing pass, the sequential cut);
 - ``wanda`` structured, 25% of heads and FFN neurons (uniform; a scoring pass, then a cutting pass);
 - ``sparsegpt`` 50% unstructured;
 
@@ -44,7 +46,7 @@ SHAPES = {
     "3b": dict(hidden_size=3072, num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8,
                intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True),
 }
-JOBS = ("wanda-structured-25", "sparsegpt-50")
+JOBS = ("obs-structured-25", "wanda-structured-25", "sparsegpt-50")
 
 
 def write_checkpoint(size: str, folder: Path) -> None:
@@ -91,19 +93,22 @@ def child(folder: str, job: str, mode: str, out: str, n_samples: int, seq_len: i
     calib = str(SHARED / "data" / "reference-train.txt")
     device = "cuda" if torch.cuda.is_available() else None
     t0 = time.perf_counter()
-    if job.startswith("wanda"):
+    structured = job.startswith(("obs", "wanda"))
+    if job.startswith("obs"):  # the default recipe
+        cfg = PruneConfig(heads=0.25, ffn=0.25, n_samples=n_samples, seq_len=seq_len)
+    elif job.startswith("wanda"):
         cfg = PruneConfig(heads=0.25, ffn=0.25, method="wanda", n_samples=n_samples, seq_len=seq_len)
     else:
         cfg = SparsityConfig(method="sparsegpt", sparsity=0.5, n_samples=n_samples, seq_len=seq_len)
     if mode == "streaming":
-        fn = prune_streaming if job.startswith("wanda") else sparsify_streaming
+        fn = prune_streaming if structured else sparsify_streaming
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(folder)
         fn(folder, cfg, out, tokenizer=tok, calibration=calib, device=device, overwrite=True, progress=False)
     else:
         model, tok = load_model(folder)
-        if job.startswith("wanda"):
+        if structured:
             result = prune(model, cfg, tokenizer=tok, calibration=calib, device=device, progress=False)
             save_pruned(model, out, tokenizer=tok, config=cfg, plan=result.plan, overwrite=True)
         else:

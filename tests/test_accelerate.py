@@ -50,7 +50,7 @@ for i, st in enumerate(stats):
         out[f"{{i}}.{{j}}.count"] = torch.tensor([s.count])
     for m, g in st.grams.items():
         out[f"{{i}}.gram"] = g.hessian()
-for i, per_layer in enumerate(output_fisher(model, adapter, batches)):
+for i, per_layer in enumerate(output_fisher(model, adapter, batches, labels="data")):
     for j, f in enumerate(per_layer.values()):
         out[f"{{i}}.{{j}}.fisher"] = f
 if rank == 0:
@@ -103,7 +103,7 @@ def test_two_process_calibration_statistics_equal_one_process(tmp_path):
     # the output Fisher of the fisher allocation too: every process must price removals alike
     from llmprune.calibration.fisher import output_fisher
 
-    for i, per_layer in enumerate(output_fisher(model, get_adapter(model), list(ids.split(2)))):
+    for i, per_layer in enumerate(output_fisher(model, get_adapter(model), list(ids.split(2)), labels="data")):
         for j, f in enumerate(per_layer.values()):
             torch.testing.assert_close(two[f"{i}.{j}.fisher"], f, rtol=1e-6, atol=1e-12)
 

@@ -10,7 +10,8 @@ import torch
 from llmprune import PruneConfig
 from llmprune import prune
 from llmprune.calibration.calibrate import calibration_batches
-from llmprune.structured.select import allocate_global, attention_units, keep_after_removing
+from llmprune.core.allocate import allocate_global
+from llmprune.structured.select import attention_units, keep_after_removing
 
 from tiny_models import tiny_causal_lm
 

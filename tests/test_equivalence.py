@@ -12,7 +12,7 @@ from llmprune import PruneConfig
 from llmprune import prune
 from llmprune.arch import get_adapter
 from llmprune.core.config import LayerPlan, PrunePlan
-from llmprune.structured.select import RatioError
+from llmprune import RatioError
 from llmprune.structured.apply import apply_plan
 
 from masking import mask_model

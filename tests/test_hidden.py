@@ -23,7 +23,7 @@ from llmprune.calibration.calibrate import CalibrationError
 from llmprune.checkpoint.io import save_pruned
 from llmprune.structured.apply import apply_plan
 from llmprune.structured.hidden import rms_greedy
-from llmprune.structured.select import RatioError
+from llmprune import RatioError
 
 from hidden_reference import reference_hooks
 from masking import mask_model

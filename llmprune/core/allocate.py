@@ -1,6 +1,7 @@
-"""Non-uniform allocation: how much to prune in each layer (pure functions).
+"""Non-uniform allocation: how much to prune in each layer (pure functions; the structured policies that
+feed them from a model are in :mod:`llmprune.structured.allocation`, OWL's in :mod:`llmprune.sparsity.owl`).
 
-Two families of rules, both with a bounded per-layer ratio and an exact total:
+Three families of rules, each with a bounded per-layer ratio and an exact total:
 
 - **Cost-based** (:func:`allocate_by_cost`, structured ``allocation="error"``): every layer offers a curve
   "remove ``k`` units -> remove ``p(k)`` parameters at cost ``c(k)``" (the layer's output reconstruction
@@ -10,6 +11,8 @@ Two families of rules, both with a bounded per-layer ratio and an exact total:
   split between heads and neurons follows the measured cost too. Raw squared errors are comparable across
   layers because whatever a layer adds to the residual stream reaches the final norm through the skip
   connections.
+- **Rank-based** (:func:`allocate_global`, structured ``allocation="global"``): every unit's score divided by its
+  layer's mean, the lowest removed overall.
 - **Score-based** (:func:`spread_ratios`): a per-layer statistic moves each layer's ratio around the
   target, linearly, within ``±spread`` (OWL's rule, Yin et al. 2024, where the statistic is the layer's
   outlier ratio; for structured pruning it is the Block Influence of ShortGPT). Layers with a *higher*
@@ -29,7 +32,9 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["CostCurve", "allocate_by_cost", "spread_ratios", "ratios_to_counts"]
+from .config import RatioError
+
+__all__ = ["CostCurve", "allocate_by_cost", "spread_ratios", "ratios_to_counts", "allocate_global"]
 
 
 @dataclass(frozen=True)
@@ -160,4 +165,37 @@ def ratios_to_counts(ratios: Sequence[float], sizes: Sequence[int], total: int, 
                 break
         if not moved:
             break
+    return counts
+
+
+def allocate_global(
+    layer_scores: Sequence[torch.Tensor], total_remove: int, min_keep: float | Sequence[float]
+) -> list[int]:
+    """Per-layer removal counts from globally ranked, per-layer-normalised scores.
+
+    Scores are divided by their layer's mean (so layers of different scale compare), then the lowest
+    ``total_remove`` are removed overall, keeping at least ``ceil(min_keep * n)`` (and 1) units per layer;
+    ``min_keep`` is one fraction for every layer or one per layer (one-cycle's per-layer caps).
+    """
+    keeps = [min_keep] * len(layer_scores) if isinstance(min_keep, (int, float)) else list(min_keep)
+    entries = []
+    for li, s in enumerate(layer_scores):
+        s = s.float()
+        norm = s / s.mean().clamp_min(1e-12)
+        entries += [(float(v), li, ui) for ui, v in enumerate(norm.tolist())]
+    entries.sort(key=lambda e: (e[0], e[1], e[2]))
+    caps = [s.numel() - max(1, math.ceil(k * s.numel())) for s, k in zip(layer_scores, keeps)]
+    counts = [0] * len(layer_scores)
+    removed = 0
+    for _, li, _ in entries:
+        if removed == total_remove:
+            break
+        if counts[li] < caps[li]:
+            counts[li] += 1
+            removed += 1
+    if removed < total_remove:
+        raise RatioError(
+            f"cannot remove {total_remove} units while keeping min_keep={min(keeps):g} or more of every layer; "
+            "lower the ratio or min_keep"
+        )
     return counts

@@ -12,10 +12,14 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
-__all__ = ["PruneConfig", "LayerPlan", "PrunePlan", "RECIPE_VERSION"]
+__all__ = ["PruneConfig", "LayerPlan", "PrunePlan", "RatioError", "RECIPE_VERSION"]
 
 #: bumped whenever the saved recipe's meaning changes
 RECIPE_VERSION = 2
+
+
+class RatioError(ValueError):
+    """A pruning ratio cannot be realised under the model's structure."""
 
 
 class _JsonMixin:

@@ -167,7 +167,8 @@ def _scoring_pass(model, adapter, config, batches, stream, part, device, progres
     from ..calibration.calibrate import LayerStats
     from ..structured.score import LayerScores, score_layer
     from ..structured.select import plan_pruning
-    from ..structured.sequential import block_influence_counts, error_counts, layer_cost_curves, output_modules
+    from ..structured.allocation import block_influence_counts, error_counts, layer_cost_curves
+    from ..structured.sequential import output_modules
 
     error_alloc = config.allocation == "error" and prunes_units
     n = len(adapter.decoder_layers(model))

@@ -31,7 +31,8 @@ from ..arch import ArchAdapter
 from ..core.config import PruneConfig
 from ..core.progress import progress_bar
 from .hidden import hidden_to_remove
-from .select import RatioError, units_to_remove
+from ..core.config import RatioError
+from .select import units_to_remove
 from .surgery import count_parameters
 
 __all__ = ["HIDDEN_SHARES", "PROXY_METHOD", "MAX_BLOCK_RATIO", "parameter_groups", "split_for", "calibration_loss",

@@ -38,7 +38,8 @@ from ..arch.base import HiddenSite, _is_conv1d
 from ..calibration.calibrate import CalibrationError
 from ..calibration.norms import NormStats, norm_statistics
 from ..core.config import PruneConfig
-from .select import RatioError, keep_after_removing
+from ..core.config import RatioError
+from .select import keep_after_removing
 
 __all__ = ["hidden_to_remove", "hidden_norms", "minitron_scores", "rms_greedy", "choose_hidden", "prune_hidden",
            "scale_norm", "RMS_SAMPLE_TOKENS", "RMS_GREEDY_STEPS"]

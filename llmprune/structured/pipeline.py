@@ -32,8 +32,8 @@ from .criteria import get_criterion
 from ..checkpoint.dispatched import check_not_dispatched
 from .score import LayerScores, score_layer, score_layers
 from .select import check_ratios, plan_pruning, resolve_config
-from .sequential import (block_influence_counts, error_counts, layer_cost_curves, output_modules,
-                         prune_sequential)
+from .allocation import block_influence_counts, error_counts, layer_cost_curves
+from .sequential import output_modules, prune_sequential
 from .apply import apply_plan
 from .surgery import count_parameters
 

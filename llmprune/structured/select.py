@@ -27,20 +27,19 @@ from typing import TYPE_CHECKING, Literal, Sequence
 import torch
 from torch import nn
 
-from ..core.config import LayerPlan, PruneConfig, PrunePlan
+from ..core.allocate import allocate_global
+from ..core.config import LayerPlan, PruneConfig, PrunePlan, RatioError
 
 if TYPE_CHECKING:  # only for annotations: score imports the criteria, which select must not need
     from ..arch import ArchAdapter
     from .score import LayerScores
 
 __all__ = [
-    "RatioError",
     "AttentionUnit",
     "attention_units",
     "units_to_remove",
     "neurons_to_remove",
     "keep_after_removing",
-    "allocate_global",
     "kept_heads_from_units",
     "check_ratios",
     "resolve_attention_unit",
@@ -52,10 +51,6 @@ __all__ = [
     "LayerCounts",
     "EXPERT_WIDTH_MULTIPLE",
 ]
-
-
-class RatioError(ValueError):
-    """A pruning ratio cannot be realised under the model's structure."""
 
 
 @dataclass(frozen=True)
@@ -128,39 +123,6 @@ def keep_after_removing(scores: torch.Tensor, n_remove: int) -> list[int]:
     order = torch.sort(scores.float(), stable=True).indices
     removed = set(order[:n_remove].tolist())
     return [i for i in range(scores.numel()) if i not in removed]
-
-
-def allocate_global(
-    layer_scores: Sequence[torch.Tensor], total_remove: int, min_keep: float | Sequence[float]
-) -> list[int]:
-    """Per-layer removal counts from globally ranked, per-layer-normalised scores.
-
-    Scores are divided by their layer's mean (so layers of different scale compare), then the lowest
-    ``total_remove`` are removed overall, keeping at least ``ceil(min_keep * n)`` (and 1) units per layer;
-    ``min_keep`` is one fraction for every layer or one per layer (one-cycle's per-layer caps).
-    """
-    keeps = [min_keep] * len(layer_scores) if isinstance(min_keep, (int, float)) else list(min_keep)
-    entries = []
-    for li, s in enumerate(layer_scores):
-        s = s.float()
-        norm = s / s.mean().clamp_min(1e-12)
-        entries += [(float(v), li, ui) for ui, v in enumerate(norm.tolist())]
-    entries.sort(key=lambda e: (e[0], e[1], e[2]))
-    caps = [s.numel() - max(1, math.ceil(k * s.numel())) for s, k in zip(layer_scores, keeps)]
-    counts = [0] * len(layer_scores)
-    removed = 0
-    for _, li, _ in entries:
-        if removed == total_remove:
-            break
-        if counts[li] < caps[li]:
-            counts[li] += 1
-            removed += 1
-    if removed < total_remove:
-        raise RatioError(
-            f"cannot remove {total_remove} units while keeping min_keep={min(keeps):g} or more of every layer; "
-            "lower the ratio or min_keep"
-        )
-    return counts
 
 
 def kept_heads_from_units(

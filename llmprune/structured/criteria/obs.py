@@ -42,7 +42,8 @@ def run_obs(model: nn.Module, adapter: Any, config: PruneConfig, batches: list[t
     from ...core.allocate import CostCurve
     from ..compensate import enable_biases, zero_deltas
     from ..obs import obs_cost_curves
-    from ..sequential import error_counts, obs_layer, output_modules, per_kind_cost_counts, prune_sequential
+    from ..allocation import error_counts, per_kind_cost_counts
+    from ..sequential import obs_layer, output_modules, prune_sequential
     from ..surgery import prune_layer
 
     stream = streams or (lambda phase: None)
