@@ -19,7 +19,7 @@ from .core.config import LayerPlan, PruneConfig, PrunePlan, RatioError
 from .structured.criteria import available_criteria
 from .checkpoint.dispatched import DispatchedModelError
 from .checkpoint.io import CheckpointError, OutputExistsError, load_model, save_pruned
-from .structured.perlayer import register_per_layer_configs
+from .checkpoint.perlayer import register_per_layer_configs
 from .sparsity import SparsityConfig, sparsify
 from .structured.apply import apply_plan
 

@@ -266,7 +266,7 @@ def run_row(row: dict, args: argparse.Namespace) -> dict:
         result["seconds"] = round(min(tokens / tps, seconds), 1) if tps else round(seconds, 1)
         result["peak_rss_mb"] = round(peak, 1)  # the CLI process: load + prune + save
         model, tok = load_model(str(folder))
-        from llmprune.structured.surgery import widths_by_kind
+        from llmprune.arch.surgery import widths_by_kind
 
         result["widths"] = widths_by_kind(model)  # where the allocation put the cut; bench_speed_real's shapes
         if not args.keep_models:

@@ -101,7 +101,7 @@ def main() -> int:
 
     import llmprune
     from llmprune.structured.apply import apply_plan
-    from llmprune.structured.surgery import widths_by_kind
+    from llmprune.arch.surgery import widths_by_kind
 
     torch.set_num_threads(args.threads)
     if args.model is None:

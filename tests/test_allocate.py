@@ -11,7 +11,7 @@ from llmprune import PruneConfig, prune
 from llmprune.core.allocate import CostCurve, allocate_by_cost, ratios_to_counts, spread_ratios
 from llmprune.arch import get_adapter
 from llmprune.structured.pipeline import count_parameters
-from llmprune.structured.surgery import layer_widths
+from llmprune.arch.surgery import layer_widths
 
 from tiny_models import tiny_causal_lm
 

@@ -19,7 +19,7 @@ from llmprune import prune
 from llmprune.core.config import LayerPlan, PrunePlan
 from llmprune.checkpoint.io import save_pruned
 from llmprune.structured.apply import apply_plan
-from llmprune.structured.surgery import layer_widths
+from llmprune.arch.surgery import layer_widths
 
 from masking import mask_model
 

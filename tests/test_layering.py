@@ -20,7 +20,7 @@ LAYERS = {
     "core": set(),
     "arch": {"core"},
     "calibration": {"core", "arch"},
-    "checkpoint": {"core"},
+    "checkpoint": {"core", "arch"},
     "sparsity": {"core", "arch", "calibration", "checkpoint"},
     "structured": {"core", "arch", "calibration", "checkpoint"},
     "eval": {"core", "calibration", "checkpoint"},

@@ -16,7 +16,7 @@ from llmprune import RatioError, prune
 from llmprune.core.config import LayerPlan, PrunePlan
 from llmprune.checkpoint.io import read_plan, save_pruned
 from llmprune.structured.apply import apply_plan
-from llmprune.structured.surgery import layer_widths, widths_by_kind
+from llmprune.arch.surgery import layer_widths, widths_by_kind
 
 from masking import mask_model
 from tiny_models import MOE_CONFIGS, assert_reloads_identically, tiny_moe

@@ -12,7 +12,7 @@ import torch
 from llmprune.checkpoint.io import save_pruned
 from llmprune.training.one_cycle import OneCycle, OneCycleConfig, jaccard
 from llmprune.training.recover import RecoveryConfig, recover
-from llmprune.structured.surgery import layer_widths
+from llmprune.arch.surgery import layer_widths
 
 from tiny_models import assert_reloads_identically, tiny_causal_lm
 

@@ -14,7 +14,7 @@ from llmprune.cli import main
 from llmprune.training.iterative import prune_iteratively, step_fraction
 from llmprune.training.recipe import Recipe, read_recipe_file
 from llmprune.training.recover import RecoveryConfig
-from llmprune.structured.surgery import layer_widths
+from llmprune.arch.surgery import layer_widths
 
 from tiny_models import tiny_causal_lm
 

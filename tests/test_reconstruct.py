@@ -28,7 +28,7 @@ from llmprune.arch.base import weight_matrix
 from llmprune.checkpoint.io import read_recipe, save_pruned
 from llmprune.structured.reconstruct import augment_gram, output_error, refit_columns, removal_error_curve
 from llmprune.structured.sequential import output_modules
-from llmprune.structured.surgery import _complement
+from llmprune.arch.surgery import _complement
 
 from tiny_models import assert_reloads_identically, tiny_causal_lm
 

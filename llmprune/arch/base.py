@@ -106,7 +106,7 @@ class ExpertView:
     It quacks like a module with a ``weight`` (read live from the owner), so :class:`Slot`, the criteria
     and the calibration statistics (keyed by it) work on one expert unchanged. Views are cached on the
     owner, so the same ``(param, expert)`` is always the same object. Surgery never goes through a view:
-    batched parameters are cut for all experts at once (:func:`llmprune.structured.surgery.prune_experts`).
+    batched parameters are cut for all experts at once (:func:`llmprune.arch.surgery.prune_experts`).
     """
 
     def __init__(self, owner: nn.Module, name: str, expert: int) -> None:

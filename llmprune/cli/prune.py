@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from ..calibration.calibrate import read_calibration_text
     from ..structured.pipeline import PruneResult, count_parameters, prune
     from ..training.recipe import Recipe
-    from ..structured.surgery import layer_widths
+    from ..arch.surgery import layer_widths
     from .table import block_parameters
 
     args.streaming = wants_streaming(args)  # decided once (an automatic choice prints its reason once)
@@ -175,7 +175,7 @@ def _streamed_unit_rows(cfg, src: Path, out: Path, plan) -> list[tuple[str, ...]
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..structured.surgery import layer_widths
+    from ..arch.surgery import layer_widths
 
     widths = []
     for folder in (src, out):

@@ -100,7 +100,7 @@ def prune_streaming(source: str | os.PathLike | nn.Module, config: PruneConfig, 
     stream = lambda phase, write, on_leave=None: LayerStream(model, ck, prefixes, part, phase, write, dt, spill,
                                                              on_leave)
     layers = adapter.decoder_layers(model)
-    from ..structured.perlayer import set_config_widths
+    from ..checkpoint.perlayer import set_config_widths
 
     if criterion.run is not None and prunes_units:  # the method's own passes, each over its own layer stream
         from .resume import DiskStore
@@ -110,7 +110,7 @@ def prune_streaming(source: str | os.PathLike | nn.Module, config: PruneConfig, 
     elif config.reconstruct and prunes_units:
         from ..structured.compensate import enable_biases, zero_deltas
         from ..structured.sequential import prune_sequential
-        from ..structured.surgery import prune_layer
+        from ..arch.surgery import prune_layer
 
         plan = None
         if config.allocation != "uniform":  # a scoring pass decides each layer's counts first
@@ -227,7 +227,7 @@ def _cutting_pass(model, adapter, config, plan, stream, part, progress) -> Prune
     from ..structured.compensate import Delta, add_deltas, enable_biases, layer_deltas
     from ..core.progress import progress_bar
     from ..structured.sequential import output_modules
-    from ..structured.surgery import prune_layer
+    from ..arch.surgery import prune_layer
 
     layers = adapter.decoder_layers(model)
     if config.bias_compensation:  # shapes only: which projections need a bias the checkpoint lacks

@@ -1,8 +1,8 @@
-"""Structured pruning, in pipeline order: scoring units (``score``, with ``llmprune.structured.criteria``), choosing what
-to keep (``select``), FLAP bias compensation (``compensate``), cutting weights (``surgery``, ``apply``),
-per-layer configs and model classes (``perlayer``), refitting and non-uniform widths (``reconstruct``,
-``sequential``), the hidden dimension (``hidden``) and parameter budgets across axes (``budget``), and the
-entry point ``prune`` (``pipeline``).
+"""Structured pruning, in pipeline order: the methods (``criteria``: per-unit scores and ``obs``, each registered
+once) and ``score``, choosing what to keep (``select``), how many units each layer loses (``allocation``), FLAP
+bias compensation (``compensate``), applying a plan (``apply``, on the weight slicing of
+:mod:`llmprune.arch.surgery`), refitting (``reconstruct``) and the sequential pass (``sequential``), the hidden
+dimension (``hidden``), parameter budgets across axes (``budget``), and the entry point ``prune`` (``pipeline``).
 
-May import: ``core``, ``arch``, ``calibration``, ``checkpoint``. Its methods (``criteria``) register themselves on import.
+May import: ``core``, ``arch``, ``calibration``, ``checkpoint``.
 """

@@ -8,8 +8,8 @@ from torch import nn
 
 from ..arch import ArchAdapter, get_adapter
 from ..core.config import PrunePlan
-from .perlayer import set_config_widths
-from .surgery import prune_layer, remove_layers
+from ..checkpoint.perlayer import set_config_widths
+from ..arch.surgery import prune_layer, remove_layers
 
 __all__ = ["apply_plan"]
 
@@ -20,7 +20,7 @@ def apply_plan(model: nn.Module, plan: PrunePlan, adapter: ArchAdapter | None = 
     Hidden channels (``plan.kept_hidden``) go first, then layers are pruned (indices refer to the original
     layers), then removed. If all layers end up
     with the same widths the config stays standard; otherwise it becomes llmprune's per-layer config
-    (see :mod:`llmprune.structured.perlayer`).
+    (see :mod:`llmprune.checkpoint.perlayer`).
     """
     adapter = adapter or get_adapter(model)
     if plan.kept_hidden is not None:  # channel indices are the same in every layer: cut them first

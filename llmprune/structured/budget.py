@@ -33,7 +33,7 @@ from ..core.progress import progress_bar
 from .hidden import hidden_to_remove
 from ..core.config import RatioError
 from .select import units_to_remove
-from .surgery import count_parameters
+from ..arch.surgery import count_parameters
 
 __all__ = ["HIDDEN_SHARES", "PROXY_METHOD", "MAX_BLOCK_RATIO", "parameter_groups", "split_for", "calibration_loss",
            "choose_split"]

@@ -26,7 +26,7 @@ from ..arch import ArchAdapter
 from ..arch.base import weight_matrix
 from ..calibration.calibrate import LayerStats
 from ..core.config import LayerPlan, PrunePlan
-from .surgery import _complement
+from ..arch.surgery import _complement
 
 __all__ = ["Delta", "compensation_deltas", "layer_deltas", "zero_deltas", "enable_biases", "add_deltas"]
 

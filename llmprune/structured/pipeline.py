@@ -35,7 +35,7 @@ from .select import check_ratios, plan_pruning, resolve_config
 from .allocation import block_influence_counts, error_counts, layer_cost_curves
 from .sequential import output_modules, prune_sequential
 from .apply import apply_plan
-from .surgery import count_parameters
+from ..arch.surgery import count_parameters
 
 __all__ = ["prune", "PruneResult", "count_parameters"]
 
@@ -199,7 +199,7 @@ def _prune_width(model: nn.Module, adapter: Any, config: PruneConfig, tokenizer:
     and experts of the narrower model with the run's method (each stage calibrated on the model it cuts)."""
     from .budget import choose_split
     from .hidden import choose_hidden, prune_hidden
-    from .perlayer import set_config_widths
+    from ..checkpoint.perlayer import set_config_widths
 
     get_criterion(config.method)  # unknown method: fail before any work
     check_ratios(model, adapter, resolve_config(model, adapter, config))

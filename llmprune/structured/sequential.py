@@ -6,7 +6,7 @@ so every layer is calibrated on the outputs of the layers already pruned before 
 
 1. score the layer's units on its current inputs (the configured criterion);
 2. remove as many units as the allocation gave this layer (:func:`llmprune.structured.select.plan_layer`);
-3. cut the weights (:func:`llmprune.structured.surgery.prune_layer`) and refit the kept columns of every output
+3. cut the weights (:func:`llmprune.arch.surgery.prune_layer`) and refit the kept columns of every output
    projection (the adapter's ``output`` slots: o_proj / down_proj and their per-family equivalents) from
    the projection's input Gram matrix (:func:`llmprune.structured.reconstruct.refit_columns`); an existing bias is
    refitted with them;
@@ -38,7 +38,7 @@ from .obs import obs_layer_scores
 from .reconstruct import augment_gram, refit_columns
 from .score import LayerScores, score_layer
 from .select import LayerCounts, plan_layer, removal_counts
-from .surgery import _complement, prune_layer, remove_layers
+from ..arch.surgery import _complement, prune_layer, remove_layers
 from .unit_params import attention_unit_params as _attention_unit_params
 
 __all__ = ["output_modules", "prune_sequential", "obs_layer"]
@@ -162,7 +162,7 @@ def prune_sequential(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig, b
     Gram matrices, with per-layer ``counts`` (``fisher`` / ``error`` allocation; per original layer) or the uniform
     ones, and output errors weighed by ``fisher`` (per original layer).
     """
-    from .perlayer import set_config_widths  # local import: perlayer imports surgery
+    from ..checkpoint.perlayer import set_config_widths  # local import: perlayer imports surgery
 
     n_layers = len(adapter.decoder_layers(model))
     removed = list(plan.removed_layers) if plan is not None else []

@@ -41,7 +41,7 @@ def main() -> int:
     import llmprune
     from llmprune import PruneConfig
     from llmprune.cli.table import block_parameters
-    from llmprune.structured.surgery import widths_by_kind
+    from llmprune.arch.surgery import widths_by_kind
     from llmprune.eval.perplexity import load_text, perplexity
 
     torch.set_num_threads(args.threads)

@@ -9,10 +9,10 @@ from llmprune.arch import get_adapter
 from llmprune.arch.base import weight_matrix, set_weight_matrix
 from llmprune.calibration.calibrate import capture_layer_inputs, run_layer, as_batches
 from llmprune.core.config import LayerPlan, PrunePlan
-from llmprune.structured.surgery import prune_layer
+from llmprune.arch.surgery import prune_layer
 from llmprune.structured.reconstruct import refit_columns
 from llmprune.core.allocate import CostCurve, allocate_by_cost
-from llmprune.structured.perlayer import set_config_widths
+from llmprune.checkpoint.perlayer import set_config_widths
 
 D = torch.float64
 

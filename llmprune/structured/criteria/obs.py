@@ -44,7 +44,7 @@ def run_obs(model: nn.Module, adapter: Any, config: PruneConfig, batches: list[t
     from ..obs import obs_cost_curves
     from ..allocation import error_counts, per_kind_cost_counts
     from ..sequential import obs_layer, output_modules, prune_sequential
-    from ..surgery import prune_layer
+    from ...arch.surgery import prune_layer
 
     stream = streams or (lambda phase: None)
     layers = adapter.decoder_layers(model)

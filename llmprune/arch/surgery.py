@@ -17,9 +17,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..arch import ArchAdapter, get_adapter
-from ..arch.base import ExpertsSpec, _is_conv1d, set_weight_matrix, weight_matrix
-from ..core.config import LayerPlan, PrunePlan
+from .base import ArchAdapter, ExpertsSpec, _is_conv1d, set_weight_matrix, weight_matrix
+from ..core.config import LayerPlan
+from .registry import get_adapter
 
 __all__ = ["slice_module", "prune_experts", "prune_layer", "remove_layers", "layer_widths", "widths_by_kind",
            "count_parameters"]

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..arch import PER_LAYER_PREFIX, ArchAdapter, base_model_type, get_adapter, registered_adapters
 from ..core.config import LayerPlan
-from .surgery import layer_widths, prune_layer
+from ..arch.surgery import layer_widths, prune_layer
 
 __all__ = ["WIDTHS_KEY", "set_config_widths", "register_per_layer_classes", "register_per_layer_configs", "per_layer_config_class", "shrink_to_config"]
 
