@@ -284,3 +284,36 @@ def test_run_staged_error_in_one_forward_unwinds_every_paused_one():
                    finalize=lambda full: (_ for _ in ()).throw(ValueError("bad threshold")),
                    sparsify=torch.nn.functional.hardshrink, keep_outputs=True)
     assert not [t for t in threading.enumerate() if t.name.startswith("llmprune-calibration")]
+
+
+@pytest.mark.parametrize("staged", [True, False])
+def test_calibration_runs_on_the_engine_handing_on_the_sparsified_outputs(staged):
+    """Each layer hands on its outputs with its thresholds applied; the last layer, computing nothing, its inputs."""
+    from llmprune.arch import get_adapter
+    from llmprune.calibration.engine import LayerIO, layer_by_layer
+
+    class Recording(LayerIO):
+        def __init__(self):
+            self.entered, self.left = [], {}
+
+        def enter(self, i, layer):
+            self.entered.append(i)
+
+        def leave(self, i, layer, hidden):
+            self.left[i] = [h.clone() for h in hidden]
+            return hidden
+
+    model = tiny_causal_lm("llama")
+    batches = list(torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0)).split(2))
+    io = Recording()
+    th = calibrate_activation_thresholds(model, calibration=batches, sparsity=0.5, staged=staged, progress=False,
+                                         layer_io=io)
+    n = len(get_adapter(model).decoder_layers(model))
+    assert io.entered == [0] + list(range(n))
+    expected = Recording()
+    with apply_activation_sparsity(model, th):
+        for _ in layer_by_layer(model, get_adapter(model), batches, layer_io=expected, progress=False):
+            pass
+    for i in range(n - 1):
+        assert all(torch.equal(a, b) for a, b in zip(io.left[i], expected.left[i], strict=True)), i
+    assert all(torch.equal(a, b) for a, b in zip(io.left[n - 1], expected.left[n - 2], strict=True))

@@ -6,8 +6,12 @@ import pytest
 import torch
 from tiny_models import tiny_causal_lm
 
+from llmprune.arch import get_adapter
 from llmprune.calibration.calibrate import CalibrationError
+from llmprune.calibration.engine import LayerIO, layer_by_layer
 from llmprune.sparsity import SparsityConfig, num_pruned, sparsify
+from llmprune.sparsity._common import layer_targets
+from llmprune.sparsity.api import _sequential
 
 
 def _batches(vocab=128, n=4, seq=16, seed=0):
@@ -148,3 +152,41 @@ def test_ref_model_end_to_end_generation(ref_model, shared_dir):
     assert out.shape[1] == ids["input_ids"].shape[1] + 8
     assert isinstance(tok.decode(out[0]), str)
     assert "\"method\": \"wanda\"" in report.to_json()
+
+
+class _RecordingIO(LayerIO):
+    """Which layers a pass enters, and the hidden states each layer hands on."""
+
+    def __init__(self):
+        self.entered, self.left = [], {}
+
+    def enter(self, i, layer):
+        self.entered.append(i)
+
+    def leave(self, i, layer, hidden):
+        self.left[i] = [h.clone() for h in hidden]
+        return hidden
+
+
+def _handed_on(model, batches):
+    io = _RecordingIO()
+    for _ in layer_by_layer(model, get_adapter(model), batches, layer_io=io, progress=False):
+        pass
+    return io.left
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_pruning_runs_on_the_engine_feeding_pruned_or_dense_outputs_on(sequential):
+    """sequential: each layer hands on its pruned outputs (those of the pruned model); otherwise the outputs
+    gathered before pruning, i.e. the dense model's."""
+    model, dense, batches = tiny_causal_lm("llama"), tiny_causal_lm("llama"), _batches()
+    cfg = SparsityConfig(method="wanda", sequential=sequential, targets=["*.mlp.*"])
+    io = _RecordingIO()
+    targets = layer_targets(model, get_adapter(model).decoder_layers(model), cfg.targets)
+    _sequential(model, get_adapter(model), targets, batches, cfg, False, None, [0.5] * len(targets), layer_io=io)
+    assert io.entered == [0] + list(range(len(targets)))  # layer 0 once more for the capture pass
+    expected = _handed_on(model if sequential else dense, batches)
+    assert io.left.keys() == expected.keys()
+    for i, hidden in io.left.items():
+        assert all(torch.equal(a, b) for a, b in zip(hidden, expected[i], strict=True)), i
+    assert not all(torch.equal(a, b) for a, b in zip(_handed_on(model, batches)[2], _handed_on(dense, batches)[2]))

@@ -9,14 +9,14 @@ value counts, and the result is deterministic; within the bin holding the quanti
 so ``t`` is within 0.1% of the exact order statistics. Under ``accelerate launch`` the histograms are summed over
 processes, so all processes get the same thresholds.
 
-Calibration runs one decoder layer at a time. With ``sequential=True`` (default) every threshold is
-calibrated on the inputs the layer sees at inference time, i.e. with all earlier thresholds applied
-(earlier layers, and earlier projections of the same layer: q/k/v, then o_proj, then gate/up, then
-down_proj for Llama). Every batch's forward through the layer runs once, paused at each target until all
-batches have reached it and its threshold is known (:mod:`._staged`); where holding every batch's paused
-forward would not fit in memory (``staged``), each stage takes one pass of the layer over the calibration
-batches instead, cut short once the stage's projections have seen their input. The last layer's forwards
-stop once its last threshold is known.
+Calibration runs one decoder layer at a time (:func:`llmprune.calibration.engine.layer_by_layer`). With
+``sequential=True`` (default) every threshold is calibrated on the inputs the layer sees at inference time, i.e.
+with all earlier thresholds applied (earlier layers, and earlier projections of the same layer: q/k/v, then
+o_proj, then gate/up, then down_proj for Llama). Every batch's forward through the layer runs once, paused at
+each target until all batches have reached it and its threshold is known (:mod:`._staged`); where holding every
+batch's paused forward would not fit in memory (``staged``), each stage takes one pass of the layer over the
+calibration batches instead, cut short once the stage's projections have seen their input. The last layer's
+forwards stop once its last threshold is known.
 
 The thresholds are ``{full module name: float}`` (``model.layers.0.mlp.down_proj``), the format of
 ``llmprune.runtime.KernelConfig(thresholds=...)`` whose ``ActSparseLinear`` keeps ``|x| > t``.
@@ -42,8 +42,8 @@ import torch
 from torch import nn
 
 from ..arch import get_adapter
-from ..calibration.calibrate import CalibrationError, LayerIO, as_batches, capture_layer_inputs, run_layer
-from ..core.progress import progress_bar
+from ..calibration.calibrate import CalibrationError, as_batches
+from ..calibration.engine import LayerStep, layer_by_layer, run_layer
 from ._common import DEFAULT_TARGETS, layer_targets
 from ._staged import paused_bytes, run_staged
 from .thresholds import AbsHistogram
@@ -194,7 +194,7 @@ def calibrate_activation_thresholds(
             instead of one pass per stage. ``None``: staged when that estimate fits in a quarter of
             ``max_memory`` (bytes; default: the available memory of the layer's device). Same thresholds
             either way.
-        layer_io: :class:`llmprune.calibration.calibrate.LayerIO` that loads and frees layers when streaming (its
+        layer_io: :class:`llmprune.calibration.engine.LayerIO` that loads and frees layers when streaming (its
             ``start`` > 0 resumes at that layer; earlier layers' thresholds are then not returned).
         on_layer: called with ``(i, {name: threshold})`` once layer ``i`` is calibrated, before the
             layer is left (streaming keeps them in its resume state).
@@ -213,18 +213,10 @@ def calibrate_activation_thresholds(
     if not any(targets_per_layer):
         raise ValueError(f"targets={list(targets)} match no linear layer inside the decoder blocks")
     names = {id(m): n for n, m in model.named_modules()}
-    home = next(model.parameters()).device
-    device = torch.device(device) if device is not None else home
-    io = layer_io or LayerIO()
-    io.enter(0, layers[0])  # the capture pass runs layer 0's forward once to learn its output type
-    captured = capture_layer_inputs(model, adapter, batches)
-    hidden = io.initial_hidden(captured.hidden)
     result: dict[str, float] = {}
-
-    for i in progress_bar(range(io.start, len(layers)), desc="calibrating activation thresholds",
-                          disable=not progress, total=len(layers), initial=io.start):
-        io.enter(i, layers[i])
-        layer = layers[i].to(device)
+    for step in layer_by_layer(model, adapter, batches, device=device, layer_io=layer_io, progress=progress,
+                               desc="calibrating activation thresholds"):
+        i, layer, dev, hidden = step.index, step.layer, step.device, step.inputs
         prefix = names.get(id(layer), "")
         group = [(full, mod, _sparsity_for(sparsity, full, full[len(prefix) + 1:] if prefix else full))
                  for full, mod in targets_per_layer[i]]
@@ -232,19 +224,19 @@ def calibrate_activation_thresholds(
         pending = [g for g in group if g[2] > 0]
         need_outputs = i + 1 < len(layers)  # the last layer's output feeds nothing
 
-        def run_batch(b: int, i: int = i, layer: nn.Module = layer, hidden: list = hidden) -> torch.Tensor:
-            return run_layer(layer, hidden[b], *captured.layer_args[i][b], device)
+        def run_batch(b: int, step: LayerStep = step) -> torch.Tensor:
+            return run_layer(step.layer, step.inputs[b], *step.args[b], step.device)
 
         outs = None
-        if pending and sequential and _use_staged(staged, layer, hidden, device, max_memory):
-            outs, unreached = _calibrate_staged(run_batch, len(hidden), pending, done, device, need_outputs)
+        if pending and sequential and _use_staged(staged, layer, hidden, dev, max_memory):
+            outs, unreached = _calibrate_staged(run_batch, len(hidden), pending, done, dev, need_outputs)
             if unreached:
                 raise CalibrationError(f"no calibration inputs reached {unreached[0]}")
             pending = []
         while pending:
             applied = [(mod, done[full]) for full, mod, _ in group if done.get(full, 0.0) > 0]
             rec = _record_pass(run_batch, len(hidden), [(full, mod) for full, mod, _ in pending], applied,
-                               split_stages=sequential, keep_outputs=need_outputs and not sequential, device=device)
+                               split_stages=sequential, keep_outputs=need_outputs and not sequential, device=dev)
             missing = [full for full, _, _ in pending if full not in rec.stage]
             if missing and (not sequential or not rec.stage):
                 raise CalibrationError(f"no calibration inputs reached {missing[0]}")
@@ -257,19 +249,16 @@ def calibrate_activation_thresholds(
         result.update({full: done[full] for full, _, _ in group})
         if on_layer is not None:
             on_layer(i, {full: done[full] for full, _, _ in group})
-        if need_outputs:
-            if outs is None:
-                applied = [(mod, done[full]) for full, mod, _ in group if done[full] > 0]
-                handles = [mod.register_forward_pre_hook(_sparsify_input(t)) for mod, t in applied]
-                try:
-                    outs = [run_batch(b) for b in range(len(hidden))]
-                finally:
-                    for h in handles:
-                        h.remove()
-            hidden = [o.to(home) if device != home else o for o in outs]
-        if device != home:
-            layers[i].to(home)
-        hidden = io.leave(i, layers[i], hidden)
+        if need_outputs and outs is None:  # the outputs with this layer's thresholds applied
+            applied = [(mod, done[full]) for full, mod, _ in group if done[full] > 0]
+            handles = [mod.register_forward_pre_hook(_sparsify_input(t)) for mod, t in applied]
+            try:
+                outs = step.forward()
+            finally:
+                for h in handles:
+                    h.remove()
+        # the last layer's outputs feed nothing: its inputs stand in for them (nothing is computed)
+        step.outputs = outs if need_outputs else hidden
     return result
 
 

@@ -28,7 +28,8 @@ from torch import nn
 
 from ..arch import get_adapter
 from ..arch.base import weight_matrix
-from ..calibration.calibrate import CalibrationError, InputStats, capture_layer_inputs, run_layer
+from ..calibration.calibrate import CalibrationError, InputStats
+from ..calibration.engine import layer_by_layer, run_layer
 from ..checkpoint.dispatched import check_not_dispatched
 from ..core.progress import progress_bar
 from ..calibration.calibrate import as_batches
@@ -254,7 +255,7 @@ def sparsify(
                 for _, mod in group:
                     _prune_module(mod, config, None, s)
         else:
-            _sequential(model, adapter, layers, targets, batches, config, progress, device, layer_sparsity)
+            _sequential(model, adapter, targets, batches, config, progress, device, layer_sparsity)
 
     report = SparsityReport(config=config)
     for group in targets:
@@ -286,42 +287,31 @@ def _owl_sparsity(model, adapter, targets, batches, config, device) -> list[floa
 
 
 @torch.no_grad()  # as layerwise_statistics: a layer's autograd graph would keep its weights and activations alive
-def _sequential(model, adapter, layers, targets, batches, config, progress, device, layer_sparsity,
-                layer_io=None) -> None:
-    """Calibrate and prune one decoder layer at a time; ``layer_io`` (:class:`llmprune.calibration.calibrate.LayerIO`)
-    loads / writes / frees layers when streaming."""
-    from ..calibration.calibrate import LayerIO
-
-    io = layer_io or LayerIO()
+def _sequential(model, adapter, targets, batches, config, progress, device, layer_sparsity, layer_io=None) -> None:
+    """Calibrate and prune one decoder layer at a time on the layer-by-layer engine
+    (:func:`llmprune.calibration.engine.layer_by_layer`); ``layer_io`` loads / writes / frees layers when
+    streaming (:class:`llmprune.streaming.LayerStream`). ``config.sequential``: a pruned layer's own outputs feed
+    the next layer, otherwise the outputs gathered before pruning do."""
     needs = get_sparsity_method(config.method).needs  # the statistics gathered: Gram matrix or per-feature
-    home = next(model.parameters()).device
-    device = torch.device(device) if device is not None else home
-    io.enter(0, layers[0])  # the capture pass runs layer 0's forward once to learn its output type
-    captured = capture_layer_inputs(model, adapter, batches)
-    hidden = io.initial_hidden(captured.hidden)
-    for i in progress_bar(range(io.start, len(layers)), desc=f"{config.method} pruning layers",
-                          disable=not progress, total=len(layers), initial=io.start):
-        io.enter(i, layers[i])
-        layer = layers[i].to(device)
-        shared = _SharedInputs(lambda mod: HessianAccumulator(weight_matrix(mod).shape[1], device=device)
+    for step in layer_by_layer(model, adapter, batches, device=device, layer_io=layer_io, progress=progress,
+                               desc=f"{config.method} pruning layers"):
+        i, layer, dev = step.index, step.layer, step.device
+        shared = _SharedInputs(lambda mod: HessianAccumulator(weight_matrix(mod).shape[1], device=dev)
                                if needs == "hessian" else InputStats())
         modules = list(dict.fromkeys(mod for _, mod in targets[i]))
-        outs = _gather(layer, modules, shared, hidden, captured.layer_args[i], device)
+        outs = _gather(layer, modules, shared, step.inputs, step.args, dev)
         if not shared.consistent:  # input sharing changed between batches: statistics per module after all
             shared = _SharedInputs(shared.make, share=False)
-            _gather(layer, modules, shared, hidden, captured.layer_args[i], device)
+            _gather(layer, modules, shared, step.inputs, step.args, dev)
         grouped = shared.groups(modules)
         for _, stats in grouped:  # accelerate launch: statistics of every process's windows
             stats.all_reduce()
         for members, stats in grouped:
             _prune_modules(members, config, stats, layer_sparsity[i])
         del shared, grouped
-        if config.sequential and targets[i]:
-            outs = [run_layer(layer, h, *captured.layer_args[i][b], device) for b, h in enumerate(hidden)]
-        hidden = [o.to(home) if device != home else o for o in outs]
-        if device != home:
-            layers[i].to(home)
-        hidden = io.leave(i, layers[i], hidden)
+        # sequential with a pruned layer: None, so the engine recomputes the outputs on the pruned layer
+        step.outputs = None if config.sequential and targets[i] else outs
+        del outs
 
 
 def _gather(layer: nn.Module, modules: list[nn.Module], shared: "_SharedInputs", hidden: list[torch.Tensor],

@@ -77,8 +77,8 @@ def sparsify_streaming(source: str | os.PathLike | nn.Module, config: Any, out: 
     io = LayerStream(model, ck, prefixes, part, "sparsify", True, dt, _spill_bytes(max_memory), count)
     if config.sparsity > 0 and method.needs_calibration:
         if io.start < len(layers):
-            _sequential(model, adapter, layers, targets, batches, config, progress, device,
-                        [config.sparsity] * len(layers), layer_io=io)
+            _sequential(model, adapter, targets, batches, config, progress, device, [config.sparsity] * len(layers),
+                        layer_io=io)
     else:
         for i in range(io.start, len(layers)):
             io.enter(i, layers[i])
