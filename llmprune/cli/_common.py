@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 __all__ = ["add_global_arguments", "add_calibration_arguments", "add_output_arguments", "add_ppl_arguments",
-           "add_runtime_arguments", "configure_output", "init_distributed", "is_main_process", "wait_for_everyone", "check_output", "read_calibration", "ppl_function", "ppl_protocol"]
+           "add_runtime_arguments", "configure_output", "init_distributed", "is_main_process", "wait_for_everyone", "check_output", "input_paths", "already_complete", "read_calibration", "ppl_function", "ppl_protocol"]
 
 
 def add_global_arguments(p: argparse.ArgumentParser) -> None:
@@ -120,14 +120,33 @@ def configure_output(args: argparse.Namespace) -> None:
             pass
 
 
+def input_paths(args: argparse.Namespace) -> list[str]:
+    """Every file or folder the command reads (model, teacher, tokenizer, texts): none may be the output or
+    under it, so ``--overwrite`` can never delete an input."""
+    names = ("model", "teacher", "tokenizer", "calib", "data", "ppl", "recipe")
+    return [v for v in (getattr(args, n, None) for n in names) if isinstance(v, str) and v]
+
+
 def check_output(args: argparse.Namespace) -> Path:
-    """The output folder, refused before any work if it exists and ``--overwrite`` was not given."""
-    from ..checkpoint.io import OutputExistsError
+    """``--out``, checked before any work (:func:`llmprune.checkpoint.output.check_output_path`): not a file,
+    not an input or a folder holding one, writable, and new unless ``--overwrite``."""
+    from ..checkpoint.output import check_output_path
+
+    return check_output_path(args.out, sources=input_paths(args), overwrite=args.overwrite)
+
+
+def already_complete(args: argparse.Namespace) -> bool:
+    """``--resume`` after the run to ``--out`` had finished: ``--out`` holds a saved model and no interrupted
+    run is left beside it. Says so; the command then exits 0 without work."""
+    from ..checkpoint.io import RECIPE_FILE
 
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise OutputExistsError(f"output directory {out} already exists; pass --overwrite to replace it")
-    return out
+    partial = out.with_name(f".{out.name}.partial")
+    if not (getattr(args, "resume", False) and not args.overwrite and (out / RECIPE_FILE).is_file()
+            and not partial.exists()):
+        return False
+    print(f"llmprune: {out} is already complete (a finished run; nothing to resume); pass --overwrite to redo it")
+    return True
 
 
 def read_calibration(args: argparse.Namespace) -> str | None:
@@ -155,5 +174,7 @@ def ppl_function(args: argparse.Namespace, tokenizer: Any, progress: bool) -> Ca
 
 
 def ppl_protocol(args: argparse.Namespace) -> str:
-    return (f"{args.ppl}, first {args.ppl_max_tokens} tokens, {args.ppl_seq_len}-token windows"
+    from ..checkpoint.io import public_name
+
+    return (f"{public_name(args.ppl, keep_relative=True)}, first {args.ppl_max_tokens} tokens, {args.ppl_seq_len}-token windows"
             f"{', tail window scored' if args.ppl_keep_tail else ''}")

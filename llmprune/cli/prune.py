@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from ._common import (add_obs_calibration_arguments, add_output_arguments, add_ppl_arguments, add_runtime_arguments,
-                      check_output, is_main_process, ppl_function, ppl_protocol, read_calibration,
+                      already_complete, check_output, input_paths, is_main_process, ppl_function, ppl_protocol, read_calibration,
                       wait_for_everyone)
 from ._registry import subcommand
 from ._streaming import add_streaming_arguments, local_folder, refuse_with_streaming, run_streamed, wants_streaming
@@ -153,7 +153,13 @@ def run(args: argparse.Namespace) -> int:
         from ..calibration.calibrate import CalibrationError
 
         raise CalibrationError("--recover-steps needs training text: pass --data with a file or a dataset name")
-    out = check_output(args) if not args.resume else Path(args.out)  # fail before any work
+    if already_complete(args):
+        return 0
+    out = check_output(args)  # fail before any work
+    if args.eval:  # its report folder too
+        from ..checkpoint.output import check_output_path
+
+        check_output_path(str(out) + "-eval", sources=input_paths(args), overwrite=args.overwrite, flag="--eval report")
     calibration = read_calibration(args)
     if wants_streaming(args):
         return _run_streaming(args, cfg, calibration, out)
@@ -240,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
                   "pruned": (model, tokenizer, str(out))},
                  ppl=args.ppl, seq_len=args.ppl_seq_len, max_tokens=args.ppl_max_tokens, tasks=tasks,
                  limit=args.eval_limit, out_dir=str(out) + "-eval", drop_last=not args.ppl_keep_tail,
-                 progress=progress, verbose=args.verbose)
+                 progress=progress, verbose=args.verbose, overwrite=args.overwrite)
     wait_for_everyone()
     return 0
 

@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from ._common import (add_calibration_arguments, add_output_arguments, add_ppl_arguments, add_runtime_arguments,
-                      check_output, is_main_process, ppl_function, ppl_protocol, read_calibration,
+                      already_complete, check_output, is_main_process, ppl_function, ppl_protocol, read_calibration,
                       wait_for_everyone)
 from ._registry import subcommand
 from ._streaming import add_streaming_arguments, refuse_with_streaming, run_streamed, wants_streaming
@@ -73,7 +73,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--activation-sparsity {act:g} is out of range: it is the fraction of inputs zeroed, in [0, 1)")
     if cfg.sparsity == 0 and act == 0:
         raise ValueError("nothing to do: give --sparsity > 0 and/or --activation-sparsity > 0")
-    out = check_output(args) if not args.resume else Path(args.out)
+    if already_complete(args):
+        return 0
+    out = check_output(args)
     calibration = read_calibration(args)
     if calibration is None and (cfg.needs_calibration or act > 0):
         from ..calibration.calibrate import CalibrationError
