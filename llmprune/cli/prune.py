@@ -134,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..core.config import PruneConfig
     from ..checkpoint.io import load_model, save_pruned
-    from ..calibration.calibrate import read_calibration_text
+    from ..calibration.calibrate import check_calibration_fits, read_calibration_text
+    from ..streaming import parse_memory
     from ..structured.pipeline import PruneResult, count_parameters, prune
     from ..recipe import Recipe
     from ..structured.surgery import layer_widths
@@ -172,6 +173,8 @@ def run(args: argparse.Namespace) -> int:
         import dataclasses
 
         cfg = dataclasses.replace(cfg, seq_len=int(context))
+    if calibration is not None:  # before perplexity or any other work
+        check_calibration_fits(model.config, cfg.n_samples, cfg.seq_len, parse_memory(args.max_memory))
     from ..arch import get_adapter
     from ..structured.select import check_ratios, resolve_config
 

@@ -86,6 +86,11 @@ def run(args: argparse.Namespace) -> int:
         return _run_streaming(args, cfg, calibration, out)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
+    if calibration is not None:  # before perplexity or any other work
+        from ..calibration.calibrate import check_calibration_fits
+        from ..streaming import parse_memory
+
+        check_calibration_fits(model.config, args.n_samples, args.seq_len, parse_memory(args.max_memory))
     main = is_main_process()  # under accelerate launch: every process calibrates, the main one evaluates and saves
     progress = not args.quiet and main
     ppl_of = ppl_function(args, tokenizer, progress) if main else (lambda m: None)
