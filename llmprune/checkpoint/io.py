@@ -478,8 +478,22 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = False, 
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a folder")
     _check_local_checkpoint(path)
+    from huggingface_hub.errors import HfHubHTTPError
+
     api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    info = api.upload_folder(folder_path=str(path), repo_id=repo_id, repo_type="model", revision=revision,
-                             commit_message=commit_message or "Upload model pruned with llmprune")
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        info = api.upload_folder(folder_path=str(path), repo_id=repo_id, repo_type="model", revision=revision,
+                                 commit_message=commit_message or "Upload model pruned with llmprune")
+    except HfHubHTTPError as exc:  # several lines of request ids and server text: one line that says what to do
+        raise CheckpointError(_hub_refusal(repo_id, exc)) from None
     return str(getattr(info, "commit_url", info))
+
+
+def _hub_refusal(repo_id: str, exc: Exception) -> str:
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    hints = {401: "the token is missing or invalid: log in (hf auth login) or pass --token / set HF_TOKEN",
+             403: "the token may not write there: use a token with write access to that namespace",
+             404: "no such repository or namespace"}
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    return f"push to {repo_id} refused by the Hub ({status or 'error'}): {hints.get(status, first)}"

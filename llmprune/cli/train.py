@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     import copy
 
     from ..calibration.calibrate import read_calibration_text
-    from ..checkpoint.io import load_model, load_tokenizer, save_pruned
+    from ..checkpoint.io import load_config, load_model, load_tokenizer, save_pruned
     from ..training.one_cycle import OneCycle, OneCycleConfig
     from ..structured.pipeline import count_parameters
     from ..training.recover import RecoveryConfig, recover
@@ -83,11 +83,11 @@ def run(args: argparse.Namespace) -> int:
     text = read_calibration_text(args.data)
     src = Path(args.model)
     if src.suffix == ".json":  # from scratch: build the architecture, random weights
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         if not args.tokenizer:
             raise ValueError("training from a config.json needs --tokenizer")
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(src), trust_remote_code=False))
+        model = AutoModelForCausalLM.from_config(load_config(src))
         tokenizer = load_tokenizer(args.tokenizer)
     else:
         model, tokenizer = load_model(args.model)
