@@ -167,13 +167,13 @@ def test_d1_no_entry_point_runs_a_folders_code(tmp_path, shared_dir):
 
 
 def test_d1_every_from_pretrained_call_refuses_remote_code():
-    """Static: each ``from_pretrained(...)`` in llmprune/, eval/ and scripts/ passes trust_remote_code (or the
-    shared LOAD_KWARGS, which set it to False)."""
+    """Static: each ``from_pretrained`` / ``from_config`` call in llmprune/, eval/ and scripts/ passes
+    trust_remote_code (or the shared LOAD_KWARGS, which set it to False)."""
     missing = []
     for root in ("llmprune", "eval", "scripts", "triton_kernels"):
         for path in sorted((REPO / root).rglob("*.py")):
             for node in ast.walk(ast.parse(path.read_text())):
-                if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "from_pretrained":
+                if isinstance(node, ast.Call) and getattr(node.func, "attr", None) in ("from_pretrained", "from_config"):
                     keywords = {k.arg for k in node.keywords}
                     if "trust_remote_code" not in keywords and None not in keywords:
                         missing.append(f"{path.relative_to(REPO)}:{node.lineno}")

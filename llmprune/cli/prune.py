@@ -280,6 +280,7 @@ def _streamed_unit_rows(cfg, src: Path, out: Path, plan) -> list[tuple[str, ...]
     widths = []
     for folder in (src, out):
         with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(folder), trust_remote_code=False))
+            config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
         widths.append(layer_widths(model))
     return unit_fraction_rows(cfg, widths[0], widths[1], plan)

@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
 
         if not args.tokenizer:
             raise ValueError("training from a config.json needs --tokenizer")
-        model = AutoModelForCausalLM.from_config(load_config(src))
+        model = AutoModelForCausalLM.from_config(load_config(src), trust_remote_code=False)
         tokenizer = load_tokenizer(args.tokenizer)
     else:
         model, tokenizer = load_model(args.model)

@@ -155,7 +155,8 @@ def load_compressed(path: str | os.PathLike, device=None) -> nn.Module:
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)  # never run a folder's code
     sd = load_file(os.path.join(path, "model.safetensors"))
     dtype = next((t.dtype for k, t in sd.items() if t.is_floating_point() and not k.endswith("threshold")), None)
-    model = AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
+    model = AutoModelForCausalLM.from_config(config, trust_remote_code=False,
+                                             **({"dtype": dtype} if dtype is not None else {}))
     for name, desc in meta["modules"].items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, _build(desc, "cpu", dtype))
