@@ -51,7 +51,8 @@ def evaluate(
     Per model: perplexity on ``ppl`` (file or alias), lm-eval ``tasks`` with ``limit``,
     parameter counts, size on disk (when a directory is given), MACs/token, and with
     ``speed`` the prefill/decode throughput and peak memory. Writes JSON/Markdown/PNG into
-    ``out_dir`` when given (a new folder; an existing one is replaced only with ``overwrite``). Models stay on their device unless ``device`` is given. ``progress=False`` hides
+    ``out_dir`` when given (a new folder; an existing one is replaced only with ``overwrite``). Models stay on
+    their device unless ``device`` is given. ``progress=False`` hides
     progress bars; ``verbose=True`` shows lm-eval's own warnings.
     """
     if not models:

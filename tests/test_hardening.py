@@ -173,7 +173,8 @@ def test_d1_every_from_pretrained_call_refuses_remote_code():
     for root in ("llmprune", "eval", "scripts", "triton_kernels"):
         for path in sorted((REPO / root).rglob("*.py")):
             for node in ast.walk(ast.parse(path.read_text())):
-                if isinstance(node, ast.Call) and getattr(node.func, "attr", None) in ("from_pretrained", "from_config"):
+                if isinstance(node, ast.Call) and getattr(node.func, "attr", None) in ("from_pretrained",
+                                                                                       "from_config"):
                     keywords = {k.arg for k in node.keywords}
                     if "trust_remote_code" not in keywords and None not in keywords:
                         missing.append(f"{path.relative_to(REPO)}:{node.lineno}")

@@ -76,9 +76,10 @@ def calibration_state_bytes(config: Any, n_samples: int, seq_len: int, dtype_byt
 
 
 def check_calibration_fits(config: Any, n_samples: int, seq_len: int, budget: int | None = None,
-                           dtype_bytes: int = 4) -> None:
-    """Refuse, before any calibration, windows longer than the model's context or calibration states larger than
-    the memory budget (``budget`` bytes; default 80% of the available memory), each in one line.
+                           dtype_bytes: int = 4, context: bool = True) -> None:
+    """Refuse, before any calibration, windows longer than the model's context (with ``context``: the CLI's
+    check; the library leaves RoPE models free to run past it) or calibration states larger than the memory
+    budget (``budget`` bytes; default 80% of the available memory), each in one line.
 
     Example::
 
@@ -86,14 +87,15 @@ def check_calibration_fits(config: Any, n_samples: int, seq_len: int, budget: in
     """
     from ..core.memory import available_memory
 
-    context = model_context(config)
-    if context is not None and seq_len > context:
+    longest = model_context(config) if context else None
+    if longest is not None and seq_len > longest:
         raise CalibrationError(f"calibration windows of {seq_len} tokens (--seq-len) are longer than the model's "
-                               f"context of {context} tokens: use --seq-len {context} or less")
+                               f"context of {longest} tokens: use --seq-len {longest} or less")
     need = calibration_state_bytes(config, n_samples, seq_len, dtype_bytes)
     budget = budget if budget is not None else int(0.8 * available_memory())
     if need > budget:
-        raise CalibrationError(f"calibration would hold about {need / 1e9:.1f} GB of hidden states ({n_samples} windows "
+        raise CalibrationError(f"calibration would hold about {need / 1e9:.1f} GB of hidden states ({n_samples} "
+                               "windows "
                                f"x {seq_len} tokens), more than the memory budget of {budget / 1e9:.1f} GB: lower "
                                "--n-samples or --seq-len, raise --max-memory, or use --streaming (which spills them "
                                "to disk)")

@@ -136,7 +136,8 @@ def load_model(
         kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
     if revision is not None:
         kwargs["revision"] = revision
-    model = _hf_load(str(name_or_path), "model", lambda: AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs))
+    model = _hf_load(str(name_or_path), "model",
+                     lambda: AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs))
     if device is not None:
         model.to(device)
     tokenizer = load_tokenizer(str(name_or_path), revision=revision) if with_tokenizer else None
@@ -153,7 +154,8 @@ def load_tokenizer(name_or_path: str | os.PathLike, revision: str | None = None)
     from transformers import AutoTokenizer
 
     return _hf_load(str(name_or_path), "tokenizer",
-                    lambda: AutoTokenizer.from_pretrained(str(name_or_path), revision=revision, trust_remote_code=False))
+                    lambda: AutoTokenizer.from_pretrained(str(name_or_path), revision=revision,
+                                                          trust_remote_code=False))
 
 
 def load_config(name_or_path: str | os.PathLike) -> Any:

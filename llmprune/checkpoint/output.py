@@ -227,8 +227,9 @@ def replace_directory(src: Path, out: Path, overwrite: bool = True) -> None:
         try:
             _rename_noreplace(src, out)
         except FileExistsError:
-            raise OutputExistsError(f"output folder {out} appeared while this run was working (another run?); it "
-                                    "was kept and this run's result discarded: pass --overwrite to replace it") from None
+            raise OutputExistsError(f"output folder {out} appeared while this run was working (another run?); "
+                                    "it was kept and this run's result discarded: pass --overwrite to replace it"
+                                    ) from None
         return
     backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
     _mark_owner(backup)  # a kill before the removal below leaves it for the next run to clean

@@ -86,6 +86,11 @@ def run_streamed(args: argparse.Namespace, stream: Callable[..., Any], cfg: Any,
     refuse_gguf(args.model)
     src = local_folder(args.model)
     tokenizer = load_tokenizer(src)
+    if calibration is not None:  # the context only: streamed calibration states spill to disk
+        from ..calibration.calibrate import check_calibration_fits
+        from ..checkpoint.io import load_config
+
+        check_calibration_fits(load_config(src), cfg.n_samples, cfg.seq_len, budget=1 << 62)
     budget = parse_memory(args.max_memory)
     result = stream(src, cfg, out, tokenizer=tokenizer, calibration=calibration, device=layer_device(args),
                     dtype=args.dtype, resume=args.resume, overwrite=args.overwrite, max_memory=budget,

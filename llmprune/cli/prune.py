@@ -12,8 +12,8 @@ import argparse
 from pathlib import Path
 
 from ._common import (add_obs_calibration_arguments, add_output_arguments, add_ppl_arguments, add_runtime_arguments,
-                      already_complete, check_output, input_paths, is_main_process, ppl_function, ppl_protocol, read_calibration,
-                      wait_for_everyone)
+                      already_complete, check_output, input_paths, is_main_process, ppl_function, ppl_protocol,
+                      read_calibration, wait_for_everyone)
 from ._registry import subcommand
 from ._streaming import add_streaming_arguments, local_folder, refuse_with_streaming, run_streamed, wants_streaming
 from .table import before_after_rows, budget_rows, format_table, unit_fraction_rows, width_rows

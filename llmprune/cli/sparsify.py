@@ -66,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from .table import block_parameters
 
     targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else list(DEFAULT_TARGETS)
+    seq_len_default, args.seq_len = args.seq_len is None, args.seq_len or 256  # the default is capped once loaded
     cfg = SparsityConfig(method=args.method, sparsity=args.sparsity, pattern=args.pattern, targets=targets,
                          n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed, allocation=args.allocation)
     act = args.activation_sparsity
@@ -87,9 +88,15 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
     if calibration is not None:  # before perplexity or any other work
-        from ..calibration.calibrate import check_calibration_fits
+        import dataclasses
+
+        from ..calibration.calibrate import check_calibration_fits, model_context
         from ..streaming import parse_memory
 
+        context = model_context(model.config)
+        if seq_len_default and context and args.seq_len > context:  # recorded as used
+            args.seq_len = context
+            cfg = dataclasses.replace(cfg, seq_len=context)
         check_calibration_fits(model.config, args.n_samples, args.seq_len, parse_memory(args.max_memory))
     main = is_main_process()  # under accelerate launch: every process calibrates, the main one evaluates and saves
     progress = not args.quiet and main

@@ -263,7 +263,7 @@ def sparsify(
     batches = None
     if config.needs_calibration:
         if calibration is not None:
-            check_calibration_fits(model.config, config.n_samples, config.seq_len)
+            check_calibration_fits(model.config, config.n_samples, config.seq_len, context=False)
         batches = as_batches(calibration, tokenizer, config.n_samples, config.seq_len, config.seed, config.batch_size)
         if batches is None:
             raise CalibrationError(f"method {config.method!r} needs calibration data: pass calibration=<text file, "

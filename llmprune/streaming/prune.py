@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..arch import get_adapter
-from ..calibration.calibrate import CalibrationError, as_batches, check_calibration_fits, layerwise_statistics
+from ..calibration.calibrate import CalibrationError, as_batches, layerwise_statistics
 from ..core.config import PruneConfig, PrunePlan
 from ..checkpoint.dispatched import ModelSource
 from .source import build_skeleton, Checkpoint, memory_budget, StreamingError
@@ -87,8 +87,6 @@ def prune_streaming(source: str | os.PathLike | nn.Module, config: PruneConfig, 
     prunes_units = config.heads > 0 or config.ffn > 0
     needs_data = (criterion.needs_calibration or config.bias_compensation or config.reconstruct
                   or config.allocation in ("error", "block_influence")) and prunes_units
-    if calibration is not None:  # the context only: streamed states spill to disk
-        check_calibration_fits(model.config, config.n_samples, config.seq_len, budget=1 << 62)
     batches = as_batches(calibration, tokenizer, config.n_samples, config.seq_len, config.seed, config.batch_size)
     if needs_data and batches is None:
         raise CalibrationError(f"method {config.method!r} with these settings needs calibration data: pass "

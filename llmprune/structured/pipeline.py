@@ -112,7 +112,7 @@ def prune(
     needs_data = ((criterion.needs_calibration or config.bias_compensation or config.reconstruct
                    or config.allocation in ("error", "block_influence")) and prunes_units) or config.layers > 0
     if calibration is not None:  # before any tokenizing: windows within the context, states within memory
-        check_calibration_fits(model.config, config.n_samples, config.seq_len)
+        check_calibration_fits(model.config, config.n_samples, config.seq_len, context=False)
     batches = as_batches(calibration, tokenizer, config.n_samples, config.seq_len, config.seed, config.batch_size)
     if needs_data and batches is None:
         why = ("bias compensation" if config.bias_compensation else "reconstruction" if config.reconstruct
