@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -271,6 +272,22 @@ def test_d3_failed_final_rename_with_overwrite_restores_the_old_output(tmp_path,
         with atomic_directory(out, overwrite=True) as tmp:
             (tmp / "new.txt").write_text("new")
     assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+    assert leftovers(tmp_path, "out") == []
+
+
+def test_d3_output_moved_aside_by_a_killed_overwrite_is_put_back(tmp_path):
+    from llmprune.checkpoint.errors import OutputExistsError
+    from llmprune.checkpoint.output import OWNER_FILE, check_output_path
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    aside = tmp_path / ".out.old-abc"
+    (aside / "out").mkdir(parents=True)
+    (aside / "out" / "model.safetensors").write_text("the user's")
+    (aside / OWNER_FILE).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    with pytest.raises(OutputExistsError):  # restored first, so it is an existing output again
+        check_output_path(tmp_path / "out")
+    assert (tmp_path / "out" / "model.safetensors").read_text() == "the user's"
     assert leftovers(tmp_path, "out") == []
 
 

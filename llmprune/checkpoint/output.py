@@ -55,6 +55,7 @@ def check_output_path(out: str | os.PathLike, sources: Iterable[str | os.PathLik
     path = Path(out).expanduser()
     if not str(out).strip():
         raise OutputPathError(f"{flag} is empty: give an output folder")
+    remove_stale_temps(path)  # first: it may put back an output a killed run had moved aside
     if path.exists() and not path.is_dir():
         raise OutputPathError(f"{flag} {path} is a file, not a folder: give a folder path (an existing file is never "
                               "replaced, --overwrite or not)")
@@ -62,7 +63,6 @@ def check_output_path(out: str | os.PathLike, sources: Iterable[str | os.PathLik
     if path.exists() and not overwrite:
         raise OutputExistsError(f"output folder {path} already exists; pass --overwrite to replace it")
     _check_writable(path, flag)
-    remove_stale_temps(path)
     return path
 
 
@@ -121,6 +121,9 @@ def remove_stale_temps(out: str | os.PathLike) -> list[Path]:
                 continue  # not ours, or being created right now
             if owner.get("host") != socket.gethostname() or _pid_alive(int(owner.get("pid", 0))):
                 continue
+            if kind == "old" and (tmp / "out").is_dir() and not out.exists():  # killed between the two renames
+                os.rename(tmp / "out", out)
+                print(f"llmprune: restored {out} from {tmp}, left by an interrupted run (pid {owner.get('pid')})")
             shutil.rmtree(tmp, ignore_errors=True)
             print(f"llmprune: removed {tmp}, left by an interrupted run (pid {owner.get('pid')})")
             removed.append(tmp)
@@ -194,7 +197,7 @@ def _rename_noreplace(src: Path, dst: Path) -> None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         renameat2 = libc.renameat2
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # not glibc / not Linux
         renameat2 = None
     if renameat2 is not None:
         at_fdcwd = -100
@@ -232,7 +235,7 @@ def replace_directory(src: Path, out: Path, overwrite: bool = True) -> None:
                                     ) from None
         return
     backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    _mark_owner(backup)  # a kill before the removal below leaves it for the next run to clean
+    _mark_owner(backup)  # a kill from here on leaves it for the next run, which restores or removes it
     aside = backup / "out"
     os.rename(out, aside)
     try:
