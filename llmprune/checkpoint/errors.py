@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "OutputExistsError"]
+__all__ = ["CheckpointError", "OutputExistsError", "OutputPathError"]
 
 
 class CheckpointError(ValueError):
@@ -11,3 +11,8 @@ class CheckpointError(ValueError):
 
 class OutputExistsError(FileExistsError):
     """The output directory exists and overwriting was not asked for."""
+
+
+class OutputPathError(ValueError):
+    """The output path cannot or must not be written: a file, the source model or a folder holding it, or a
+    folder without write permission."""

@@ -12,8 +12,8 @@ import argparse
 from pathlib import Path
 
 from ._common import (add_calibration_text_argument, add_config_arguments, add_output_arguments, add_ppl_arguments,
-                      add_runtime_arguments, check_output, config_from_args, is_main_process, ppl_function, ppl_protocol, read_calibration,
-                      wait_for_everyone)
+                      add_runtime_arguments, already_complete, check_output, config_from_args, input_paths,
+                      is_main_process, ppl_function, ppl_protocol, read_calibration, wait_for_everyone)
 from ._registry import subcommand
 from ._streaming import add_streaming_arguments, local_folder, refuse_with_streaming, run_streamed, wants_streaming
 from .table import before_after_rows, budget_rows, format_table, unit_fraction_rows, width_rows
@@ -50,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..core.config import PruneConfig
     from ..checkpoint.io import load_model, save_pruned
-    from ..calibration.calibrate import read_calibration_text
+    from ..calibration.calibrate import check_calibration_fits, read_calibration_text
+    from ..streaming import parse_memory
     from ..structured.pipeline import PruneResult, count_parameters, prune
     from ..training.recipe import Recipe
     from ..arch.surgery import layer_widths
@@ -62,7 +63,13 @@ def run(args: argparse.Namespace) -> int:
         from ..calibration.calibrate import CalibrationError
 
         raise CalibrationError("--recover-steps needs training text: pass --data with a file or a dataset name")
-    out = check_output(args) if not args.resume else Path(args.out)  # fail before any work
+    if already_complete(args):
+        return 0
+    out = check_output(args)  # fail before any work
+    if args.eval:  # its report folder too
+        from ..checkpoint.output import check_output_path
+
+        check_output_path(str(out) + "-eval", sources=input_paths(args), overwrite=args.overwrite, flag="--eval report")
     calibration = read_calibration(args)
     if wants_streaming(args):
         return _run_streaming(args, cfg, calibration, out)
@@ -75,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
         import dataclasses
 
         cfg = dataclasses.replace(cfg, seq_len=int(context))
+    if calibration is not None:  # before perplexity or any other work
+        check_calibration_fits(model.config, cfg.n_samples, cfg.seq_len, parse_memory(args.max_memory))
     from ..arch import get_adapter
     from ..structured.select import check_ratios, resolve_config
 
@@ -149,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
                   "pruned": (model, tokenizer, str(out))},
                  ppl=args.ppl, seq_len=args.ppl_seq_len, max_tokens=args.ppl_max_tokens, tasks=tasks,
                  limit=args.eval_limit, out_dir=str(out) + "-eval", drop_last=not args.ppl_keep_tail,
-                 progress=progress, verbose=args.verbose)
+                 progress=progress, verbose=args.verbose, overwrite=args.overwrite)
     wait_for_everyone()
     return 0
 
@@ -180,6 +189,7 @@ def _streamed_unit_rows(cfg, src: Path, out: Path, plan) -> list[tuple[str, ...]
     widths = []
     for folder in (src, out):
         with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(folder), trust_remote_code=False))
+            config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
         widths.append(layer_widths(model))
     return unit_fraction_rows(cfg, widths[0], widths[1], plan)
