@@ -61,8 +61,11 @@ def pruned_folder(root: Path, name: str, plans=None, tied: bool = True, hidden_k
         pytest.skip(f"reference model not found at {REF_MODEL}")
     model = tiny_causal_lm("llama", vocab_size=VOCAB, bos_token_id=0, eos_token_id=1, tie_word_embeddings=tied,
                            **config)
-    with torch.no_grad():  # peakier logits than the 0.02 init, so top-1 agreement is a meaningful check
-        model.get_output_embeddings().weight.mul_(8.0)
+    with torch.no_grad():  # peakier logits and sharper attention than the 0.02 init: with near-uniform attention
+        model.get_output_embeddings().weight.mul_(8.0)  # RoPE (and a wrong q/k row order) would hardly show
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(12.0)
+            layer.self_attn.k_proj.weight.mul_(12.0)
     adapter = get_adapter(model)
     for layer, plan in zip(adapter.decoder_layers(model), plans or []):
         if plan is not None:

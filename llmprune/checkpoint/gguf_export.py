@@ -334,7 +334,10 @@ def write_gguf(model: nn.Module, tokenizer: Any, path: str | os.PathLike, outtyp
 
     Returns the layout, the tensors that fell back to f16 under q8_0, and what the tokenizer check needs.
     """
-    import gguf
+    try:
+        import gguf
+    except ImportError:
+        raise GGUFExportError("GGUF export needs the gguf package: pip install 'llmprune[llamacpp]'") from None
 
     if outtype not in OUTTYPES:
         raise GGUFExportError(f"GGUF export: --outtype must be one of {', '.join(OUTTYPES)}, not {outtype!r}")

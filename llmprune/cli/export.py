@@ -9,10 +9,12 @@ Example::
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import Any
 
 from ._registry import subcommand
 
-__all__ = ["add_arguments", "run", "add_export_arguments", "export_after_save"]
+__all__ = ["add_arguments", "run", "add_export_arguments", "export_after_save", "gguf_name", "check_export_possible"]
 
 FORMATS = ("gguf",)
 
@@ -44,6 +46,22 @@ def export_after_save(folder: str, out: str, outtype: str, verify: bool, overwri
     from ..checkpoint.gguf_export import export_gguf
 
     return export_gguf(folder, out, outtype=outtype, verify=verify, overwrite=overwrite, threads=threads).summary()
+
+
+def gguf_name(folder: str | Path, outtype: str) -> str:
+    """``<folder name>-<OUTTYPE>.gguf``: Ollama's ``hf.co/<repo>:<tag>`` picks a repository's file by this suffix."""
+    return f"{Path(folder).name}-{outtype.upper()}.gguf"
+
+
+def check_export_possible(config: Any, verify: bool) -> None:
+    """Raise the export's one-line error before pruning when the family, a setting or the check cannot work."""
+    from ..checkpoint.gguf_export import GGUFExportError, refuse_unsupported
+    from ..checkpoint.llamacpp import llamacpp_available
+
+    refuse_unsupported(config)
+    if verify and not llamacpp_available():
+        raise GGUFExportError("--export gguf checks the file in llama.cpp, which needs llama-cpp-python: "
+                              "pip install 'llmprune[llamacpp]' (or pass --no-verify to skip the check)")
 
 
 @subcommand("export", "write a saved model as a GGUF file for llama.cpp / Ollama (checked in llama.cpp)", add_arguments)
