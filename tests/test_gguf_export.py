@@ -296,3 +296,62 @@ def test_cli_export(tmp_path, capsys):
     assert "deci" in line and "q8_0" in line and "top-1" in line and out.is_file()
     assert main(["export", str(folder), "--out", str(out)]) == 2  # exists
     assert "--overwrite" in capsys.readouterr().err
+
+
+@needs_llamacpp
+def test_prune_export_gguf_into_the_output_folder(tmp_path, ref_model_path, capsys):
+    """``prune --export gguf``: the verified GGUF lands in the output folder (so ``push`` uploads it)."""
+    out = tmp_path / "pruned"
+    assert main(["prune", str(ref_model_path), "--heads", "0.25", "--ffn", "0.25", "--method", "magnitude",
+                 "--allocation", "global", "--out", str(out), "--quiet", "--export", "gguf", "--outtype", "q8_0"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    gguf_file = out / "pruned-Q8_0.gguf"
+    assert gguf_file.is_file() and str(gguf_file) in line
+    assert _metadata(gguf_file)["general.architecture"] in ("deci", "llama")
+
+
+def test_prune_export_refuses_before_any_work(tmp_path, capsys):
+    model = tiny_causal_lm("qwen3", vocab_size=VOCAB)
+    src = tmp_path / "src"
+    save_pruned(model, src, tokenizer=_tokenizer())
+    out = tmp_path / "pruned"
+    assert main(["prune", str(src), "--ffn", "0.25", "--method", "magnitude", "--out", str(out), "--quiet",
+                 "--export", "gguf", "--no-verify"]) == 2
+    assert "'qwen3' is not supported" in capsys.readouterr().err and not out.exists()
+
+
+def test_push_uploads_gguf_with_card(tmp_path):
+    """``push --gguf FILE``: one commit with the safetensors, the GGUF and a card carrying llama.cpp / Ollama
+    commands and the recipe's perplexities as model-index results (tested against the local Hub server)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from hub_server import LocalHub
+
+    folder = pruned_folder(tmp_path, "p", PER_LAYER)
+    recipe = json.loads((folder / "llmprune_recipe.json").read_text())
+    recipe.update(ppl_before=20.5, ppl_after=24.25, ppl_protocol="wikitext2-raw-test.txt, first 60000 tokens")
+    (folder / "llmprune_recipe.json").write_text(json.dumps(recipe))
+    gguf_file = tmp_path / "p-Q8_0.gguf"
+    export_gguf(folder, gguf_file, outtype="q8_0", verify=False)
+    with LocalHub(tmp_path / "hub") as hub:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+        env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "home"), HF_HUB_DISABLE_XET="1", HF_TOKEN="hf_test",
+                   HF_HUB_DISABLE_TELEMETRY="1", PYTHONPATH=os.pathsep.join(sys.path))
+        code = (f"from llmprune.cli import main; raise SystemExit(main(['push', {str(folder)!r}, 'acme/small', "
+                f"'--gguf', {str(gguf_file)!r}]))")
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        pushed = hub.state.repo_dir("acme/small")
+        assert (pushed / "model.safetensors").is_file()
+        assert (pushed / "p-Q8_0.gguf").read_bytes() == gguf_file.read_bytes()
+        card = (pushed / "README.md").read_text()
+    assert "ollama run hf.co/acme/small:Q8_0" in card and "llama-cli -hf acme/small:Q8_0" in card and "deci" in card
+    meta = yaml.safe_load(card.split("---\n")[1])
+    metrics = meta["model-index"][0]["results"][0]["metrics"]
+    assert [(m["type"], m["value"]) for m in metrics] == [("perplexity", 24.25), ("perplexity", 20.5)]
+    assert (folder / "README.md").read_text() != card  # the local card is left as it was
