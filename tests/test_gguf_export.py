@@ -28,7 +28,7 @@ from llmprune.cli import main
 from llmprune.core.config import LayerPlan
 from llmprune.structured.hidden import prune_hidden
 from llmprune.structured.perlayer import set_config_widths
-from llmprune.structured.surgery import prune_layer
+from llmprune.structured.surgery import prune_layer, remove_layers
 
 from conftest import REF_MODEL
 from tiny_models import tiny_causal_lm
@@ -55,8 +55,10 @@ def _tokenizer():
     return AutoTokenizer.from_pretrained(REF_MODEL)
 
 
-def pruned_folder(root: Path, name: str, plans=None, tied: bool = True, hidden_keep=None, **config) -> Path:
-    """A tiny Llama pruned by ``plans`` (one LayerPlan or None per layer) and ``hidden_keep``, saved by save_pruned."""
+def pruned_folder(root: Path, name: str, plans=None, tied: bool = True, hidden_keep=None, removed=None,
+                  **config) -> Path:
+    """A tiny Llama pruned by ``plans`` (one LayerPlan or None per layer), ``hidden_keep`` and ``removed`` (decoder
+    layers), saved by save_pruned."""
     if not REF_MODEL.is_dir():
         pytest.skip(f"reference model not found at {REF_MODEL}")
     model = tiny_causal_lm("llama", vocab_size=VOCAB, bos_token_id=0, eos_token_id=1, tie_word_embeddings=tied,
@@ -72,6 +74,8 @@ def pruned_folder(root: Path, name: str, plans=None, tied: bool = True, hidden_k
             prune_layer(adapter, layer, plan)
     if hidden_keep is not None:
         prune_hidden(model, adapter, hidden_keep)
+    if removed:
+        remove_layers(model, adapter, removed)
     set_config_widths(model, adapter)
     folder = root / name
     save_pruned(model, folder, tokenizer=_tokenizer())
@@ -198,7 +202,7 @@ def test_compare_logits_tolerance():
 # ------------------------------------------------------------------------------------------- real llama.cpp
 
 CASES = {
-    # name: (plans, tied, config overrides, hidden kept)
+    # name: (plans, tied, config overrides, hidden kept[, removed layers])
     "dense-gqa-tied": (None, True, {}, None),
     "uniform-untied": (UNIFORM, False, {}, None),
     "perlayer-gqa-tied": (PER_LAYER, True, {}, None),
@@ -207,6 +211,7 @@ CASES = {
     "uniform-mqa-untied": ([LayerPlan(kept_heads=[1, 2], kept_kv_heads=[0], kept_neurons=list(range(64)))] * 3,
                            False, {"num_key_value_heads": 1}, None),
     "perlayer-hidden": (PER_LAYER, False, {}, [c for c in range(64) if c % 4 != 1]),
+    "perlayer-layer-removed": (PER_LAYER, True, {}, None, [0]),
     "llama3-rope": (None, True, {"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
                                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                      "original_max_position_embeddings": 16}}, None),
@@ -216,8 +221,9 @@ CASES = {
 @needs_llamacpp
 @pytest.mark.parametrize("case", list(CASES))
 def test_llamacpp_logits_match_transformers(tmp_path, case):
-    plans, tied, config, hidden = CASES[case]
-    folder = pruned_folder(tmp_path, case, plans, tied=tied, hidden_keep=hidden, **config)
+    plans, tied, config, hidden, *removed = CASES[case]
+    folder = pruned_folder(tmp_path, case, plans, tied=tied, hidden_keep=hidden, removed=removed[0] if removed else None,
+                           **config)
     ids = _fresh_ids()
     expected = _hf_logits(folder, ids)
     for outtype in ("f32", "q8_0") if case.startswith(("perlayer-gqa-tied", "dense")) else ("f32",):
@@ -232,6 +238,8 @@ def test_llamacpp_logits_match_transformers(tmp_path, case):
         assert _metadata(out)["deci.embedding_length"] == len(hidden)
     if case == "llama3-rope":
         assert "rope_freqs.weight" in _metadata(out)["tensors"]
+    if removed:
+        assert _metadata(out)["deci.attention.head_count"] == [2, 2]
 
 
 @needs_llamacpp
@@ -294,6 +302,11 @@ def test_cli_export(tmp_path, capsys):
     assert main(["export", str(folder), "--format", "gguf", "--out", str(out), "--outtype", "q8_0"]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert "deci" in line and "q8_0" in line and "top-1" in line and out.is_file()
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # not the temporary file's 0600
     assert main(["export", str(folder), "--out", str(out)]) == 2  # exists
     assert "--overwrite" in capsys.readouterr().err
 

@@ -489,6 +489,9 @@ def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, outtype: str 
             report.max_rel_logit_diff, report.top1_agreement = compare_logits(
                 _reference_logits(model, ids), result["logits"], outtype)
             _check_tokenizer(tokenizer, result["tokens"], texts)
+        umask = os.umask(0)  # mkstemp makes the file 0600; a finished export gets the usual permissions
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, out)
         return report
     finally:
