@@ -49,15 +49,17 @@ from .verify import VerificationError
 __all__ = ["OUTTYPES", "GGUFExportError", "GGUFLayout", "ExportReport", "plan_layout", "write_gguf", "export_gguf",
            "SUPPORTED_MODEL_TYPES", "LOGIT_TOLERANCE", "refuse_unsupported", "compare_logits"]
 
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+#: written here in numpy (gguf-py), and (q4_k_m, q5_k_m) quantized from an f16 file by llama.cpp's own quantizer
+OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_k_m", "q5_k_m")
+_WRITTEN_HERE = ("f32", "f16", "bf16", "q8_0")
 #: model types written here (per-layer checkpoints carry ``llmprune_<type>``); Mistral is Llama without biases,
 #: and llmprune saves a head-pruned Llama as an exact Mistral
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 #: largest |logit difference| relative to the largest |logit| that a verified export may show, by outtype
 #: (f32 differs only in summation order; the others round every weight; f16 KV cache in the check is avoided)
-LOGIT_TOLERANCE = {"f32": 2e-3, "f16": 2e-2, "bf16": 6e-2, "q8_0": 6e-2}
+LOGIT_TOLERANCE = {"f32": 2e-3, "f16": 2e-2, "bf16": 6e-2, "q8_0": 6e-2, "q5_k_m": 0.15, "q4_k_m": 0.25}
 #: fraction of positions whose top-1 token must agree between transformers and llama.cpp, by outtype
-TOP1_AGREEMENT = {"f32": 0.99, "f16": 0.95, "bf16": 0.85, "q8_0": 0.85}
+TOP1_AGREEMENT = {"f32": 0.99, "f16": 0.95, "bf16": 0.85, "q8_0": 0.85, "q5_k_m": 0.7, "q4_k_m": 0.6}
 _PER_LAYER_PREFIX = "llmprune_"  # as llmprune.arch.PER_LAYER_PREFIX (checkpoint may not import arch)
 _Q8_BLOCK = 32
 #: a fixed text with digits, punctuation, several scripts and newlines, for the logit and tokenizer checks
@@ -339,8 +341,9 @@ def write_gguf(model: nn.Module, tokenizer: Any, path: str | os.PathLike, outtyp
     except ImportError:
         raise GGUFExportError("GGUF export needs the gguf package: pip install 'llmprune[llamacpp]'") from None
 
-    if outtype not in OUTTYPES:
-        raise GGUFExportError(f"GGUF export: --outtype must be one of {', '.join(OUTTYPES)}, not {outtype!r}")
+    if outtype not in _WRITTEN_HERE:
+        raise GGUFExportError(f"GGUF export: write_gguf writes {', '.join(_WRITTEN_HERE)}, not {outtype!r} "
+                              "(export_gguf makes the llama.cpp-quantized types)")
     layout = layout or plan_layout(model)
     config = model.config
     decoder = _decoder(model)
@@ -446,7 +449,7 @@ def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, outtype: str 
     without ``overwrite``. Nothing is left at ``out`` (or beside it) on failure.
     """
     from .io import load_model
-    from .llamacpp import LlamaCppError, llamacpp_available, run_gguf
+    from .llamacpp import LLAMACPP_QUANT_TYPES, LlamaCppError, llamacpp_available, quantize_gguf, run_gguf
 
     if outtype not in OUTTYPES:
         raise GGUFExportError(f"GGUF export: --outtype must be one of {', '.join(OUTTYPES)}, not {outtype!r}")
@@ -455,6 +458,9 @@ def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, outtype: str 
         raise GGUFExportError(f"GGUF export: the output file must end in .gguf ({out.name})")
     if out.exists() and not overwrite:
         raise OutputExistsError(f"output file {out} already exists; pass --overwrite to replace it")
+    if outtype in LLAMACPP_QUANT_TYPES and not llamacpp_available():
+        raise GGUFExportError(f"GGUF export: --outtype {outtype} runs llama.cpp's quantizer, which needs "
+                              "llama-cpp-python: pip install 'llmprune[llamacpp]'")
     if verify and not llamacpp_available():
         raise GGUFExportError("GGUF export checks every file in llama.cpp, which needs llama-cpp-python: "
                               "pip install 'llmprune[llamacpp]' (or pass --no-verify to skip the check)")
@@ -474,9 +480,18 @@ def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, outtype: str 
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", suffix=".gguf", dir=out.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    base = tmp.with_name(tmp.name[:-len(".gguf")] + "-f16.gguf")  # llama.cpp quantizes from this one
     try:
-        layout, fallback, tok_info = write_gguf(model, tokenizer, tmp, outtype=outtype,
+        quantized = outtype in LLAMACPP_QUANT_TYPES
+        layout, fallback, tok_info = write_gguf(model, tokenizer, base if quantized else tmp,
+                                                outtype="f16" if quantized else outtype,
                                                 name=name or Path(folder).name, layout=layout)
+        if quantized:
+            try:
+                quantize_gguf(base, tmp, outtype, threads=threads)
+            except LlamaCppError as exc:
+                raise GGUFExportError(f"GGUF export: {exc}") from None
+            base.unlink()
         report = ExportReport(out, layout.architecture, outtype, tmp.stat().st_size, verify, layout=layout,
                               fallback_tensors=fallback)
         if verify:
@@ -495,5 +510,6 @@ def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, outtype: str 
         os.replace(tmp, out)
         return report
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        for leftover in (tmp, base):
+            if leftover.exists():
+                leftover.unlink()

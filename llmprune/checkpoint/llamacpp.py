@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["LlamaCppError", "llamacpp_available", "run_gguf"]
+__all__ = ["LlamaCppError", "llamacpp_available", "run_gguf", "quantize_gguf", "LLAMACPP_QUANT_TYPES"]
 
 # type_k/type_v 0 = GGML_TYPE_F32: the check compares weights, not llama.cpp's f16 KV cache rounding.
 _CHILD = r"""
@@ -42,6 +42,20 @@ llm.eval(ids)
 np.save(req["logits"], np.asarray(llm.scores[: len(ids)], dtype=np.float32))
 tokens = [llm.tokenize(t.encode("utf-8"), add_bos=False, special=True) for t in req["texts"]]
 json.dump({"tokens": tokens, "n_vocab": llm.n_vocab()}, open(req["result"], "w"))
+"""
+
+
+#: outtypes made by llama.cpp's own quantizer (llama_model_quantize) from an f16 file, by llama_ftype value
+LLAMACPP_QUANT_TYPES = {"q4_k_m": 15, "q5_k_m": 17}
+
+_QUANTIZE_CHILD = r"""
+import ctypes, sys
+import llama_cpp
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype = int(sys.argv[3])
+params.nthread = int(sys.argv[4])
+rc = llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(params))
+sys.exit(0 if rc == 0 else 3)
 """
 
 
@@ -89,3 +103,21 @@ def run_gguf(path: str | os.PathLike, ids: list[int], texts: list[str] | None = 
         result = json.loads((w / "result.json").read_text())
         result["logits"] = np.load(w / "logits.npy", allow_pickle=False)
         return result
+
+
+def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, outtype: str, threads: int | None = None,
+                  timeout: float = 3600.0) -> None:
+    """Quantize the GGUF file ``src`` into ``dst`` with llama.cpp's own quantizer (what ``llama-quantize`` runs), in a
+    child process. Tensors whose rows do not fit the type's blocks get llama.cpp's fallback types."""
+    if not llamacpp_available():
+        raise LlamaCppError(f"--outtype {outtype} runs llama.cpp's quantizer, which needs llama-cpp-python: "
+                            "pip install 'llmprune[llamacpp]'")
+    threads = threads or max(1, min(4, os.cpu_count() or 1))
+    try:
+        proc = subprocess.run([sys.executable, "-c", _QUANTIZE_CHILD, str(src), str(dst),
+                               str(LLAMACPP_QUANT_TYPES[outtype]), str(threads)], capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise LlamaCppError(f"llama.cpp's quantizer did not finish within {timeout:.0f} s") from None
+    if proc.returncode != 0 or not Path(dst).is_file():
+        raise LlamaCppError(f"llama.cpp's quantizer failed: {_error_line(proc.stderr, proc.returncode)}")

@@ -27,7 +27,8 @@ def add_export_arguments(p: argparse.ArgumentParser, standalone: bool) -> None:
         p.add_argument("--format", choices=FORMATS, default="gguf", help="output format (default gguf)")
         p.add_argument("--out", required=True, help="output .gguf file (must not exist unless --overwrite)")
     p.add_argument("--outtype", choices=OUTTYPES, default="f16",
-                   help="GGUF weight type (default f16; q8_0 keeps f16 where a row is not whole 32-value blocks)")
+                   help="GGUF weight type (default f16; q8_0 keeps f16 where a row is not whole 32-value blocks; "
+                        "q4_k_m / q5_k_m are made from f16 by llama.cpp's own quantizer, with its fallback types)")
     p.add_argument("--gguf-threads", type=int, default=None, help="llama.cpp threads for the check (default: up to 4)")
 
 
