@@ -19,8 +19,7 @@ import torch
 
 from llmprune.arch import get_adapter
 from llmprune.checkpoint.errors import OutputExistsError
-from llmprune.checkpoint.gguf_export import (LOGIT_TOLERANCE, GGUFExportError, compare_logits, export_gguf,
-                                             plan_layout, write_gguf)
+from llmprune.checkpoint.gguf_export import LOGIT_TOLERANCE, GGUFExportError, compare_logits, export_gguf, write_gguf
 from llmprune.checkpoint.io import save_pruned
 from llmprune.checkpoint.llamacpp import llamacpp_available, run_gguf
 from llmprune.checkpoint.verify import VerificationError
@@ -169,10 +168,15 @@ def test_unsupported_family_is_one_line_and_writes_nothing(tmp_path, capsys):
     assert list(tmp_path.glob("*.gguf*")) == [] and list(tmp_path.glob(".q.gguf*")) == []
 
 
-def test_sliding_window_is_refused(tmp_path):
-    model = tiny_causal_lm("mistral", vocab_size=VOCAB)  # sliding_window 8 of 64 positions
-    with pytest.raises(GGUFExportError, match="sliding-window"):
-        plan_layout(model)
+@needs_llamacpp
+def test_sliding_window_caps_the_context(tmp_path):
+    """llama.cpp's llama graph has no sliding window: the file's context is the window (Mistral v0.1: 4096), within
+    which full attention computes the same, and the check runs within it."""
+    model = tiny_causal_lm("mistral", vocab_size=VOCAB, bos_token_id=0, eos_token_id=1)  # window 8 of 64 positions
+    folder = tmp_path / "m"
+    save_pruned(model, folder, tokenizer=_tokenizer())
+    report = export_gguf(folder, tmp_path / "m.gguf", outtype="f32")
+    assert report.verified and _metadata(tmp_path / "m.gguf")["llama.context_length"] == 8
 
 
 def test_existing_output_and_missing_llamacpp(tmp_path, monkeypatch):

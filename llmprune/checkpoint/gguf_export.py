@@ -123,17 +123,20 @@ def refuse_unsupported(config: Any) -> None:
     act = getattr(config, "hidden_act", "silu")
     if act != "silu":
         raise GGUFExportError(f"GGUF export: llama.cpp's llama graph uses SiLU; this model's hidden_act is {act!r}")
-    window = getattr(config, "sliding_window", None)
-    max_pos = int(getattr(config, "max_position_embeddings", 0) or 0)
-    if window is not None and (not max_pos or int(window) < max_pos):
-        raise GGUFExportError(f"GGUF export: sliding-window attention ({window} of {max_pos} positions) is not in "
-                              "llama.cpp's llama/deci graphs; only models whose window covers the context export")
     rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "linear", "llama3"):
         raise GGUFExportError(f"GGUF export: RoPE type {rope_type!r} is not exported (default, linear and llama3 are)")
     if getattr(config, "pretraining_tp", 1) not in (None, 1):
         raise GGUFExportError("GGUF export: pretraining_tp > 1 is not supported")
+
+
+def context_length(config: Any) -> int:
+    """The context written to the file: the model's, cut to its sliding window (Mistral v0.1: 4096 of 32768), which
+    llama.cpp's llama/deci graphs do not have; within it, full attention is the same computation."""
+    max_pos = int(getattr(config, "max_position_embeddings", 0) or 2048)
+    window = getattr(config, "sliding_window", None)
+    return min(max_pos, int(window)) if window else max_pos
 
 
 def _widths(model: nn.Module) -> tuple[list[tuple[int, int, int]], int]:
@@ -360,7 +363,7 @@ def write_gguf(model: nn.Module, tokenizer: Any, path: str | os.PathLike, outtyp
     writer.add_file_type(_FILE_TYPES[outtype])
     if outtype == "q8_0":
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    writer.add_context_length(int(getattr(config, "max_position_embeddings", 2048)))
+    writer.add_context_length(context_length(config))
     writer.add_embedding_length(hidden)
     writer.add_block_count(len(layout.heads))
     uniform = arch == "llama"
@@ -404,8 +407,7 @@ def write_gguf(model: nn.Module, tokenizer: Any, path: str | os.PathLike, outtyp
 
 def _check_ids(tokenizer: Any, model: nn.Module, length: int = 48) -> list[int]:
     ids = list(tokenizer(CHECK_TEXT)["input_ids"])
-    max_pos = int(getattr(model.config, "max_position_embeddings", length) or length)
-    return ids[: max(2, min(length, max_pos))]
+    return ids[: max(2, min(length, context_length(model.config)))]
 
 
 @torch.no_grad()
