@@ -157,6 +157,33 @@ def test_per_layer_goes_to_deci_with_width_arrays(tmp_path):
     assert meta["tokenizer.ggml.bos_token_id"] == 0 and meta["tokenizer.ggml.eos_token_id"] == 1
 
 
+@needs_llamacpp
+def test_qwen2_uniform_and_per_layer(tmp_path):
+    """Qwen2 is Llama with q/k/v biases: both llama.cpp graphs take them (permuted like the q/k rows)."""
+    from llmprune.checkpoint.io import load_model
+
+    for name, plans in (("dense", None), ("perlayer", PER_LAYER)):
+        # +16: loaded for a qwen2 config, the reference tokenizer gains Qwen2's <|endoftext|> (id 8192)
+        model = tiny_causal_lm("qwen2", vocab_size=VOCAB + 16, bos_token_id=0, eos_token_id=1)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                    proj.weight.mul_(12.0)
+                    proj.bias.normal_(0, 1.0)  # biases that matter
+        adapter = get_adapter(model)
+        for layer, plan in zip(adapter.decoder_layers(model), plans or []):
+            if plan is not None:
+                prune_layer(adapter, layer, plan)
+        set_config_widths(model, adapter)
+        folder = tmp_path / name
+        save_pruned(model, folder, tokenizer=_tokenizer())
+        out = tmp_path / f"{name}.gguf"
+        report = export_gguf(folder, out, outtype="f32")
+        assert report.architecture == ("llama" if plans is None else "deci")
+        assert "blk.1.attn_q.bias" in _metadata(out)["tensors"]
+        compare_logits(_hf_logits(folder, _fresh_ids()), run_gguf(out, _fresh_ids())["logits"], "f32")
+
+
 def test_unsupported_family_is_one_line_and_writes_nothing(tmp_path, capsys):
     model = tiny_causal_lm("qwen3", vocab_size=VOCAB)
     folder = tmp_path / "qwen3"

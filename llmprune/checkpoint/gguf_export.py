@@ -52,9 +52,10 @@ __all__ = ["OUTTYPES", "GGUFExportError", "GGUFLayout", "ExportReport", "plan_la
 #: written here in numpy (gguf-py), and (q4_k_m, q5_k_m) quantized from an f16 file by llama.cpp's own quantizer
 OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_k_m", "q5_k_m")
 _WRITTEN_HERE = ("f32", "f16", "bf16", "q8_0")
-#: model types written here (per-layer checkpoints carry ``llmprune_<type>``); Mistral is Llama without biases,
-#: and llmprune saves a head-pruned Llama as an exact Mistral
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+#: model types written here (per-layer checkpoints carry ``llmprune_<type>``); Mistral is Llama without biases
+#: (llmprune saves a head-pruned Llama as an exact Mistral), Qwen2 is Llama with q/k/v biases, which both llama.cpp
+#: graphs take as optional tensors (so Qwen2 goes to ``llama`` / ``deci`` too, not to llama.cpp's ``qwen2``)
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 #: largest |logit difference| relative to the largest |logit| that a verified export may show, by outtype
 #: (f32 differs only in summation order; the others round every weight; f16 KV cache in the check is avoided)
 LOGIT_TOLERANCE = {"f32": 2e-3, "f16": 2e-2, "bf16": 6e-2, "q8_0": 6e-2, "q5_k_m": 0.15, "q4_k_m": 0.25}
@@ -136,6 +137,8 @@ def context_length(config: Any) -> int:
     llama.cpp's llama/deci graphs do not have; within it, full attention is the same computation."""
     max_pos = int(getattr(config, "max_position_embeddings", 0) or 2048)
     window = getattr(config, "sliding_window", None)
+    if not getattr(config, "use_sliding_window", True):  # Qwen2 carries a window it does not use
+        window = None
     return min(max_pos, int(window)) if window else max_pos
 
 
