@@ -99,8 +99,8 @@ class ExportReport:
         check = (f"llama.cpp logits within {self.max_rel_logit_diff:.2g} (relative) of transformers', top-1 agreement "
                  f"{self.top1_agreement:.0%}" if self.verified and self.max_rel_logit_diff is not None
                  else "not checked in llama.cpp (--no-verify)")
-        kept = (f"; {len(self.fallback_tensors)} matrices kept f16 (rows not whole q8_0 blocks)"
-                if self.fallback_tensors else "")
+        kept = (f"; {len(self.fallback_tensors)} matrices kept f16 (rows not whole q8_0 blocks: prune with "
+                "--multiple-of 32 to quantize them all)" if self.fallback_tensors else "")
         return (f"wrote {self.path} ({self.size_bytes / 2**20:.1f} MiB, {self.outtype}, llama.cpp architecture "
                 f"{self.architecture!r}); {check}{kept}")
 
