@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "OutputExistsError", "OutputPathError"]
+__all__ = ["CheckpointError", "OutputExistsError", "OutputPathError", "GGUFExportError"]
 
 
 class CheckpointError(ValueError):
@@ -16,3 +16,7 @@ class OutputExistsError(FileExistsError):
 class OutputPathError(ValueError):
     """The output path cannot or must not be written: a file, the source model or a folder holding it, or a
     folder without write permission."""
+
+
+class GGUFExportError(CheckpointError):
+    """The model cannot be written as a GGUF file that llama.cpp runs (the message names what does work)."""

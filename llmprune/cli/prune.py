@@ -41,6 +41,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval", action="store_true", help="run the eval harness on the original and pruned model at the end")
     p.add_argument("--eval-tasks", default="", help="tasks for --eval, e.g. lambada,piqa")
     p.add_argument("--eval-limit", type=int, default=None, help="documents per task for --eval")
+    from .export import add_export_arguments
+
+    p.add_argument("--export", choices=("gguf",), default=None,
+                   help="also write the pruned model as a GGUF file for llama.cpp / Ollama into the output folder "
+                        "(<out>/<name>-<OUTTYPE>.gguf, checked in llama.cpp; needs llmprune[llamacpp] unless --no-verify)")
+    add_export_arguments(p, standalone=False)
 
 
 @subcommand("prune", "prune heads, FFN neurons, layers or experts and save the smaller model", add_arguments)
@@ -72,11 +78,29 @@ def run(args: argparse.Namespace) -> int:
         check_output_path(str(out) + "-eval", sources=input_paths(args), overwrite=args.overwrite, flag="--eval report")
     calibration = read_calibration(args)
     if wants_streaming(args):
-        return _run_streaming(args, cfg, calibration, out)
+        if args.export:
+            from transformers import AutoConfig
+
+            from .export import check_export_possible
+
+            check_export_possible(AutoConfig.from_pretrained(str(args.model), trust_remote_code=False),
+                                  verify=not args.no_verify)
+        rc = _run_streaming(args, cfg, calibration, out)
+        if args.export and rc == 0:
+            from .export import export_after_save, gguf_name
+
+            print("\nllmprune: " + export_after_save(str(out), str(out / gguf_name(out, args.outtype)), args.outtype,
+                                                    verify=not args.no_verify, overwrite=False,
+                                                    threads=args.gguf_threads))
+        return rc
     if args.iterative_steps > 1 and (cfg.hidden or cfg.params):
         raise ValueError("--iterative-steps does not take --hidden / --params yet: prune the hidden size in one step")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
+    if args.export:  # a family llama.cpp cannot run, or no llama-cpp-python for the check: fail before any work
+        from .export import check_export_possible
+
+        check_export_possible(model.config, verify=not args.no_verify)
     context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if args.seq_len is None and context and cfg.seq_len > context:
         import dataclasses
@@ -159,6 +183,11 @@ def run(args: argparse.Namespace) -> int:
                  ppl=args.ppl, seq_len=args.ppl_seq_len, max_tokens=args.ppl_max_tokens, tasks=tasks,
                  limit=args.eval_limit, out_dir=str(out) + "-eval", drop_last=not args.ppl_keep_tail,
                  progress=progress, verbose=args.verbose, overwrite=args.overwrite)
+    if args.export:
+        from .export import export_after_save, gguf_name
+
+        print("\nllmprune: " + export_after_save(str(out), str(out / gguf_name(out, args.outtype)), args.outtype,
+                                                verify=not args.no_verify, overwrite=False, threads=args.gguf_threads))
     wait_for_everyone()
     return 0
 
