@@ -27,6 +27,7 @@ from torch import nn
 
 from ..core.config import RECIPE_VERSION, PruneConfig, PrunePlan
 from .errors import CheckpointError, OutputExistsError, OutputPathError
+from .gguf_load import find_gguf, load_gguf
 from .output import atomic_directory, check_output_path, replace_directory
 from .verify import LOAD_KWARGS, VerificationError, verify_saved_model
 
@@ -41,8 +42,6 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "load_config",
-    "find_gguf",
-    "strip_quantizer",
     "save_pruned",
     "write_metadata",
     "public_name",
@@ -51,7 +50,6 @@ __all__ = [
     "read_recipe",
     "read_plan",
     "atomic_directory",
-    "push_to_hub",
     "verify_saved_model",
     "VerificationError",
 ]
@@ -122,7 +120,7 @@ def load_model(
     is_local = path.exists()
     gguf = find_gguf(path) if is_local else None
     if gguf is not None:
-        return _load_gguf(gguf, dtype=dtype, device=device, with_tokenizer=with_tokenizer)
+        return load_gguf(gguf, dtype=dtype, device=device, with_tokenizer=with_tokenizer)
     if is_local:
         if not path.is_dir():
             raise CheckpointError(f"{path} is a file; pass the model folder (or a .gguf file)")
@@ -202,90 +200,6 @@ def _config_model_type(name: str) -> str | None:
     from transformers import CONFIG_MAPPING
 
     return None if value in CONFIG_MAPPING else str(value)
-
-
-def find_gguf(path: str | os.PathLike) -> Path | None:
-    """The GGUF file that ``path`` names: the file itself, or the single ``.gguf`` in a folder that has no
-    ``config.json`` (a Hugging Face folder always wins). ``None`` when ``path`` is not a GGUF input."""
-    p = Path(path)
-    if p.is_file():
-        return p if p.suffix.lower() == ".gguf" else None
-    if not p.is_dir() or (p / "config.json").is_file():
-        return None
-    found = sorted(p.glob("*.gguf"))
-    if len(found) > 1:
-        raise CheckpointError(f"{p} holds {len(found)} .gguf files ({', '.join(f.name for f in found)}); pass one file")
-    return found[0] if found else None
-
-
-def _check_gguf(path: Path) -> None:
-    with path.open("rb") as f:
-        if f.read(4) != b"GGUF":
-            raise CheckpointError(f"{path}: not a GGUF file (bad magic)")
-
-
-def _gguf_architecture(path: Path) -> str:
-    """``general.architecture`` of a GGUF file, read with the ``gguf`` package, which also checks that every
-    tensor fits the file: a truncated or corrupt file is one :class:`CheckpointError` line here."""
-    import gguf
-
-    try:
-        reader = gguf.GGUFReader(str(path))
-        field = reader.fields["general.architecture"]
-        return bytes(field.parts[field.data[0]]).decode("utf-8")
-    except KeyError:
-        raise CheckpointError(f"{path}: GGUF file without general.architecture") from None
-    except Exception as exc:  # struct / numpy errors of a short or damaged file
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"{path}: corrupt or truncated GGUF file ({msg})") from None
-
-
-def strip_quantizer(model: nn.Module) -> nn.Module:
-    """Forget how ``model`` was loaded (GGUF dequantisation): without this ``save_pretrained`` refuses the
-    model, and a saved ``config.json`` would carry a ``quantization_config`` that points at the GGUF file.
-    The weights are already plain dequantised tensors."""
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    for name in ("hf_quantizer", "quantization_method"):
-        if hasattr(model, name):
-            setattr(model, name, None)
-    if getattr(model, "is_quantized", False):
-        model.is_quantized = False
-    return model
-
-
-def _load_gguf(path: Path, dtype: Any, device: Any, with_tokenizer: bool) -> tuple[nn.Module, Any]:
-    """A GGUF file dequantised into ``dtype`` (float32 by default: GGUF blocks are not a torch dtype) by
-    transformers' own reader; the ``gguf`` package must be installed."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    _check_gguf(path)
-    try:
-        import gguf  # noqa: F401  (transformers needs it; a clear line beats its import error)
-    except ImportError:
-        raise CheckpointError(f"{path}: reading GGUF files needs the gguf package: pip install gguf") from None
-    architecture = _gguf_architecture(path)
-    if dtype is None or dtype == "auto":
-        dtype = torch.float32
-    elif isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype,
-                                                     trust_remote_code=False, use_kernels=False)
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "architecture" in msg.lower() or isinstance(exc, KeyError):
-            raise CheckpointError(f"{path}: unsupported GGUF architecture {architecture!r} (transformers: {msg}); "
-                                  "convert it to a Hugging Face safetensors folder first") from exc
-        raise CheckpointError(f"could not load GGUF file {path} (architecture {architecture!r}): {msg}") from exc
-    strip_quantizer(model)
-    model.config.name_or_path = str(path)
-    if device is not None:
-        model.to(device)
-    tokenizer = None
-    if with_tokenizer:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
-    return model, tokenizer
 
 
 #: Recipe entries naming a model (saved as its folder name or Hub id) and a text file or dataset (saved as
@@ -461,69 +375,3 @@ def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
 
 def read_plan(path: str | os.PathLike) -> PrunePlan:
     return PrunePlan.from_json((Path(path) / PLAN_FILE).read_text())
-
-
-def push_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = False, token: str | None = None,
-                revision: str | None = None, commit_message: str | None = None,
-                gguf: list[str | os.PathLike] | None = None,
-                task_results: dict[str, dict[str, float]] | None = None) -> str:
-    """Upload a saved (pruned or sparsified) model folder to the Hugging Face Hub; returns the commit URL.
-
-    The folder's ``README.md`` (written by :func:`save_pruned`) is the model card; the uploaded copy also carries
-    the run's results as ``model-index`` metadata (perplexity before/after from the recipe, ``task_results`` from
-    ``prune --eval``) and, when GGUF files go up (``*.gguf`` in the folder, from ``prune --export gguf``, and the
-    files in ``gguf``), the commands that run them in llama.cpp and Ollama. The folder is validated first (config
-    and safetensors weights, GGUF magic), so a broken save is never pushed. One commit.
-
-    Example::
-
-        push_to_hub("runs/pruned", "me/llama-pruned-25", gguf=["runs/pruned-Q8_0.gguf"])
-    """
-    from huggingface_hub import CommitOperationAdd, HfApi
-
-    from .hub_card import card_results, update_card
-
-    path = Path(folder)
-    if not path.is_dir():
-        raise CheckpointError(f"{path} is not a folder")
-    _check_local_checkpoint(path)
-    files = {p.relative_to(path).as_posix(): p for p in sorted(path.rglob("*"))
-             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)}
-    for extra in gguf or []:
-        e = Path(extra)
-        if not e.is_file():
-            raise CheckpointError(f"GGUF file {e} does not exist")
-        if e.name in files and files[e.name].resolve() != e.resolve():
-            raise CheckpointError(f"{path} already holds a file named {e.name}")
-        files[e.name] = e
-    ggufs = sorted(n for n in files if n.endswith(".gguf") and "/" not in n)
-    for name in ggufs:
-        _check_gguf(files[name])
-    recipe = {}
-    if (path / RECIPE_FILE).is_file():
-        recipe = json.loads((path / RECIPE_FILE).read_text())
-    card = (path / "README.md").read_text() if (path / "README.md").is_file() else ""
-    per_layer = str(json.loads((path / "config.json").read_text()).get("model_type", "")).startswith("llmprune_")
-    card = update_card(card, repo_id, gguf_files=ggufs, results=card_results(recipe, task_results), per_layer=per_layer)
-    ops = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(p)) for name, p in files.items()
-           if name != "README.md"]
-    ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8")))
-    from huggingface_hub.errors import HfHubHTTPError
-
-    api = HfApi(token=token)
-    try:
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        info = api.create_commit(repo_id=repo_id, operations=ops, repo_type="model", revision=revision,
-                                 commit_message=commit_message or "Upload model pruned with llmprune")
-    except HfHubHTTPError as exc:  # several lines of request ids and server text: one line that says what to do
-        raise CheckpointError(_hub_refusal(repo_id, exc)) from None
-    return str(getattr(info, "commit_url", info))
-
-
-def _hub_refusal(repo_id: str, exc: Exception) -> str:
-    status = getattr(getattr(exc, "response", None), "status_code", None)
-    hints = {401: "the token is missing or invalid: log in (hf auth login) or pass --token / set HF_TOKEN",
-             403: "the token may not write there: use a token with write access to that namespace",
-             404: "no such repository or namespace"}
-    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-    return f"push to {repo_id} refused by the Hub ({status or 'error'}): {hints.get(status, first)}"

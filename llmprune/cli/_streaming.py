@@ -43,7 +43,7 @@ def wants_streaming(args: argparse.Namespace) -> bool:
     path = Path(args.model)
     if not path.is_dir():
         return False
-    from ..checkpoint.io import find_gguf
+    from ..checkpoint.gguf_load import find_gguf
 
     if find_gguf(path) is not None:  # a GGUF is loaded in memory (dequantised); --streaming refuses it
         return False

@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 @subcommand("push", "upload a saved model folder (with its model card) to the Hub", add_arguments)
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint.io import push_to_hub
+    from ..checkpoint.hub import push_to_hub
 
     print(push_to_hub(args.folder, args.repo_id, private=args.private, token=args.token, revision=args.revision,
                       gguf=args.gguf, task_results=_eval_results(args.folder)))
