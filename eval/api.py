@@ -44,17 +44,23 @@ def evaluate(
     drop_last: bool = True,
     progress: bool = True,
     verbose: bool = False,
+    overwrite: bool = False,
 ) -> Report:
     """Evaluate each ``name -> (model, tokenizer, saved_dir_or_None)``; the first is the baseline.
 
     Per model: perplexity on ``ppl`` (file or alias), lm-eval ``tasks`` with ``limit``,
     parameter counts, size on disk (when a directory is given), MACs/token, and with
     ``speed`` the prefill/decode throughput and peak memory. Writes JSON/Markdown/PNG into
-    ``out_dir`` when given. Models stay on their device unless ``device`` is given. ``progress=False`` hides
+    ``out_dir`` when given (a new folder; an existing one is replaced only with ``overwrite``). Models stay on
+    their device unless ``device`` is given. ``progress=False`` hides
     progress bars; ``verbose=True`` shows lm-eval's own warnings.
     """
     if not models:
         raise ValueError("No models to evaluate.")
+    if out_dir is not None:  # before any work: an existing report is never replaced silently
+        from llmprune.checkpoint.output import check_output_path
+
+        check_output_path(out_dir, sources=[str(p) for _, _, p in models.values() if p] + [ppl], overwrite=overwrite)
     text = load_text(ppl) if ppl else None
     results: dict[str, dict[str, Any]] = {}
     for name, (model, tokenizer, path) in models.items():
@@ -89,5 +95,5 @@ def evaluate(
             "tasks": list(tasks or []), "limit": limit, "drop_last": drop_last}
     report = Report(results, meta)
     if out_dir is not None:
-        report.save(out_dir)
+        report.save(out_dir, overwrite=overwrite)
     return report

@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: L, non-overlapping)")
     parser.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
     parser.add_argument("--keep-tail", action="store_true", help="also score the final partial window")
-    parser.add_argument("--tasks", default="", help="comma-separated tasks, e.g. lambada,piqa,openbookqa")
+    parser.add_argument("--tasks", default=None, help="comma-separated tasks, e.g. lambada,piqa,openbookqa")
     parser.add_argument("--limit", type=int, default=None, help="first N documents per task")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
@@ -37,7 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--names", default=None, help="comma-separated labels (default: folder names)")
-    parser.add_argument("--out", default="runs/eval", help="output folder for report.json/.md/.png")
+    parser.add_argument("--out", default="runs/eval",
+                        help="new output folder for report.json/.md/.png (default runs/eval)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     return parser
 
 
@@ -56,8 +58,14 @@ def load_model(path: str, dtype: str = "float32", device: str | None = None) -> 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``llmprune eval`` for parsed ``args``; prints the table, returns an exit code."""
+    from llmprune.checkpoint.output import check_output_path
+
     from .api import evaluate
 
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    if args.tasks is not None and not tasks:
+        raise ValueError("--tasks is empty: name tasks (e.g. --tasks lambada,piqa) or leave --tasks out")
+    check_output_path(args.out, sources=[*args.models, args.ppl], overwrite=args.overwrite)  # before loading
     names = args.names.split(",") if args.names else [Path(p).name or p for p in args.models]
     if len(names) != len(args.models):
         raise ValueError(f"--names has {len(names)} labels for {len(args.models)} models.")
@@ -67,13 +75,13 @@ def run(args: argparse.Namespace) -> int:
     for name, path in zip(names, args.models):
         model, tok = load_model(path, args.dtype, args.device)
         models[name] = (model, tok, path)
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     report = evaluate(
         models, ppl=args.ppl, seq_len=args.seq_len, max_tokens=args.max_tokens, tasks=tasks,
         limit=args.limit, out_dir=args.out, speed=not args.no_speed, stride=args.stride,
         batch_size=args.batch_size, batch_sizes=[int(b) for b in args.speed_batch_sizes.split(",")],
         warmup=args.warmup, repeats=args.repeats, drop_last=not args.keep_tail,
         progress=not getattr(args, "quiet", False), verbose=getattr(args, "verbose", False),
+        overwrite=args.overwrite,
     )
     print(report.to_text())
     print(f"\nwrote {args.out}/report.json, report.md, report.png")
@@ -90,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_output(args)
     try:
         return run(args)
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:  # FileNotFoundError, OutputExistsError, OutputPathError
         print(f"error: {err}", file=sys.stderr)
         return 2
 

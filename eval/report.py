@@ -151,12 +151,16 @@ class Report:
         plt.close(fig)
         return path
 
-    def save(self, out_dir: str | Path) -> dict[str, Path]:
-        """Write ``report.json``, ``report.md`` and ``report.png`` into ``out_dir``."""
+    def save(self, out_dir: str | Path, overwrite: bool = False) -> dict[str, Path]:
+        """Write ``report.json``, ``report.md`` and ``report.png`` into the new folder ``out_dir``, atomically
+        (:class:`llmprune.checkpoint.output.atomic_directory`): an existing one is replaced only with
+        ``overwrite``."""
+        from llmprune.checkpoint.output import atomic_directory
+
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = {"json": out / "report.json", "markdown": out / "report.md", "png": out / "report.png"}
-        paths["json"].write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str) + "\n")
-        paths["markdown"].write_text("# llmprune eval report\n\n" + self.to_markdown())
-        self.plot(paths["png"])
-        return paths
+        names = {"json": "report.json", "markdown": "report.md", "png": "report.png"}
+        with atomic_directory(out, overwrite=overwrite) as tmp:
+            (tmp / names["json"]).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str) + "\n")
+            (tmp / names["markdown"]).write_text("# llmprune eval report\n\n" + self.to_markdown())
+            self.plot(tmp / names["png"])
+        return {k: out / v for k, v in names.items()}

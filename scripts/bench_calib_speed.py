@@ -256,8 +256,9 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, use_kernels=False).eval()
-    tok = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, use_kernels=False,
+                                                 trust_remote_code=False).eval()
+    tok = AutoTokenizer.from_pretrained(args.model, trust_remote_code=False)
     batches = calibration_batches(tok, read_calibration_text(args.calib), args.n_samples, args.seq_len, seed=0)
     parts = args.parts.split(",")
     res: dict = {"machine": machine(), "threads": args.threads, "load_avg_start": load_avg(),

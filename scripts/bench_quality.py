@@ -348,7 +348,7 @@ def _calibration(args: argparse.Namespace) -> None:
 
     from llmprune.calibration.calibrate import calibration_batches, read_calibration_text
 
-    tok = AutoTokenizer.from_pretrained(args.model)
+    tok = AutoTokenizer.from_pretrained(args.model, trust_remote_code=False)
     batches = calibration_batches(tok, read_calibration_text(args.calib), args.n_samples, args.seq_len, args.seed)
     save_file({"input_ids": torch.cat(batches).contiguous()}, str(path))
 

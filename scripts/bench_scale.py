@@ -65,7 +65,7 @@ def write_checkpoint(size: str, folder: Path) -> None:
         torch.set_default_dtype(previous)
     tmp = folder.with_name(folder.name + ".tmp")
     model.save_pretrained(tmp, max_shard_size="1GB")
-    AutoTokenizer.from_pretrained(SHARED / "models" / "ref-llama-7m").save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(SHARED / "models" / "ref-llama-7m", trust_remote_code=False).save_pretrained(tmp)
     os.replace(tmp, folder)
 
 
@@ -104,7 +104,7 @@ def child(folder: str, job: str, mode: str, out: str, n_samples: int, seq_len: i
         fn = prune_streaming if structured else sparsify_streaming
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(folder)
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
         fn(folder, cfg, out, tokenizer=tok, calibration=calib, device=device, overwrite=True, progress=False)
     else:
         model, tok = load_model(folder)
@@ -193,7 +193,7 @@ def _peer(python: Path, folder: Path, target: Path, work: Path, args: argparse.N
 
     calib = work / f"calib-{args.n_samples}x{args.seq_len}.safetensors"
     if not calib.is_file():
-        tok = AutoTokenizer.from_pretrained(folder)
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
         text = read_calibration_text(SHARED / "data" / "reference-train.txt")
         ids = torch.cat(calibration_batches(tok, text, args.n_samples, args.seq_len, 0))
         save_file({"input_ids": ids.contiguous()}, str(calib))

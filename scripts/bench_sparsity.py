@@ -59,8 +59,9 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(args.model)
-    load = lambda: AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, use_kernels=False).eval()  # noqa: E731
+    tok = AutoTokenizer.from_pretrained(args.model, trust_remote_code=False)
+    load = lambda: AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, use_kernels=False,  # noqa: E731
+                                                        trust_remote_code=False).eval()
     text = Path(args.eval).read_text(encoding="utf-8")
     batches = calibration_batches(tok, read_calibration_text(args.calib), args.n_samples, args.seq_len, args.seed)
     rows = []

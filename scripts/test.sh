@@ -3,7 +3,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q torch==2.13.0
-python -m pip install -q -e ".[dev]"
+# [llamacpp] builds llama.cpp from source the first time (cmake, g++; pip caches the wheel): the GGUF export tests
+# run the exported files in it
+python -m pip install -q -e ".[dev,llamacpp]"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # Triton kernels run in its CPU interpreter unless a GPU is present.
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || export TRITON_INTERPRET=1

@@ -17,7 +17,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from llmprune.arch.support import MARKER_END, MARKER_START, replace_readme_block  # noqa: E402
+from llmprune.checkpoint.support import MARKER_END, MARKER_START, replace_readme_block  # noqa: E402
 
 
 def main(argv=None) -> int:

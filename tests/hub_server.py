@@ -24,6 +24,7 @@ class HubState:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.requests: list[str] = []
+        self.unauthorized = False  # answer every write with 401, as the Hub does for a bad token
 
     def repo_dir(self, repo: str, kind: str = "model") -> Path:
         return self.root / repo if kind == "model" else self.root / "_datasets" / repo
@@ -99,6 +100,8 @@ def _handler(state: HubState):
             state.requests.append("POST " + self.path)
             path = self.path.split("?")[0]
             body = self._body()
+            if state.unauthorized:
+                return self._json(401, {"error": "Invalid username or password."})
             if path == "/api/validate-yaml":  # model-card metadata check done by upload of README.md
                 return self._json(200, {})
             if path == "/api/repos/create":

@@ -73,7 +73,7 @@ def test_report_table_relative_change_and_files(tmp_path):
     assert table["ppl"][2] == "25 (+25.0%)" and table["params"][2] == "500 (-50.0%)"
     assert "piqa acc" in table and "size MB" in table
     assert relative_change(0, 1) is None and relative_change(2.0, 1.0) == -0.5
-    paths = rep.save(tmp_path)
+    paths = rep.save(tmp_path / "report")
     assert json.loads(paths["json"].read_text())["results"]["pruned"]["params"]["total"] == 500
     assert "| ppl | 20 | 25 (+25.0%) |" in paths["markdown"].read_text()
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"

@@ -67,7 +67,8 @@ def test_push_then_load_from_hub(tmp_path, ref_model_path):
 
 
 def test_push_refuses_broken_folder(tmp_path):
-    from llmprune.checkpoint.io import CheckpointError, push_to_hub
+    from llmprune.checkpoint.errors import CheckpointError
+    from llmprune.checkpoint.hub import push_to_hub
 
     (tmp_path / "config.json").write_text("{}")
     import pytest

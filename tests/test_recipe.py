@@ -81,7 +81,9 @@ def test_run_recipe_then_rerun_its_saved_recipe_reproduces_the_model(tmp_path, r
     first = tmp_path / "first"
     saved = json.loads((first / "llmprune_recipe.json").read_text())
     assert saved["run"]["teacher"] == "source" and saved["recovery"]["steps"] == 2
-    assert main(["run", str(first / "llmprune_recipe.json"), "--out", str(tmp_path / "again"), "--quiet"]) == 0
+    assert saved["run"]["model"] == ref_model_path.name and saved["run"]["output"] is None  # no local paths
+    again = ["--out", str(tmp_path / "again"), "--model", str(ref_model_path), "--calib", calib, "--data", calib]
+    assert main(["run", str(first / "llmprune_recipe.json"), *again, "--quiet"]) == 0
     _same_weights(first, tmp_path / "again")
 
 
@@ -95,7 +97,8 @@ def test_prune_cli_iterative_and_its_recipe(tmp_path, ref_model_path, shared_dir
     assert config["num_attention_heads"] == 4 and config["intermediate_size"] == 384
     run = json.loads((out / "llmprune_recipe.json").read_text())["run"]
     assert run["iterative_steps"] == 2 and run["recover_between"] == 1
-    assert main(["run", str(out), "--out", str(tmp_path / "again"), "--quiet"]) == 0
+    assert main(["run", str(out), "--out", str(tmp_path / "again"), "--model", str(ref_model_path), "--calib", calib,
+                 "--data", calib, "--quiet"]) == 0
     _same_weights(out, tmp_path / "again")
     assert main(["prune", str(ref_model_path), "--ffn", "0.5", "--iterative-steps", "2", "--recover-steps", "1",
                  "--out", str(tmp_path / "bad"), "--quiet"]) == 2

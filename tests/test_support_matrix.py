@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from llmprune.arch.support import MARKER_END, MARKER_START, replace_readme_block, support_matrix, support_matrix_markdown
+from llmprune.checkpoint.support import MARKER_END, MARKER_START, replace_readme_block, support_matrix, support_matrix_markdown
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

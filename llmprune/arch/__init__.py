@@ -1,6 +1,6 @@
 """Architecture adapters: where heads, KV groups, neurons and layers live in each model family (one adapter per
-family, registered by ``model_type``), the weight slicing that removes them (``surgery``) and the support matrix
-(``support``)."""
+family, registered by ``model_type``), and the weight slicing that removes them
+(``surgery``)."""
 
 from .base import ArchAdapter, AttentionSpec, ExpertParam, ExpertsSpec, FFNSpec, Slot, set_weight_matrix, weight_matrix
 from .registry import (

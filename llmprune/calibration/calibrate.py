@@ -37,6 +37,9 @@ __all__ = [
     "InputStats",
     "LayerStats",
     "read_calibration_text",
+    "model_context",
+    "calibration_state_bytes",
+    "check_calibration_fits",
     "calibration_batches",
     "as_batches",
     "capture_layer_inputs",
@@ -48,6 +51,52 @@ __all__ = [
 
 class CalibrationError(ValueError):
     """Calibration data is missing, empty or too short."""
+
+
+def model_context(config: Any) -> int | None:
+    """The longest sequence the model was built for (``max_position_embeddings`` or its GPT-2 / Falcon names)."""
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+#: Copies of the calibration hidden states a layer-by-layer pass holds at once: the layer's inputs and outputs.
+CALIBRATION_STATE_COPIES = 2
+
+
+def calibration_state_bytes(config: Any, n_samples: int, seq_len: int, dtype_bytes: int = 4) -> int:
+    """Memory of the hidden states layer-by-layer calibration keeps: windows x tokens x hidden x bytes x
+    :data:`CALIBRATION_STATE_COPIES` (a lower bound: the model and one layer's activations come on top)."""
+    hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or getattr(config, "d_model", 0))
+    return n_samples * seq_len * hidden * dtype_bytes * CALIBRATION_STATE_COPIES
+
+
+def check_calibration_fits(config: Any, n_samples: int, seq_len: int, budget: int | None = None,
+                           dtype_bytes: int = 4, context: bool = True) -> None:
+    """Refuse, before any calibration, windows longer than the model's context (with ``context``: the CLI's
+    check; the library leaves RoPE models free to run past it) or calibration states larger than the memory
+    budget (``budget`` bytes; default 80% of the available memory), each in one line.
+
+    Example::
+
+        check_calibration_fits(model.config, n_samples=128, seq_len=4096)   # CalibrationError on a 2k model
+    """
+    from ..core.memory import available_memory
+
+    longest = model_context(config) if context else None
+    if longest is not None and seq_len > longest:
+        raise CalibrationError(f"calibration windows of {seq_len} tokens (--seq-len) are longer than the model's "
+                               f"context of {longest} tokens: use --seq-len {longest} or less")
+    need = calibration_state_bytes(config, n_samples, seq_len, dtype_bytes)
+    budget = budget if budget is not None else int(0.8 * available_memory())
+    if need > budget:
+        raise CalibrationError(f"calibration would hold about {need / 1e9:.1f} GB of hidden states ({n_samples} "
+                               "windows "
+                               f"x {seq_len} tokens), more than the memory budget of {budget / 1e9:.1f} GB: lower "
+                               "--n-samples or --seq-len, raise --max-memory, or use --streaming (which spills them "
+                               "to disk)")
 
 
 def read_calibration_text(source: str | os.PathLike) -> str:

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,24 +26,30 @@ import torch
 from torch import nn
 
 from ..core.config import RECIPE_VERSION, PruneConfig, PrunePlan
-from .errors import CheckpointError, OutputExistsError
+from .errors import CheckpointError, OutputExistsError, OutputPathError
+from .gguf_load import find_gguf, load_gguf
+from .output import atomic_directory, check_output_path, replace_directory
 from .verify import LOAD_KWARGS, VerificationError, verify_saved_model
 
 __all__ = [
     "CheckpointError",
     "OutputExistsError",
+    "OutputPathError",
+    "check_output_path",
     "check_safetensors",
     "read_safetensors_header",
     "replace_directory",
     "load_model",
-    "find_gguf",
-    "strip_quantizer",
+    "load_tokenizer",
+    "load_config",
     "save_pruned",
     "write_metadata",
+    "public_name",
+    "public_recipe",
+    "drop_custom_code",
     "read_recipe",
     "read_plan",
     "atomic_directory",
-    "push_to_hub",
     "verify_saved_model",
     "VerificationError",
 ]
@@ -110,13 +114,13 @@ def load_model(
     Local folders are validated first, so a corrupt or truncated checkpoint gives a clear
     :class:`CheckpointError` instead of a deep stack trace. ``trust_remote_code`` is never enabled.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = Path(name_or_path)
     is_local = path.exists()
     gguf = find_gguf(path) if is_local else None
     if gguf is not None:
-        return _load_gguf(gguf, dtype=dtype, device=device, with_tokenizer=with_tokenizer)
+        return load_gguf(gguf, dtype=dtype, device=device, with_tokenizer=with_tokenizer)
     if is_local:
         if not path.is_dir():
             raise CheckpointError(f"{path} is a file; pass the model folder (or a .gguf file)")
@@ -130,138 +134,136 @@ def load_model(
         kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
     if revision is not None:
         kwargs["revision"] = revision
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
-    except (OSError, ValueError, RuntimeError) as exc:
-        if isinstance(exc, CheckpointError):
-            raise
-        raise CheckpointError(f"could not load model {str(name_or_path)!r}: {exc}") from exc
+    model = _hf_load(str(name_or_path), "model",
+                     lambda: AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs))
     if device is not None:
         model.to(device)
-    tokenizer = None
-    if with_tokenizer:
-        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), revision=revision, trust_remote_code=False)
+    tokenizer = load_tokenizer(str(name_or_path), revision=revision) if with_tokenizer else None
     return model, tokenizer
 
 
-def find_gguf(path: str | os.PathLike) -> Path | None:
-    """The GGUF file that ``path`` names: the file itself, or the single ``.gguf`` in a folder that has no
-    ``config.json`` (a Hugging Face folder always wins). ``None`` when ``path`` is not a GGUF input."""
-    p = Path(path)
-    if p.is_file():
-        return p if p.suffix.lower() == ".gguf" else None
-    if not p.is_dir() or (p / "config.json").is_file():
-        return None
-    found = sorted(p.glob("*.gguf"))
-    if len(found) > 1:
-        raise CheckpointError(f"{p} holds {len(found)} .gguf files ({', '.join(f.name for f in found)}); pass one file")
-    return found[0] if found else None
+def load_tokenizer(name_or_path: str | os.PathLike, revision: str | None = None) -> Any:
+    """``AutoTokenizer.from_pretrained`` that never runs a folder's own code (``auto_map``); errors in one line.
 
+    Example::
 
-def _check_gguf(path: Path) -> None:
-    with path.open("rb") as f:
-        if f.read(4) != b"GGUF":
-            raise CheckpointError(f"{path}: not a GGUF file (bad magic)")
-
-
-def _gguf_architecture(path: Path) -> str:
-    """``general.architecture`` of a GGUF file, read with the ``gguf`` package, which also checks that every
-    tensor fits the file: a truncated or corrupt file is one :class:`CheckpointError` line here."""
-    import gguf
-
-    try:
-        reader = gguf.GGUFReader(str(path))
-        field = reader.fields["general.architecture"]
-        return bytes(field.parts[field.data[0]]).decode("utf-8")
-    except KeyError:
-        raise CheckpointError(f"{path}: GGUF file without general.architecture") from None
-    except Exception as exc:  # struct / numpy errors of a short or damaged file
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"{path}: corrupt or truncated GGUF file ({msg})") from None
-
-
-def strip_quantizer(model: nn.Module) -> nn.Module:
-    """Forget how ``model`` was loaded (GGUF dequantisation): without this ``save_pretrained`` refuses the
-    model, and a saved ``config.json`` would carry a ``quantization_config`` that points at the GGUF file.
-    The weights are already plain dequantised tensors."""
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    for name in ("hf_quantizer", "quantization_method"):
-        if hasattr(model, name):
-            setattr(model, name, None)
-    if getattr(model, "is_quantized", False):
-        model.is_quantized = False
-    return model
-
-
-def _load_gguf(path: Path, dtype: Any, device: Any, with_tokenizer: bool) -> tuple[nn.Module, Any]:
-    """A GGUF file dequantised into ``dtype`` (float32 by default: GGUF blocks are not a torch dtype) by
-    transformers' own reader; the ``gguf`` package must be installed."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    _check_gguf(path)
-    try:
-        import gguf  # noqa: F401  (transformers needs it; a clear line beats its import error)
-    except ImportError:
-        raise CheckpointError(f"{path}: reading GGUF files needs the gguf package: pip install gguf") from None
-    architecture = _gguf_architecture(path)
-    if dtype is None or dtype == "auto":
-        dtype = torch.float32
-    elif isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype,
-                                                     trust_remote_code=False, use_kernels=False)
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "architecture" in msg.lower() or isinstance(exc, KeyError):
-            raise CheckpointError(f"{path}: unsupported GGUF architecture {architecture!r} (transformers: {msg}); "
-                                  "convert it to a Hugging Face safetensors folder first") from exc
-        raise CheckpointError(f"could not load GGUF file {path} (architecture {architecture!r}): {msg}") from exc
-    strip_quantizer(model)
-    model.config.name_or_path = str(path)
-    if device is not None:
-        model.to(device)
-    tokenizer = None
-    if with_tokenizer:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
-    return model, tokenizer
-
-
-class atomic_directory:
-    """Context manager yielding a temp dir next to ``out``; renamed to ``out`` only on success.
-
-    Refuses an existing ``out`` unless ``overwrite``; on failure nothing is left behind.
+        tok = load_tokenizer("../shared/models/ref-llama-7m")
     """
+    from transformers import AutoTokenizer
 
-    def __init__(self, out: str | os.PathLike, overwrite: bool = False) -> None:
-        self.out = Path(out).absolute()
-        self.overwrite = overwrite
-
-    def __enter__(self) -> Path:
-        if self.out.exists() and not self.overwrite:
-            raise OutputExistsError(f"output directory {self.out} already exists; pass --overwrite (overwrite=True) to replace it")
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        replace_directory(self.tmp, self.out)
+    return _hf_load(str(name_or_path), "tokenizer",
+                    lambda: AutoTokenizer.from_pretrained(str(name_or_path), revision=revision,
+                                                          trust_remote_code=False))
 
 
-def replace_directory(src: Path, out: Path) -> None:
-    """Rename the finished folder ``src`` to ``out``; an existing ``out`` is moved aside first and removed only
-    after the rename, so a failure never leaves neither."""
-    backup = None
-    if out.exists():
-        backup = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, backup)
-    os.replace(src, out)
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
+def load_config(name_or_path: str | os.PathLike) -> Any:
+    """``AutoConfig.from_pretrained`` that never runs a folder's own code; errors in one line."""
+    from transformers import AutoConfig
+
+    return _hf_load(str(name_or_path), "config",
+                    lambda: AutoConfig.from_pretrained(str(name_or_path), trust_remote_code=False))
+
+
+def _hf_load(name: str, what: str, load: Any) -> Any:
+    """Run a transformers loader; its errors (often several lines, or a bare ``KeyError``) become one
+    :class:`CheckpointError` line that says what is wrong."""
+    try:
+        return load()
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise CheckpointError(_one_line(name, what, exc)) from exc
+
+
+def _one_line(name: str, what: str, exc: BaseException) -> str:
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    if "custom code" in text or "trust_remote_code" in text:
+        return (f"{name}: its {what} needs custom code (auto_map); llmprune never runs code from a model folder or "
+                "the Hub: use a model of an architecture transformers knows")
+    model_type = _config_model_type(name)
+    if model_type is not None and ("model type" in text or "architecture" in text or isinstance(exc, KeyError)):
+        import transformers
+
+        return (f"{name}: unknown model_type {model_type!r} (transformers {transformers.__version__} does not know "
+                "it: a newer architecture, or custom code llmprune does not run)")
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    return f"could not load {what} {name!r}: {first}"
+
+
+def _config_model_type(name: str) -> str | None:
+    path = Path(name)
+    config = path if path.suffix == ".json" else path / "config.json"
+    try:
+        value = json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    from transformers import CONFIG_MAPPING
+
+    return None if value in CONFIG_MAPPING else str(value)
+
+
+#: Recipe entries naming a model (saved as its folder name or Hub id) and a text file or dataset (saved as
+#: given when relative and inside the working folder, else as its file name).
+_MODEL_KEYS = ("source_model", "model", "recovered_from", "teacher")
+_TEXT_KEYS = ("calibration", "data", "training_data", "ppl")
+
+
+def public_name(value: Any, keep_relative: bool = False) -> Any:
+    """How a saved recipe and model card name a model or data file: a Hub id or dataset name as given, a local
+    path by its name only (``keep_relative``: a relative path without ``..`` as given), never an absolute
+    local path, which would leak the user's folders into every upload.
+
+    Example::
+
+        public_name("/home/me/models/ref-llama-7m")   # 'ref-llama-7m'
+    """
+    if not isinstance(value, str) or not value or value == "source":
+        return value
+    path = Path(value).expanduser()
+    local = path.exists() or path.is_absolute() or value.startswith(("~", "."))
+    if not local:
+        return value  # Hub id or dataset name
+    if keep_relative and not path.is_absolute() and ".." not in path.parts and not value.startswith("~"):
+        return value
+    return path.resolve().name if path.exists() else path.name
+
+
+def public_recipe(entries: dict[str, Any]) -> dict[str, Any]:
+    """``entries`` (a saved recipe's fields, or its ``run``) with every model and file named by
+    :func:`public_name`; ``output`` is dropped (a downloaded folder must not choose where a rerun writes)."""
+    out = dict(entries)
+    for key in _MODEL_KEYS:
+        if key in out:
+            out[key] = public_name(out[key])
+    for key in _TEXT_KEYS:
+        if key in out:
+            out[key] = public_name(out[key], keep_relative=True)
+    if isinstance(out.get("run"), dict):
+        out["run"] = public_recipe(out["run"])
+        out["run"]["output"] = None
+    return out
+
+
+def drop_custom_code(folder: str | os.PathLike) -> list[str]:
+    """Remove ``auto_map`` (custom code a config or tokenizer config names) from a saved folder's
+    ``config.json`` and ``tokenizer_config.json``: llmprune never runs that code, does not copy it, and a saved
+    folder must not point at code it does not hold. Returns the files changed, with a warning."""
+    changed = []
+    for name in ("config.json", "tokenizer_config.json"):
+        path = Path(folder) / name
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and "auto_map" in data:
+            del data["auto_map"]
+            path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+            changed.append(name)
+    if changed:
+        import sys
+
+        print(f"llmprune: warning: the source's custom code (auto_map) is not used and not referenced by the output; "
+              f"dropped from {', '.join(changed)}", file=sys.stderr)
+    return changed
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -329,7 +331,7 @@ def save_pruned(
     """
     from .verify import verify_saved_model
 
-    with atomic_directory(out_dir, overwrite) as tmp:
+    with atomic_directory(out_dir, overwrite, sources=[source]) as tmp:
         model.save_pretrained(tmp)
         verify_saved_model(model, tmp, full=verify)
         if tokenizer is not None:
@@ -345,7 +347,9 @@ def write_metadata(folder: str | os.PathLike, model: nn.Module, config: PruneCon
     from ..core.version import __version__
 
     tmp = Path(folder)
-    extra = dict(extra or {})
+    drop_custom_code(tmp)
+    source = public_name(source)
+    extra = public_recipe(dict(extra or {}))
     recipe = {
         "llmprune_recipe_version": RECIPE_VERSION,
         "llmprune_version": __version__,
@@ -371,27 +375,3 @@ def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
 
 def read_plan(path: str | os.PathLike) -> PrunePlan:
     return PrunePlan.from_json((Path(path) / PLAN_FILE).read_text())
-
-
-def push_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = False, token: str | None = None,
-                revision: str | None = None, commit_message: str | None = None) -> str:
-    """Upload a saved (pruned or sparsified) model folder to the Hugging Face Hub; returns the commit URL.
-
-    The folder's ``README.md`` (written by :func:`save_pruned`) is the model card. The folder is
-    validated first (config and safetensors weights), so a broken save is never pushed.
-
-    Example::
-
-        push_to_hub("runs/pruned", "me/llama-pruned-25")
-    """
-    from huggingface_hub import HfApi
-
-    path = Path(folder)
-    if not path.is_dir():
-        raise CheckpointError(f"{path} is not a folder")
-    _check_local_checkpoint(path)
-    api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    info = api.upload_folder(folder_path=str(path), repo_id=repo_id, repo_type="model", revision=revision,
-                             commit_message=commit_message or "Upload model pruned with llmprune")
-    return str(getattr(info, "commit_url", info))

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 __all__ = ["add_global_arguments", "add_calibration_arguments", "add_output_arguments", "add_ppl_arguments",
-           "add_runtime_arguments", "configure_output", "init_distributed", "is_main_process", "wait_for_everyone", "check_output", "read_calibration", "ppl_function", "ppl_protocol"]
+           "add_runtime_arguments", "configure_output", "init_distributed", "is_main_process", "wait_for_everyone",
+           "check_output", "input_paths", "already_complete", "read_calibration", "ppl_function", "ppl_protocol"]
 
 
 def add_global_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,7 +25,8 @@ def add_calibration_arguments(p: argparse.ArgumentParser, n_samples: int, needed
     p.add_argument("--calib", metavar="FILE_OR_NAME",
                    help=f"calibration text: a file, or wikitext2|c4|ptb (train split, via datasets); {needed_by}")
     p.add_argument("--n-samples", type=int, default=n_samples, help=f"calibration windows (default {n_samples})")
-    p.add_argument("--seq-len", type=int, default=256, help="calibration window length (default 256)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="calibration window length (default 256, capped at the model's context)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default 0)")
 
 
@@ -156,14 +158,34 @@ def configure_output(args: argparse.Namespace) -> None:
             pass
 
 
+def input_paths(args: argparse.Namespace) -> list[str]:
+    """Every file or folder the command reads (model, teacher, tokenizer, texts): none may be the output or
+    under it, so ``--overwrite`` can never delete an input."""
+    names = ("model", "teacher", "tokenizer", "calib", "data", "ppl", "recipe")
+    return [v for v in (getattr(args, n, None) for n in names) if isinstance(v, str) and v]
+
+
 def check_output(args: argparse.Namespace) -> Path:
-    """The output folder, refused before any work if it exists and ``--overwrite`` was not given."""
-    from ..checkpoint.io import OutputExistsError
+    """``--out``, checked before any work (:func:`llmprune.checkpoint.output.check_output_path`): not a file,
+    not an input or a folder holding one, writable, and new unless ``--overwrite``."""
+    from ..checkpoint.output import check_output_path
+
+    return check_output_path(args.out, sources=input_paths(args), overwrite=args.overwrite)
+
+
+def already_complete(args: argparse.Namespace, state: Path | None = None) -> bool:
+    """``--resume`` after the run to ``--out`` had finished: ``--out`` holds a saved model and no interrupted
+    run's ``state`` folder (default: a streamed run's ``.OUT.partial``) is left. Says so; the command then exits
+    0 without work."""
+    from ..checkpoint.io import RECIPE_FILE
 
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise OutputExistsError(f"output directory {out} already exists; pass --overwrite to replace it")
-    return out
+    partial = state if state is not None else out.with_name(f".{out.name}.partial")
+    if not (getattr(args, "resume", False) and not args.overwrite and (out / RECIPE_FILE).is_file()
+            and not partial.exists()):
+        return False
+    print(f"llmprune: {out} is already complete (a finished run; nothing to resume); pass --overwrite to redo it")
+    return True
 
 
 def read_calibration(args: argparse.Namespace) -> str | None:
@@ -191,5 +213,8 @@ def ppl_function(args: argparse.Namespace, tokenizer: Any, progress: bool) -> Ca
 
 
 def ppl_protocol(args: argparse.Namespace) -> str:
-    return (f"{args.ppl}, first {args.ppl_max_tokens} tokens, {args.ppl_seq_len}-token windows"
+    from ..checkpoint.io import public_name
+
+    return (f"{public_name(args.ppl, keep_relative=True)}, first {args.ppl_max_tokens} tokens, "
+            f"{args.ppl_seq_len}-token windows"
             f"{', tail window scored' if args.ppl_keep_tail else ''}")

@@ -43,10 +43,12 @@ def wants_streaming(args: argparse.Namespace) -> bool:
     path = Path(args.model)
     if not path.is_dir():
         return False
-    from ..checkpoint.io import find_gguf
+    from ..checkpoint.gguf_load import find_gguf
 
     if find_gguf(path) is not None:  # a GGUF is loaded in memory (dequantised); --streaming refuses it
         return False
+    if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
+        return False  # not a model folder: loading it says what is missing (not a streaming message)
     import torch
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
@@ -77,14 +79,18 @@ def run_streamed(args: argparse.Namespace, stream: Callable[..., Any], cfg: Any,
     of ``args.model`` with the shared options; returns its result and the table's rows (parameters, size on
     disk, memory budget, calibration throughput); the caller adds its own rows and prints. ``options``: further
     keyword arguments of ``stream``; ``title`` may be a function of the result (the settings it resolved)."""
-    from transformers import AutoTokenizer
-
+    from ..checkpoint.io import load_tokenizer
     from ..eval.efficiency import size_on_disk
     from ..streaming import memory_budget, parse_memory, refuse_gguf
 
     refuse_gguf(args.model)
     src = local_folder(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(str(src), trust_remote_code=False)
+    tokenizer = load_tokenizer(src)
+    if calibration is not None:  # the context only: streamed calibration states spill to disk
+        from ..calibration.calibrate import check_calibration_fits
+        from ..checkpoint.io import load_config
+
+        check_calibration_fits(load_config(src), cfg.n_samples, cfg.seq_len, budget=1 << 62)
     budget = parse_memory(args.max_memory)
     result = stream(src, cfg, out, tokenizer=tokenizer, calibration=calibration, device=layer_device(args),
                     dtype=args.dtype, resume=args.resume, overwrite=args.overwrite, max_memory=budget,

@@ -12,8 +12,8 @@ import argparse
 from pathlib import Path
 
 from ._common import (add_calibration_text_argument, add_config_arguments, add_output_arguments, add_ppl_arguments,
-                      add_runtime_arguments, check_output, config_from_args, is_main_process, ppl_function, ppl_protocol, read_calibration,
-                      wait_for_everyone)
+                      add_runtime_arguments, already_complete, check_output, config_from_args, input_paths,
+                      is_main_process, ppl_function, ppl_protocol, read_calibration, wait_for_everyone)
 from ._registry import subcommand
 from ._streaming import add_streaming_arguments, local_folder, refuse_with_streaming, run_streamed, wants_streaming
 from .table import before_after_rows, budget_rows, format_table, unit_fraction_rows, width_rows
@@ -41,6 +41,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval", action="store_true", help="run the eval harness on the original and pruned model at the end")
     p.add_argument("--eval-tasks", default="", help="tasks for --eval, e.g. lambada,piqa")
     p.add_argument("--eval-limit", type=int, default=None, help="documents per task for --eval")
+    from .export import add_export_arguments
+
+    p.add_argument("--export", choices=("gguf",), default=None,
+                   help="also write the pruned model as a GGUF file for llama.cpp / Ollama into the output folder "
+                        "(<out>/<name>-<OUTTYPE>.gguf, checked in llama.cpp; needs llmprune[llamacpp] unless --no-verify)")
+    add_export_arguments(p, standalone=False)
 
 
 @subcommand("prune", "prune heads, FFN neurons, layers or experts and save the smaller model", add_arguments)
@@ -50,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..core.config import PruneConfig
     from ..checkpoint.io import load_model, save_pruned
-    from ..calibration.calibrate import read_calibration_text
+    from ..calibration.calibrate import check_calibration_fits, read_calibration_text
+    from ..streaming import parse_memory
     from ..structured.pipeline import PruneResult, count_parameters, prune
     from ..training.recipe import Recipe
     from ..arch.surgery import layer_widths
@@ -62,19 +69,45 @@ def run(args: argparse.Namespace) -> int:
         from ..calibration.calibrate import CalibrationError
 
         raise CalibrationError("--recover-steps needs training text: pass --data with a file or a dataset name")
-    out = check_output(args) if not args.resume else Path(args.out)  # fail before any work
+    if already_complete(args):
+        return 0
+    out = check_output(args)  # fail before any work
+    if args.eval:  # its report folder too
+        from ..checkpoint.output import check_output_path
+
+        check_output_path(str(out) + "-eval", sources=input_paths(args), overwrite=args.overwrite, flag="--eval report")
     calibration = read_calibration(args)
     if wants_streaming(args):
-        return _run_streaming(args, cfg, calibration, out)
+        if args.export:
+            from transformers import AutoConfig
+
+            from .export import check_export_possible
+
+            check_export_possible(AutoConfig.from_pretrained(str(args.model), trust_remote_code=False),
+                                  verify=not args.no_verify)
+        rc = _run_streaming(args, cfg, calibration, out)
+        if args.export and rc == 0:
+            from .export import export_after_save, gguf_name
+
+            print("\nllmprune: " + export_after_save(str(out), str(out / gguf_name(out, args.outtype)), args.outtype,
+                                                    verify=not args.no_verify, overwrite=False,
+                                                    threads=args.gguf_threads))
+        return rc
     if args.iterative_steps > 1 and (cfg.hidden or cfg.params):
         raise ValueError("--iterative-steps does not take --hidden / --params yet: prune the hidden size in one step")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
+    if args.export:  # a family llama.cpp cannot run, or no llama-cpp-python for the check: fail before any work
+        from .export import check_export_possible
+
+        check_export_possible(model.config, verify=not args.no_verify)
     context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if args.seq_len is None and context and cfg.seq_len > context:
         import dataclasses
 
         cfg = dataclasses.replace(cfg, seq_len=int(context))
+    if calibration is not None:  # before perplexity or any other work
+        check_calibration_fits(model.config, cfg.n_samples, cfg.seq_len, parse_memory(args.max_memory))
     from ..arch import get_adapter
     from ..structured.select import check_ratios, resolve_config
 
@@ -149,7 +182,12 @@ def run(args: argparse.Namespace) -> int:
                   "pruned": (model, tokenizer, str(out))},
                  ppl=args.ppl, seq_len=args.ppl_seq_len, max_tokens=args.ppl_max_tokens, tasks=tasks,
                  limit=args.eval_limit, out_dir=str(out) + "-eval", drop_last=not args.ppl_keep_tail,
-                 progress=progress, verbose=args.verbose)
+                 progress=progress, verbose=args.verbose, overwrite=args.overwrite)
+    if args.export:
+        from .export import export_after_save, gguf_name
+
+        print("\nllmprune: " + export_after_save(str(out), str(out / gguf_name(out, args.outtype)), args.outtype,
+                                                verify=not args.no_verify, overwrite=False, threads=args.gguf_threads))
     wait_for_everyone()
     return 0
 
@@ -180,6 +218,7 @@ def _streamed_unit_rows(cfg, src: Path, out: Path, plan) -> list[tuple[str, ...]
     widths = []
     for folder in (src, out):
         with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(folder), trust_remote_code=False))
+            config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
         widths.append(layer_widths(model))
     return unit_fraction_rows(cfg, widths[0], widths[1], plan)

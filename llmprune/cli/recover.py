@@ -16,7 +16,8 @@ import argparse
 import shutil
 from pathlib import Path
 
-from ._common import add_output_arguments, add_ppl_arguments, add_runtime_arguments, ppl_function, ppl_protocol
+from ._common import (add_output_arguments, add_ppl_arguments, add_runtime_arguments, already_complete, check_output,
+                      ppl_function, ppl_protocol)
 from ._registry import subcommand
 from .table import before_after_rows, format_table
 
@@ -71,10 +72,10 @@ def run(args: argparse.Namespace) -> int:
                          lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lora_targets=args.lora_targets,
                          kd_alpha=args.kd_alpha, kd_temperature=args.kd_temperature, eval_every=args.eval_every,
                          eval_windows=args.eval_windows, seed=args.seed)
-    out = Path(args.out)
-    state = Path(str(out) + STATE_DIR_SUFFIX)
-    if out.exists() and not args.overwrite:
-        raise OutputExistsError(f"output directory {out} already exists; pass --overwrite to replace it")
+    state = Path(str(args.out) + STATE_DIR_SUFFIX)
+    if already_complete(args, state):
+        return 0
+    out = check_output(args)
     if state.exists() and not args.resume:
         raise OutputExistsError(f"{state} holds an interrupted run: pass --resume to continue it, or remove it")
     text = read_calibration_text(args.data)

@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from ._common import (add_calibration_arguments, add_output_arguments, add_ppl_arguments, add_runtime_arguments,
-                      check_output, is_main_process, ppl_function, ppl_protocol, read_calibration,
+                      already_complete, check_output, is_main_process, ppl_function, ppl_protocol, read_calibration,
                       wait_for_everyone)
 from ._registry import subcommand
 from ._streaming import add_streaming_arguments, refuse_with_streaming, run_streamed, wants_streaming
@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from .table import block_parameters
 
     targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else list(DEFAULT_TARGETS)
+    seq_len_default, args.seq_len = args.seq_len is None, args.seq_len or 256  # the default is capped once loaded
     cfg = SparsityConfig(method=args.method, sparsity=args.sparsity, pattern=args.pattern, targets=targets,
                          n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed, allocation=args.allocation)
     act = args.activation_sparsity
@@ -71,7 +72,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--activation-sparsity {act:g} is out of range: it is the fraction of inputs zeroed, in [0, 1)")
     if cfg.sparsity == 0 and act == 0:
         raise ValueError("nothing to do: give --sparsity > 0 and/or --activation-sparsity > 0")
-    out = check_output(args) if not args.resume else Path(args.out)
+    if already_complete(args):
+        return 0
+    out = check_output(args)
     calibration = read_calibration(args)
     if calibration is None and (cfg.needs_calibration or act > 0):
         from ..calibration.calibrate import CalibrationError
@@ -82,6 +85,17 @@ def run(args: argparse.Namespace) -> int:
         return _run_streaming(args, cfg, calibration, out)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
+    if calibration is not None:  # before perplexity or any other work
+        import dataclasses
+
+        from ..calibration.calibrate import check_calibration_fits, model_context
+        from ..streaming import parse_memory
+
+        context = model_context(model.config)
+        if seq_len_default and context and args.seq_len > context:  # recorded as used
+            args.seq_len = context
+            cfg = dataclasses.replace(cfg, seq_len=context)
+        check_calibration_fits(model.config, args.n_samples, args.seq_len, parse_memory(args.max_memory))
     main = is_main_process()  # under accelerate launch: every process calibrates, the main one evaluates and saves
     progress = not args.quiet and main
     ppl_of = ppl_function(args, tokenizer, progress) if main else (lambda m: None)

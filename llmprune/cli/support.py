@@ -11,7 +11,7 @@ __all__ = ["run"]
 
 @subcommand("support-matrix", "print the architecture support matrix (Markdown)", lambda parser: None)
 def run(args: argparse.Namespace) -> int:
-    from ..arch.support import support_matrix_markdown
+    from ..checkpoint.support import support_matrix_markdown
 
     print(support_matrix_markdown())
     return 0

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import add_output_arguments, add_ppl_arguments, ppl_function, ppl_protocol
+from ._common import add_output_arguments, check_output, add_ppl_arguments, ppl_function, ppl_protocol
 from ._registry import subcommand
 from .table import before_after_rows, format_table
 
@@ -73,24 +73,22 @@ def run(args: argparse.Namespace) -> int:
     import copy
 
     from ..calibration.calibrate import read_calibration_text
-    from ..checkpoint.io import OutputExistsError, load_model, save_pruned
+    from ..checkpoint.io import load_config, load_model, load_tokenizer, save_pruned
     from ..training.one_cycle import OneCycle, OneCycleConfig
     from ..structured.pipeline import count_parameters
     from ..training.recover import RecoveryConfig, recover
     from .table import block_parameters
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise OutputExistsError(f"output directory {out} already exists; pass --overwrite to replace it")
+    out = check_output(args)
     text = read_calibration_text(args.data)
     src = Path(args.model)
     if src.suffix == ".json":  # from scratch: build the architecture, random weights
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         if not args.tokenizer:
             raise ValueError("training from a config.json needs --tokenizer")
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(src)))
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        model = AutoModelForCausalLM.from_config(load_config(src), trust_remote_code=False)
+        tokenizer = load_tokenizer(args.tokenizer)
     else:
         model, tokenizer = load_model(args.model)
     teacher = None

@@ -94,7 +94,7 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, overwrite: boo
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from ..checkpoint.io import atomic_directory
+    from ..checkpoint.io import atomic_directory, drop_custom_code
     from ..checkpoint.verify import VerificationError, verify_saved_model
 
     modules = {n: _describe(m) for n, m in model.named_modules() if type(m) in _TYPES}
@@ -110,6 +110,7 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, overwrite: boo
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         if getattr(model, "config", None) is not None:
             model.config.save_pretrained(tmp)
+            drop_custom_code(tmp)
         gen = getattr(model, "generation_config", None)
         if gen is not None:
             gen.save_pretrained(tmp)
@@ -151,10 +152,11 @@ def load_compressed(path: str | os.PathLike, device=None) -> nn.Module:
         meta = json.load(f)
     if meta.get("format") != FORMAT or int(meta.get("version", 0)) > VERSION:
         raise ValueError(f"load_compressed: {path} is not a {FORMAT} v<= {VERSION} checkpoint")
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)  # never run a folder's code
     sd = load_file(os.path.join(path, "model.safetensors"))
     dtype = next((t.dtype for k, t in sd.items() if t.is_floating_point() and not k.endswith("threshold")), None)
-    model = AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
+    model = AutoModelForCausalLM.from_config(config, trust_remote_code=False,
+                                             **({"dtype": dtype} if dtype is not None else {}))
     for name, desc in meta["modules"].items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, _build(desc, "cpu", dtype))

@@ -32,7 +32,7 @@ from ..calibration.calibrate import CalibrationError, InputStats
 from ..calibration.engine import layer_by_layer, run_layer
 from ..checkpoint.dispatched import check_not_dispatched
 from ..core.progress import progress_bar
-from ..calibration.calibrate import as_batches
+from ..calibration.calibrate import as_batches, check_calibration_fits
 from ..calibration.hessian import HessianAccumulator
 from ._common import DEFAULT_TARGETS, layer_targets
 from .masks import check_nm, parse_pattern
@@ -241,6 +241,8 @@ def sparsify(
 
     batches = None
     if config.needs_calibration:
+        if calibration is not None:
+            check_calibration_fits(model.config, config.n_samples, config.seq_len, context=False)
         batches = as_batches(calibration, tokenizer, config.n_samples, config.seq_len, config.seed, config.batch_size)
         if batches is None:
             raise CalibrationError(f"method {config.method!r} needs calibration data: pass calibration=<text file, "

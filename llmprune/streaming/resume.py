@@ -16,6 +16,7 @@ import torch
 from ..calibration.fisher import FisherStore
 from ..checkpoint.dispatched import ModelSource
 from ..checkpoint.io import OutputExistsError, replace_directory
+from ..checkpoint.output import umask_modes
 from .source import Checkpoint, StreamingError
 
 
@@ -63,7 +64,8 @@ class PartialOutput:
         for p in list(self.dir.iterdir()):
             if not keep(p):
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
-        replace_directory(self.dir, self.out)
+        umask_modes(self.dir)
+        replace_directory(self.dir, self.out, overwrite=self.overwrite)  # refuses an output that appeared meanwhile
         return self.out
 
 

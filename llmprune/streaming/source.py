@@ -66,7 +66,7 @@ def should_stream(folder: str | os.PathLike, max_memory: int | None, dtype: torc
 def refuse_gguf(path: str | os.PathLike) -> None:
     """A clear :class:`CheckpointError` when ``path`` is a GGUF input (a ``.gguf`` file or a folder holding one):
     streaming reads safetensors shards one tensor at a time, which a GGUF file does not have."""
-    from ..checkpoint.io import find_gguf
+    from ..checkpoint.gguf_load import find_gguf
 
     if Path(path).exists() and find_gguf(path) is not None:
         raise CheckpointError(f"{path}: --streaming reads safetensors checkpoints, not GGUF; convert it first "

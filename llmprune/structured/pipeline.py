@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..arch import get_adapter
-from ..calibration.calibrate import CalibrationError, as_batches, layerwise_statistics
+from ..calibration.calibrate import CalibrationError, as_batches, check_calibration_fits, layerwise_statistics
 from .compensate import add_deltas, compensation_deltas, enable_biases, zero_deltas
 from ..core.config import LayerPlan, PruneConfig, PrunePlan
 from .criteria import get_criterion
@@ -109,6 +109,8 @@ def prune(
         return _layers_then_units(model, adapter, config, criterion, tokenizer, calibration, device, progress)
     needs_data = ((criterion.needs_calibration or config.bias_compensation or config.reconstruct
                    or config.allocation in ("error", "block_influence")) and prunes_units) or config.layers > 0
+    if calibration is not None:  # before any tokenizing: windows within the context, states within memory
+        check_calibration_fits(model.config, config.n_samples, config.seq_len, context=False)
     batches = as_batches(calibration, tokenizer, config.n_samples, config.seq_len, config.seed, config.batch_size)
     if needs_data and batches is None:
         why = ("bias compensation" if config.bias_compensation else "reconstruction" if config.reconstruct

@@ -183,9 +183,24 @@ def resolve_config(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig) -> 
     return dataclasses.replace(cfg, attention_unit=unit)
 
 
-def _nothing_removed(flag: str, ratio: float, what: str, smallest: float, how: str) -> RatioError:
+def _nothing_removed(flag: str, ratio: float, what: str, smallest: float, how: str,
+                     other_unit: str | None = None) -> RatioError:
+    via = f" (with {other_unit} units, which --attention-unit auto picks there)" if other_unit else ""
     return RatioError(f"--{flag} {ratio:g} would remove no {what}: {how}, so the smallest ratio that removes "
-                      f"exactly one is {smallest:.3g}; raise --{flag} (or pass 0 to leave them alone)")
+                      f"exactly one is {smallest:.3g}{via}; raise --{flag} (or pass 0 to leave them alone)")
+
+
+def _smallest_head_ratio(adapter: ArchAdapter, layers: list[nn.Module], unit_name: str,
+                         current: float) -> tuple[float, str | None]:
+    """The smallest ``--heads`` that removes a unit, over both attention units (a ratio too small for query units
+    may still remove a KV group, and ``auto`` would pick it): the ratio and the other unit when it is smaller."""
+    attn = next((a for a in map(adapter.attention, layers) if a is not None), None)
+    if attn is None or attn.group_size == 1:
+        return current, None
+    other = "query" if unit_name == "group" else "group"
+    size = attn.group_size if other == "group" else attn.num_kv_heads
+    alternative = size / attn.num_heads
+    return (alternative, other) if alternative < current - 1e-12 else (current, None)
 
 
 def check_ratios(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig) -> None:
@@ -234,9 +249,11 @@ def check_ratios(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig) -> No
         else:
             how = f"{num_heads} heads per layer go {unit} at a time"
         if head_units == 0:
-            raise _nothing_removed("heads", cfg.heads, "attention head", unit / num_heads,
+            smallest, other = (_smallest_head_ratio(adapter, layers, cfg.attention_unit, unit / num_heads)
+                               if uniform else (unit / num_heads, None))
+            raise _nothing_removed("heads", cfg.heads, "attention head", smallest,
                                    f"{how} ({cfg.attention_unit} units) and --rounding {cfg.rounding} rounds "
-                                   f"{cfg.heads * num_heads / unit:.2g} units to 0")
+                                   f"{cfg.heads * num_heads / unit:.2g} units to 0", other)
     if cfg.ffn > 0 and neurons == 0 and (ffn_sizes or moe_sizes):
         if ffn_sizes:
             size, step = min(ffn_sizes), cfg.multiple_of

@@ -31,7 +31,7 @@ from ..core.config import PruneConfig
 from .recover import RecoveryConfig
 from ..sparsity import SparsityConfig
 
-__all__ = ["Recipe", "read_recipe_file", "run_recipe"]
+__all__ = ["Recipe", "read_recipe_file", "is_saved_recipe", "run_recipe"]
 
 _NESTED = {"prune": PruneConfig, "sparsify": SparsityConfig, "recover": RecoveryConfig}
 
@@ -55,9 +55,11 @@ class Recipe:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        _check_types(self)
         for name, cls in _NESTED.items():
             value = getattr(self, name)
             if isinstance(value, dict):
+                _check_section(cls, value, name)
                 setattr(self, name, cls.from_dict(value))
         if not isinstance(self.model, str) or not self.model:
             raise ValueError("a recipe needs 'model' (a folder or Hub id)")
@@ -82,7 +84,12 @@ class Recipe:
         unknown = sorted(set(data) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"unknown recipe field(s): {', '.join(unknown)}")
-        return cls(**data)
+        if "model" not in data:
+            raise ValueError("a recipe needs 'model' (a folder or Hub id)")
+        try:
+            return cls(**data)
+        except TypeError as exc:  # a value of a type the config's own checks compare or call
+            raise ValueError(f"recipe has a value of the wrong type: {exc}") from None
 
     @classmethod
     def from_saved(cls, saved: dict[str, Any]) -> "Recipe":
@@ -103,25 +110,102 @@ class Recipe:
         raise ValueError("this llmprune_recipe.json does not say how the model was made (no run, config or source)")
 
 
+def _type_name(value: Any) -> str:
+    return {str: "a string", int: "an integer", float: "a number", bool: "true/false", list: "a list",
+            dict: "a mapping"}.get(type(value), type(value).__name__)
+
+
+def _check_types(recipe: Recipe) -> None:
+    """Every top-level field has the type it is declared with, so a wrong one is one line, not a traceback."""
+    for name in ("model", "calibration", "data", "teacher", "ppl", "output", "dtype"):
+        value = getattr(recipe, name)
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"recipe field {name!r} must be a string, got {_type_name(value)} ({value!r})")
+    for name in ("iterative_steps", "recover_between"):
+        value = getattr(recipe, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"recipe field {name!r} must be an integer, got {_type_name(value)} ({value!r})")
+    for name, cls in _NESTED.items():
+        value = getattr(recipe, name)
+        if value is not None and not isinstance(value, (dict, cls)):
+            raise ValueError(f"recipe section {name!r} must be a mapping of {cls.__name__} fields, got "
+                             f"{_type_name(value)} ({value!r})")
+    if not isinstance(recipe.extra, dict):
+        raise ValueError(f"recipe field 'extra' must be a mapping, got {_type_name(recipe.extra)}")
+
+
+def _check_section(cls: type, data: dict[str, Any], section: str) -> None:
+    """Each value of a ``prune`` / ``sparsify`` / ``recover`` section has its field's type (from the field's
+    default): ``heads: "0.25"`` is a string, not an out-of-range ratio."""
+    from dataclasses import MISSING
+
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        default = f.default if f.default is not MISSING else (
+            f.default_factory() if f.default_factory is not MISSING else None)  # type: ignore[misc]
+        value = data[f.name]
+        if default is None or value is None:
+            continue
+        want = type(default)
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool) if want is float
+              else isinstance(value, int) and not isinstance(value, bool) if want is int
+              else isinstance(value, want))
+        if not ok:
+            raise ValueError(f"recipe field {section}.{f.name} must be {_type_name(default)}, got "
+                             f"{_type_name(value)} ({value!r})")
+
+
+def _parse(p: Path, text: str) -> Any:
+    """YAML (``safe_load``: no ``!!python`` objects) or JSON; a syntax error is one line with its place."""
+    if p.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            if "!!python" in str(exc) or "tag:yaml.org,2002:python" in str(exc):
+                problem = "a !!python tag (recipes are plain data; nothing is constructed from them)"
+            raise ValueError(f"recipe {p} is not valid YAML{where}: {problem}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"recipe {p} is not valid JSON at line {exc.lineno}: {exc.msg}") from None
+
+
 def read_recipe_file(path: str | os.PathLike) -> Recipe:
-    """A recipe from YAML / JSON, or the ``llmprune_recipe.json`` of a saved folder (or the folder itself)."""
+    """A recipe from YAML / JSON, or the ``llmprune_recipe.json`` of a saved folder (or the folder itself).
+
+    A saved folder's recipe never names an output (``output`` is dropped): a downloaded folder must not
+    choose where a rerun writes, so ``llmprune run FOLDER`` needs ``--out``.
+    """
     p = Path(path)
     if p.is_dir():
         p = p / "llmprune_recipe.json"
     if not p.is_file():
         raise FileNotFoundError(f"recipe {str(p)!r} does not exist")
-    text = p.read_text(encoding="utf-8")
-    if p.suffix in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text)
-    else:
-        data = json.loads(text)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"recipe {p} is not a text file") from None
+    data = _parse(p, text)
     if not isinstance(data, dict):
         raise ValueError(f"recipe {p} is not a mapping")
     if "llmprune_recipe_version" in data:
-        return Recipe.from_saved(data)
+        recipe = Recipe.from_saved(data)
+        recipe.output = None
+        return recipe
     return Recipe.from_dict(data)
+
+
+def is_saved_recipe(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a saved model folder or its ``llmprune_recipe.json`` (not a recipe file the user
+    wrote)."""
+    p = Path(path)
+    return p.is_dir() or p.name == "llmprune_recipe.json"
 
 
 def run_recipe(recipe: Recipe, out: str | os.PathLike | None = None, overwrite: bool = False, verify: bool = True,
@@ -131,7 +215,8 @@ def run_recipe(recipe: Recipe, out: str | os.PathLike | None = None, overwrite: 
     Returns ``{"out", "params_before", "params_after", "ppl_before", "ppl_after"}``.
     """
     from ..calibration.calibrate import read_calibration_text
-    from ..checkpoint.io import OutputExistsError, load_model, save_pruned
+    from ..checkpoint.io import load_model, save_pruned
+    from ..checkpoint.output import check_output_path
     from .iterative import prune_iteratively
     from ..structured.pipeline import count_parameters, prune
     from .recover import recover
@@ -140,8 +225,8 @@ def run_recipe(recipe: Recipe, out: str | os.PathLike | None = None, overwrite: 
     target = Path(out or recipe.output or "")
     if not str(target) or str(target) == ".":
         raise ValueError("no output folder: give --out or 'output' in the recipe")
-    if target.exists() and not overwrite:
-        raise OutputExistsError(f"output directory {target} already exists; pass --overwrite to replace it")
+    inputs = [recipe.model, recipe.teacher, recipe.calibration, recipe.data, recipe.ppl]
+    target = check_output_path(target, sources=inputs, overwrite=overwrite)  # before any work
     calibration = read_calibration_text(recipe.calibration) if recipe.calibration else None
     data = read_calibration_text(recipe.data) if recipe.data else None
     model, tokenizer = load_model(recipe.model, dtype=recipe.dtype)

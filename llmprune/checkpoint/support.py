@@ -7,7 +7,8 @@ Example::
 
 from __future__ import annotations
 
-from . import registered_adapters
+from ..arch import registered_adapters
+from .gguf_export import SUPPORTED_MODEL_TYPES as GGUF_MODEL_TYPES
 
 __all__ = ["support_matrix", "support_matrix_markdown", "UNIT_COLUMNS", "MARKER_START", "MARKER_END",
            "replace_readme_block"]
@@ -35,18 +36,20 @@ def support_matrix() -> list[dict[str, object]]:
         for loads, model_types in groups.items():
             rows.append({"family": d["family"], "model_types": model_types,
                          **{u: u in d["units"] for u in UNIT_COLUMNS},
-                         "uniform": loads, "per_layer": PER_LAYER_LOADING})
+                         "uniform": loads, "per_layer": PER_LAYER_LOADING,
+                         "gguf": [t for t in model_types if t in GGUF_MODEL_TYPES]})
     return rows
 
 
 def support_matrix_markdown() -> str:
     header = ("| family | model_type | " + " | ".join(UNIT_COLUMNS)
-              + " | loads without llmprune: uniform | per-layer |")
-    lines = [header, "|" + "---|" * (4 + len(UNIT_COLUMNS))]
+              + " | loads without llmprune: uniform | per-layer | llama.cpp / Ollama (`export --format gguf`) |")
+    lines = [header, "|" + "---|" * (5 + len(UNIT_COLUMNS))]
     for r in support_matrix():
         cells = ["✓" if r[u] else "–" for u in UNIT_COLUMNS]
         lines.append(f"| {r['family']} | {', '.join(r['model_types'])} | " + " | ".join(cells)
-                     + f" | {r['uniform']} | no: loads {r['per_layer']} |")
+                     + f" | {r['uniform']} | no: loads {r['per_layer']} | "
+                     + (f"{', '.join(r['gguf'])}: uniform and per-layer" if r["gguf"] else "–") + " |")
     return "\n".join(lines)
 
 
