@@ -463,7 +463,7 @@ def test_d9_calibration_over_the_memory_budget_is_refused(refusals):
         one_line_error(r, "GB of hidden states", "memory budget of 1.0 GB")
 
 
-def test_d8_default_window_is_capped_and_recorded(tmp_path):
+def test_d8_d9_check_calibration_fits_api():
     from llmprune.calibration.calibrate import CalibrationError, check_calibration_fits
     from transformers import LlamaConfig
 
