@@ -1,8 +1,9 @@
 """Issue 42: nothing runs that the user did not ask for, nothing of theirs is lost, nothing is left behind.
 
 One test (or more) per defect D1-D16 of the bad-input and security review. The CLI runs in subprocesses
-(``sys.executable -m llmprune``); refusals that need no model are batched into one subprocess
-(:func:`cli_batch`) to keep the file fast.
+(``sys.executable -m llmprune``). Every interpreter start costs seconds of CPU, so the refusals of all defects
+run in one subprocess (the module fixture ``refusals``, see :func:`cli_batch`; each test checks its own
+entries) and one streamed run (``streamed``) serves the tests that only read an output.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -24,6 +26,7 @@ from conftest import CALIB_TEXT, REF_MODEL, REPO
 
 FAST = ["--heads", "0.25", "--method", "wanda", "--allocation", "uniform", "--calib", str(CALIB_TEXT),
         "--n-samples", "2", "--seq-len", "32", "--quiet"]
+NOCAL = ["--heads", "0.25", "--method", "magnitude", "--allocation", "uniform", "--quiet"]  # no calibration
 MARKER = "EVIL_CODE_RAN"
 
 
@@ -126,45 +129,172 @@ def make_evil(folder: Path, known_type: bool = False) -> Path:
     return folder
 
 
-# ---- one pruned model shared by the tests that only read it (D7, D13, D15) ----------------------------------
+# ---- shared runs -------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def pruned_automapped(tmp_path_factory, shared_dir) -> tuple[Path, Path, subprocess.CompletedProcess]:
-    root = tmp_path_factory.mktemp("automapped")
+def streamed(tmp_path_factory, shared_dir) -> SimpleNamespace:
+    """One streamed prune of a llama whose configs carry ``auto_map``: read by D7, D13, D15, resumed by D16."""
+    root = tmp_path_factory.mktemp("streamed")
     src = make_evil(root / "my-llama", known_type=True)
     out = root / "pruned"
-    proc = cli("prune", src, *FAST, "--out", out, input="y\n")
+    proc = cli("prune", src, *FAST, "--streaming", "--out", out, input="y\n")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return src, out, proc
+    return SimpleNamespace(src=src, out=out, proc=proc)
+
+
+@pytest.fixture(scope="module")
+def refusals(tmp_path_factory, streamed) -> SimpleNamespace:
+    """Every refusal of D1, D4-D6, D8-D12, D14 and D16's resume, in one subprocess; ``results[name]`` is
+    ``{rc, out, err, all}``. Inputs live in ``root``, which the tests inspect afterwards."""
+    root = tmp_path_factory.mktemp("refusals")
+    t = SimpleNamespace(root=root, runs={})
+
+    # D1: a folder whose config and tokenizer name custom code; "y" answers any prompt
+    t.evil = make_evil(root / "EVIL")
+    (t.evil / "sparse_config.json").write_text(json.dumps({"format": "llmprune-sparse", "version": 1,
+                                                           "modules": {}, "tied": {}}))
+    cfg = root / "cfg.json"
+    shutil.copyfile(REF_MODEL / "config.json", cfg)
+    data = ["--data", CALIB_TEXT]
+    t.runs.update({
+        "d1 train tokenizer": ["train", cfg, "--tokenizer", t.evil, *data, "--heads", "0.25", "--steps", "2",
+                               "--out", root / "o1"],
+        "d1 train config": ["train", t.evil / "config.json", "--tokenizer", REF_MODEL, *data, "--steps", "2",
+                            "--out", root / "o2"],
+        "d1 prune": ["prune", t.evil, *FAST, "--out", root / "o3"],
+        "d1 prune streamed": ["prune", t.evil, *FAST, "--streaming", "--out", root / "o4"],
+        "d1 sparsify": ["sparsify", t.evil, "--method", "magnitude", "--out", root / "o5"],
+        "d1 eval": ["eval", t.evil, "--no-speed", "--out", root / "o6"],
+    })
+
+    # D4-D6: a file, the source or its parent (also through a symlink), an unwritable folder
+    t.model = copy_model(root / "models" / "M")
+    (t.model / "NOTES.txt").write_text("my notes")
+    t.model_files = {p.name: p.read_bytes() for p in t.model.iterdir()}
+    t.file_out = root / "report.txt"
+    t.file_out.write_text("not a folder")
+    link = root / "link-to-M"
+    link.symlink_to(t.model)
+    if os.geteuid() == 0:  # root writes everywhere that is not read-only
+        locked = Path("/proc/llmprune-test/out")
+    else:
+        (root / "locked").mkdir(mode=0o500)
+        locked = root / "locked" / "out"
+    recipe = root / "into-parent.yaml"
+    recipe.write_text(f"model: {t.model}\nprune: {{ffn: 0.25, method: magnitude}}\noutput: {t.model.parent}\n")
+    m, ow = t.model, "--overwrite"
+    t.runs.update({
+        "d4 file": ["prune", m, *FAST, "--out", t.file_out],
+        "d4 file overwrite": ["prune", m, *FAST, "--out", t.file_out, ow],
+        "d5 prune source": ["prune", m, *FAST, "--out", m, ow],
+        "d5 prune parent": ["prune", m, *FAST, "--out", m.parent, ow],
+        "d5 prune symlink": ["prune", m, *FAST, "--out", link, ow],
+        "d5 sparsify": ["sparsify", m, "--method", "magnitude", "--out", m, ow],
+        "d5 recover": ["recover", m, "--data", CALIB_TEXT, "--out", m, ow],
+        "d5 train": ["train", m, "--data", CALIB_TEXT, "--out", m, ow],
+        "d5 run": ["run", recipe, ow],
+        "d5 eval": ["eval", m, "--out", m.parent, ow],
+        "d5 calib parent": ["prune", m, *FAST, "--out", CALIB_TEXT.parent, ow],
+        # the output is checked before anything else: a missing calibration file is not reached
+        "d6 prune": ["prune", m, *FAST[:-1], "--calib", root / "nope.txt", "--out", locked],
+        "d6 sparsify": ["sparsify", m, "--method", "magnitude", "--out", locked],
+    })
+
+    # D8, D9
+    t.runs.update({
+        "d8 prune": ["prune", REF_MODEL, *FAST[:-3], "--seq-len", "2048", "--quiet", "--out", root / "a"],
+        "d8 sparsify": ["sparsify", REF_MODEL, "--calib", CALIB_TEXT, "--seq-len", "100000", "--out", root / "b"],
+        "d8 streamed": ["prune", REF_MODEL, *FAST[:-3], "--seq-len", "2048", "--streaming", "--quiet",
+                        "--out", root / "c"],
+        "d9 prune": ["prune", REF_MODEL, *FAST[:-5], "--n-samples", "100000", "--seq-len", "256", "--max-memory",
+                     "1GB", "--out", root / "d"],
+        "d9 sparsify": ["sparsify", REF_MODEL, "--calib", CALIB_TEXT, "--n-samples", "100000", "--max-memory", "1GB",
+                        "--out", root / "e"],
+    })
+
+    # D10: malformed recipes
+    base = f"model: {REF_MODEL}\noutput: {root / 'r-out'}\n"
+    t.recipes = {
+        "steps.yaml": base + "prune: {heads: 0.25}\niterative_steps: two\n",
+        "list.yaml": base + "prune: [0.25]\n",
+        "output.yaml": f"model: {REF_MODEL}\nprune: {{heads: 0.25}}\noutput: [a, b]\n",
+        "heads.yaml": base + "prune: {heads: '0.25'}\n",
+        "broken.yaml": base + "prune: {heads: 0.25\n",
+        "python.yaml": base + "prune: !!python/object/apply:os.system ['touch PWNED']\n",
+        "nomodel.yaml": "prune: {heads: 0.25}\n",
+        "broken.json": '{"model": "m", ',
+        "list.json": "[1, 2]",
+    }
+    for name, body in t.recipes.items():
+        (root / name).write_text(body)
+        t.runs[f"d10 {name}"] = ["run", root / name]
+
+    # D11: a downloaded folder whose recipe names an output
+    folder = root / "downloaded"
+    folder.mkdir()
+    t.chosen = root / "elsewhere" / "chosen"
+    saved = {"llmprune_recipe_version": 1, "source_model": str(REF_MODEL),
+             "run": {"model": str(REF_MODEL), "prune": {"ffn": 0.25, "method": "magnitude"}, "output": str(t.chosen)}}
+    (folder / "llmprune_recipe.json").write_text(json.dumps(saved))
+    t.runs.update({"d11 folder": ["run", folder], "d11 file": ["run", folder / "llmprune_recipe.json"]})
+
+    # D12: not a model folder, pickled weights, an unknown model_type, a too small ratio
+    empty = root / "empty"
+    empty.mkdir()
+    pickled = root / "pickled"
+    pickled.mkdir()
+    shutil.copyfile(REF_MODEL / "config.json", pickled / "config.json")
+    (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    unknown = root / "unknown"
+    unknown.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "model.safetensors"):
+        (unknown / name).symlink_to(REF_MODEL / name)
+    config = json.loads((REF_MODEL / "config.json").read_text())
+    (unknown / "config.json").write_text(json.dumps({**config, "model_type": "llama9000"}))
+    out = ["--out", root / "d12-out"]
+    t.runs.update({
+        "d12 empty": ["prune", empty, *FAST, *out],
+        "d12 pickled": ["prune", pickled, *FAST, *out],
+        "d12 unknown": ["prune", unknown, *FAST, *out],
+        "d12 heads": ["prune", REF_MODEL, *FAST[2:], "--heads", "0.01", *out],
+    })
+
+    # D14: an earlier report, an empty task list
+    t.report = root / "report"
+    t.report.mkdir()
+    (t.report / "report.json").write_text("{}")
+    ppl = ["--ppl", CALIB_TEXT, "--max-tokens", "256", "--seq-len", "64", "--no-speed", "--quiet"]
+    t.runs.update({"d14 again": ["eval", REF_MODEL, *ppl, "--out", t.report],
+                   "d14 empty tasks": ["eval", REF_MODEL, *ppl, "--tasks", "", "--out", root / "r2"]})
+
+    # D16: --resume on the finished streamed run
+    t.streamed_files = sorted(p.name for p in streamed.out.iterdir())
+    t.runs["d16 resume"] = ["prune", streamed.src, *FAST, "--streaming", "--resume", "--out", streamed.out]
+
+    names = list(t.runs)
+    t.results = dict(zip(names, cli_batch(*t.runs.values(), input="y\n" * 50, cwd=root)))
+    return t
+
+
+def results(refusals: SimpleNamespace, prefix: str) -> dict[str, dict]:
+    return {k: v for k, v in refusals.results.items() if k.startswith(prefix + " ")}
 
 
 # ---- D1: never remote code ----------------------------------------------------------------------------------
-def test_d1_no_entry_point_runs_a_folders_code(tmp_path, shared_dir):
-    evil = make_evil(tmp_path / "EVIL")
-    (evil / "sparse_config.json").write_text(json.dumps({"format": "llmprune-sparse", "version": 1, "modules": {},
-                                                         "tied": {}}))
-    cfg = tmp_path / "cfg.json"
-    shutil.copyfile(REF_MODEL / "config.json", cfg)
-    data = ["--data", CALIB_TEXT]
-    results = cli_batch(
-        ["train", cfg, "--tokenizer", evil, *data, "--heads", "0.25", "--steps", "2", "--out", tmp_path / "o1"],
-        ["train", evil / "config.json", "--tokenizer", REF_MODEL, *data, "--steps", "2", "--out", tmp_path / "o2"],
-        ["prune", evil, *FAST, "--out", tmp_path / "o3"],
-        ["prune", evil, *FAST, "--streaming", "--out", tmp_path / "o4"],
-        ["sparsify", evil, "--method", "magnitude", "--out", tmp_path / "o5"],
-        ["eval", evil, "--no-speed", "--out", tmp_path / "o6"],
-        input="y\n" * 20)
-    for r in results:
+def test_d1_no_entry_point_runs_a_folders_code(refusals):
+    for name, r in results(refusals, "d1").items():
         one_line_error(r, "custom code")
-        assert "[y/N]" not in r["all"]
-    code = ("import sys; from llmprune.runtime import load_compressed; from llmprune.checkpoint.io import load_model\n"
+        assert "[y/N]" not in r["all"], name
+    evil = refusals.evil
+    code = ("from llmprune.runtime import load_compressed; from llmprune.checkpoint.io import load_model\n"
             f"for f in (lambda: load_compressed({str(evil)!r}), lambda: load_model({str(evil)!r})):\n"
             "    try: f(); print('LOADED')\n"
             "    except ValueError as e: print('refused:', e)\n")
     proc = subprocess.run([sys.executable, "-c", code], input="y\n" * 5, capture_output=True, text=True, env=_env(),
                           timeout=300)
     assert proc.stdout.count("refused:") == 2 and "LOADED" not in proc.stdout, proc.stdout + proc.stderr
+    assert "[y/N]" not in proc.stdout + proc.stderr
     assert not (evil / MARKER).exists()
-    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 7))
+    assert not any((refusals.root / f"o{i}").exists() for i in range(1, 7))
 
 
 def test_d1_every_from_pretrained_call_refuses_remote_code():
@@ -206,8 +336,7 @@ def test_d2_output_that_appears_during_the_run_is_kept(tmp_path):
 
 def test_d2_two_cli_runs_to_one_out(tmp_path, shared_dir):
     out = tmp_path / "out"
-    args = [a for a in FAST if a != "0.25"]
-    runs = {h: start("prune", REF_MODEL, *args[:1], h, *args[1:], "--out", out) for h in ("0.25", "0.5")}
+    runs = {h: start("prune", REF_MODEL, *NOCAL[2:], "--heads", h, "--out", out) for h in ("0.25", "0.5")}
     codes = {h: p.wait(timeout=600) for h, p in runs.items()}
     errors = {h: p.stderr.read() for h, p in runs.items()}
     assert sorted(codes.values()) == [0, 2], errors
@@ -217,6 +346,8 @@ def test_d2_two_cli_runs_to_one_out(tmp_path, shared_dir):
     recipe = json.loads((out / "llmprune_recipe.json").read_text())
     assert recipe["config"]["heads"] == float(winner)
     assert leftovers(tmp_path, "out") == []
+    assert out.stat().st_mode & 0o777 == 0o777 & ~_umask()  # D7 on the in-memory save path too
+    assert all(f.stat().st_mode & 0o777 == 0o666 & ~_umask() for f in out.iterdir())
 
 
 # ---- D3: nothing left behind -------------------------------------------------------------------------------
@@ -230,7 +361,7 @@ def _wait_for_temp(proc: subprocess.Popen, parent: Path, name: str) -> Path:
 
 
 def test_d3_sigterm_during_the_save_leaves_nothing(tmp_path, shared_dir):
-    proc = start("prune", REF_MODEL, *FAST, "--out", tmp_path / "out")
+    proc = start("prune", REF_MODEL, *NOCAL, "--out", tmp_path / "out")
     _wait_for_temp(proc, tmp_path, "out")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=300) == 128 + signal.SIGTERM
@@ -239,7 +370,7 @@ def test_d3_sigterm_during_the_save_leaves_nothing(tmp_path, shared_dir):
 
 
 def test_d3_a_killed_runs_temp_folder_is_removed_by_the_next_run(tmp_path, shared_dir):
-    proc = start("prune", REF_MODEL, *FAST, "--out", tmp_path / "out")
+    proc = start("prune", REF_MODEL, *NOCAL, "--out", tmp_path / "out")
     tmp = _wait_for_temp(proc, tmp_path, "out")
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=300)
@@ -291,77 +422,48 @@ def test_d3_output_moved_aside_by_a_killed_overwrite_is_put_back(tmp_path):
     assert leftovers(tmp_path, "out") == []
 
 
-# ---- D4, D5, D6: --out a file, the source model or its parent, an unwritable folder --------------------------
-def test_d4_d5_d6_refused_outputs_before_any_work(tmp_path, shared_dir):
-    model = copy_model(tmp_path / "models" / "M")
-    (model / "NOTES.txt").write_text("my notes")
-    before = {p.name: p.read_bytes() for p in model.iterdir()}
-    file_out = tmp_path / "report.txt"
-    file_out.write_text("not a folder")
-    link = tmp_path / "link-to-M"
-    link.symlink_to(model)
-    if os.geteuid() == 0:  # root writes everywhere that is not read-only
-        locked = Path("/proc/llmprune-test/out")
-    else:
-        (tmp_path / "locked").mkdir(mode=0o500)
-        locked = tmp_path / "locked" / "out"
-    missing_calib = [*FAST[:-1], "--calib", tmp_path / "nope.txt"]  # the output is checked first
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"model: {model}\nprune: {{ffn: 0.25, method: magnitude}}\noutput: {model.parent}\n")
-    results = cli_batch(
-        ["prune", model, *FAST, "--out", file_out],                                  # D4
-        ["prune", model, *FAST, "--out", file_out, "--overwrite"],                   # D4
-        ["prune", model, *FAST, "--out", model, "--overwrite"],                      # D5
-        ["prune", model, *FAST, "--out", model.parent, "--overwrite"],               # D5
-        ["prune", model, *FAST, "--out", link, "--overwrite"],                       # D5, through a symlink
-        ["sparsify", model, "--method", "magnitude", "--out", model, "--overwrite"],  # D5
-        ["recover", model, "--data", CALIB_TEXT, "--out", model, "--overwrite"],     # D5
-        ["train", model, "--data", CALIB_TEXT, "--out", model, "--overwrite"],       # D5
-        ["run", recipe, "--overwrite"],                                              # D5
-        ["eval", model, "--out", model.parent, "--overwrite"],                       # D5
-        ["prune", model, *missing_calib, "--out", locked],                           # D6
-        ["sparsify", model, "--method", "magnitude", "--out", locked],               # D6
-    )
-    for r in results[:2]:
+# ---- D4, D5, D6: --out a file, an input or a folder holding one, an unwritable folder ---------------------------
+def test_d4_a_file_out_is_refused_with_or_without_overwrite(refusals):
+    for r in results(refusals, "d4").values():
         one_line_error(r, "is a file, not a folder")
-    for r in results[2:10]:
+    assert refusals.file_out.read_text() == "not a folder"
+    assert leftovers(refusals.root, refusals.file_out.name) == []
+
+
+def test_d5_an_input_or_its_parent_is_never_the_output(refusals):
+    for r in results(refusals, "d5").values():
         one_line_error(r, "never writes over its input")
-    for r in results[10:]:
+    assert {p.name: p.read_bytes() for p in refusals.model.iterdir()} == refusals.model_files
+    assert leftovers(refusals.model.parent, "M") == [] and CALIB_TEXT.is_file()
+
+
+def test_d6_an_unwritable_output_is_refused_before_any_work(refusals):
+    for r in results(refusals, "d6").values():
         one_line_error(r, "cannot write in")
-    assert file_out.read_text() == "not a folder"
-    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
 # ---- D7: the umask's modes ----------------------------------------------------------------------------------
-def test_d7_outputs_get_the_umask_modes(pruned_automapped):
-    _, out, _ = pruned_automapped
-    mask = os.umask(0)
-    os.umask(mask)
-    assert out.stat().st_mode & 0o777 == 0o777 & ~mask
-    for f in out.iterdir():
+def test_d7_outputs_get_the_umask_modes(streamed):
+    mask = _umask()
+    assert streamed.out.stat().st_mode & 0o777 == 0o777 & ~mask
+    for f in streamed.out.iterdir():
         assert f.stat().st_mode & 0o777 == 0o666 & ~mask, f.name
 
 
 # ---- D8, D9: calibration that cannot work is refused up front ----------------------------------------------
-def test_d8_d9_seq_len_over_the_context_and_calibration_over_the_memory_budget(tmp_path, shared_dir):
-    results = cli_batch(
-        ["prune", REF_MODEL, *FAST[:-3], "--seq-len", "2048", "--quiet", "--out", tmp_path / "a"],
-        ["sparsify", REF_MODEL, "--calib", CALIB_TEXT, "--seq-len", "100000", "--out", tmp_path / "b"],
-        ["prune", REF_MODEL, *FAST[:-3], "--seq-len", "2048", "--streaming", "--quiet", "--out", tmp_path / "c"],
-        ["prune", REF_MODEL, *FAST[:-5], "--n-samples", "100000", "--seq-len", "256", "--max-memory", "1GB",
-         "--out", tmp_path / "d"],
-        ["sparsify", REF_MODEL, "--calib", CALIB_TEXT, "--n-samples", "100000", "--max-memory", "1GB",
-         "--out", tmp_path / "e"],
-    )
-    for r in results[:3]:
+def test_d8_seq_len_over_the_context_is_refused(refusals):
+    for r in results(refusals, "d8").values():
         one_line_error(r, "longer than the model's context of 1024 tokens", "--seq-len 1024")
-    for r in results[3:]:
+    assert not any((refusals.root / n).exists() for n in "abc")
+    assert leftovers(refusals.root, "c") == []
+
+
+def test_d9_calibration_over_the_memory_budget_is_refused(refusals):
+    for r in results(refusals, "d9").values():
         one_line_error(r, "GB of hidden states", "memory budget of 1.0 GB")
-    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
-def test_d8_default_window_is_capped_and_recorded(tmp_path):
+def test_d8_d9_check_calibration_fits_api():
     from llmprune.calibration.calibrate import CalibrationError, check_calibration_fits
     from transformers import LlamaConfig
 
@@ -374,23 +476,8 @@ def test_d8_default_window_is_capped_and_recorded(tmp_path):
 
 
 # ---- D10, D11: recipes ------------------------------------------------------------------------------------
-def test_d10_malformed_recipes_are_one_line(tmp_path):
-    base = f"model: {REF_MODEL}\noutput: {tmp_path / 'o'}\n"
-    bodies = {
-        "steps.yaml": base + "prune: {heads: 0.25}\niterative_steps: two\n",
-        "list.yaml": base + "prune: [0.25]\n",
-        "output.yaml": f"model: {REF_MODEL}\nprune: {{heads: 0.25}}\noutput: [a, b]\n",
-        "heads.yaml": base + "prune: {heads: '0.25'}\n",
-        "broken.yaml": base + "prune: {heads: 0.25\n",
-        "python.yaml": base + "prune: !!python/object/apply:os.system ['touch PWNED']\n",
-        "nomodel.yaml": "prune: {heads: 0.25}\n",
-        "broken.json": '{"model": "m", ',
-        "list.json": "[1, 2]",
-    }
-    for name, body in bodies.items():
-        (tmp_path / name).write_text(body)
-    results = cli_batch(*[["run", tmp_path / name] for name in bodies], cwd=tmp_path)
-    lines = {name: one_line_error(r) for name, r in zip(bodies, results)}
+def test_d10_malformed_recipes_are_one_line(refusals):
+    lines = {name: one_line_error(refusals.results[f"d10 {name}"]) for name in refusals.recipes}
     assert "'iterative_steps' must be an integer" in lines["steps.yaml"]
     assert "'prune' must be a mapping" in lines["list.yaml"]
     assert "'output' must be a string" in lines["output.yaml"]
@@ -399,43 +486,25 @@ def test_d10_malformed_recipes_are_one_line(tmp_path):
     assert "!!python tag" in lines["python.yaml"]
     assert "needs 'model'" in lines["nomodel.yaml"]
     assert "not valid JSON" in lines["broken.json"] and "not a mapping" in lines["list.json"]
-    assert not (tmp_path / "PWNED").exists() and not (tmp_path / "o").exists()
+    assert not (refusals.root / "PWNED").exists() and not (refusals.root / "r-out").exists()
 
 
-def test_d11_a_saved_folder_does_not_choose_where_we_write(tmp_path):
-    folder = tmp_path / "downloaded"
-    folder.mkdir()
-    target = tmp_path / "elsewhere" / "chosen"
-    saved = {"llmprune_recipe_version": 1, "source_model": str(REF_MODEL),
-             "run": {"model": str(REF_MODEL), "prune": {"ffn": 0.25, "method": "magnitude"}, "output": str(target)}}
-    (folder / "llmprune_recipe.json").write_text(json.dumps(saved))
-    results = cli_batch(["run", folder], ["run", folder / "llmprune_recipe.json"])
-    for r in results:
+def test_d11_a_saved_folder_does_not_choose_where_we_write(refusals):
+    for r in results(refusals, "d11").values():
         one_line_error(r, "give --out")
-    assert not target.parent.exists()
+    assert not refusals.chosen.parent.exists()
 
 
 # ---- D12: one line each ---------------------------------------------------------------------------------------
-def test_d12_bad_inputs_say_what_is_wrong_in_one_line(tmp_path, shared_dir):
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    pickled = tmp_path / "pickled"
-    pickled.mkdir()
-    shutil.copyfile(REF_MODEL / "config.json", pickled / "config.json")
-    (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
-    unknown = copy_model(tmp_path / "unknown")
-    config = json.loads((unknown / "config.json").read_text())
-    config["model_type"] = "llama9000"
-    (unknown / "config.json").write_text(json.dumps(config))
-    out = ["--out", tmp_path / "o"]
-    results = cli_batch(["prune", empty, *FAST, *out], ["prune", pickled, *FAST, *out],
-                        ["prune", unknown, *FAST, *out], ["prune", REF_MODEL, *FAST[2:], "--heads", "0.01", *out])
-    one_line_error(results[0], "has no config.json")
-    one_line_error(results[1], "pickled weights are not loaded", "pytorch_model.bin")
-    one_line_error(results[2], "unknown model_type 'llama9000'")
-    line = one_line_error(results[3], "--heads 0.01 would remove no attention head", "is 0.25")
-    assert "streaming" not in " ".join(r["err"] for r in results) and not (tmp_path / "o").exists()
+def test_d12_bad_inputs_say_what_is_wrong_in_one_line(refusals):
+    r = refusals.results
+    one_line_error(r["d12 empty"], "has no config.json")
+    one_line_error(r["d12 pickled"], "pickled weights are not loaded", "pytorch_model.bin")
+    one_line_error(r["d12 unknown"], "unknown model_type 'llama9000'")
+    line = one_line_error(r["d12 heads"], "--heads 0.01 would remove no attention head", "is 0.25")
     assert "0.5" not in line.split("exactly one is")[1]
+    assert not any("streaming" in v["err"] for v in results(refusals, "d12").values())
+    assert not (refusals.root / "d12-out").exists()
 
 
 def test_d12_push_refused_by_the_hub_is_one_line(tmp_path, shared_dir):
@@ -453,26 +522,28 @@ def test_d12_push_refused_by_the_hub_is_one_line(tmp_path, shared_dir):
 
 
 # ---- D13: auto_map is not carried into outputs -------------------------------------------------------------
-def test_d13_auto_map_dropped_from_outputs_with_a_warning(pruned_automapped):
-    src, out, proc = pruned_automapped
-    assert "custom code (auto_map) is not used" in proc.stderr
-    assert "auto_map" not in json.loads((out / "config.json").read_text())
-    assert "auto_map" not in json.loads((out / "tokenizer_config.json").read_text())
-    assert not (out / "evil.py").exists() and not (src / MARKER).exists()
-    assert "auto_map" in json.loads((src / "config.json").read_text())  # the source is untouched
+def test_d13_auto_map_dropped_from_outputs_with_a_warning(streamed, tmp_path):
+    assert "custom code (auto_map) is not used" in streamed.proc.stderr
+    for out in (streamed.out, _save_in_memory(streamed.src, tmp_path / "mem")):
+        assert "auto_map" not in json.loads((out / "config.json").read_text())
+        assert "auto_map" not in json.loads((out / "tokenizer_config.json").read_text())
+        assert not (out / "evil.py").exists()
+    assert not (streamed.src / MARKER).exists()
+    assert "auto_map" in json.loads((streamed.src / "config.json").read_text())  # the source is untouched
+
+
+def _save_in_memory(src: Path, out: Path) -> Path:
+    from llmprune.checkpoint.io import load_model, save_pruned
+
+    model, tok = load_model(src)
+    return save_pruned(model, out, tokenizer=tok, source=str(src), verify=False)
 
 
 # ---- D14: eval reports ----------------------------------------------------------------------------------------
-def test_d14_eval_report_is_never_replaced_silently(tmp_path, shared_dir):
-    report = tmp_path / "report"
-    report.mkdir()
-    (report / "report.json").write_text("{}")  # an earlier run's report
-    ppl = ["--ppl", CALIB_TEXT, "--max-tokens", "256", "--seq-len", "64", "--no-speed", "--quiet"]
-    again, empty_tasks = cli_batch(["eval", REF_MODEL, *ppl, "--out", report],
-                                   ["eval", REF_MODEL, *ppl, "--tasks", "", "--out", tmp_path / "r2"])
-    one_line_error(again, "already exists", "--overwrite")
-    one_line_error(empty_tasks, "--tasks is empty")
-    assert (report / "report.json").read_text() == "{}" and not (tmp_path / "r2").exists()
+def test_d14_eval_report_is_never_replaced_silently(refusals):
+    one_line_error(refusals.results["d14 again"], "already exists", "--overwrite")
+    one_line_error(refusals.results["d14 empty tasks"], "--tasks is empty")
+    assert (refusals.report / "report.json").read_text() == "{}" and not (refusals.root / "r2").exists()
 
 
 def test_d14_report_save_is_atomic_and_new(tmp_path):
@@ -496,13 +567,12 @@ def _umask() -> int:
 
 
 # ---- D15: no absolute local paths in what push uploads --------------------------------------------------------
-def test_d15_card_and_recipe_name_the_model_not_its_local_path(pruned_automapped):
-    src, out, _ = pruned_automapped
-    card = (out / "README.md").read_text()
-    recipe_text = (out / "llmprune_recipe.json").read_text()
+def test_d15_card_and_recipe_name_the_model_not_its_local_path(streamed):
+    card = (streamed.out / "README.md").read_text()
+    recipe_text = (streamed.out / "llmprune_recipe.json").read_text()
     assert "# Pruned my-llama" in card
-    for text in (card, recipe_text, (out / "llmprune_plan.json").read_text()):
-        assert str(src.parent) not in text and str(CALIB_TEXT.parent) not in text and "/tmp" not in text
+    for text in (card, recipe_text, (streamed.out / "llmprune_plan.json").read_text()):
+        assert str(streamed.src.parent) not in text and str(CALIB_TEXT.parent) not in text and "/tmp" not in text
     recipe = json.loads(recipe_text)
     assert recipe["source_model"] == "my-llama" and recipe["run"]["model"] == "my-llama"
     assert recipe["calibration"] == CALIB_TEXT.name and recipe["run"]["calibration"] == CALIB_TEXT.name
@@ -520,12 +590,8 @@ def test_d15_public_names():
 
 
 # ---- D16: --resume on a finished streamed run ---------------------------------------------------------------
-def test_d16_resume_after_a_finished_streamed_run_says_complete(tmp_path, shared_dir):
-    out = tmp_path / "out"
-    first = cli("prune", REF_MODEL, *FAST, "--streaming", "--out", out)
-    assert first.returncode == 0, first.stderr[-2000:]
-    weights = sorted(p.name for p in out.iterdir())
-    again = cli("prune", REF_MODEL, *FAST, "--streaming", "--resume", "--out", out)
-    assert again.returncode == 0, again.stderr
-    assert "already complete" in again.stdout
-    assert sorted(p.name for p in out.iterdir()) == weights
+def test_d16_resume_after_a_finished_streamed_run_says_complete(refusals, streamed):
+    r = refusals.results["d16 resume"]
+    assert r["rc"] == 0, r["err"]
+    assert "already complete" in r["out"]
+    assert sorted(p.name for p in streamed.out.iterdir()) == refusals.streamed_files

@@ -62,6 +62,20 @@ def _catch_termination() -> dict[int, object]:
     return previous
 
 
+def _resumable(args: argparse.Namespace) -> str:
+    """Where an interrupted run's resumable state was kept on purpose (a streamed run's ``.OUT.partial``,
+    ``recover``'s ``OUT.recover-state``), said with the stop message."""
+    from pathlib import Path
+
+    out = getattr(args, "out", None)
+    if not out:
+        return ""
+    for state in (Path(out).with_name(f".{Path(out).name}.partial"), Path(str(out) + ".recover-state")):
+        if state.is_dir():
+            return f"; the finished part is kept in {state}: continue with --resume (or remove it)"
+    return ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; user errors print one line and return exit code 2. Ctrl-C, SIGTERM and SIGHUP stop
     it cleanly (130 / 143 / 129): temporary folders removed, nothing of the user's replaced."""
@@ -77,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except (Terminated, KeyboardInterrupt) as exc:
         name = str(exc) if isinstance(exc, Terminated) else "SIGINT"
-        print(f"llmprune: stopped by {name}; nothing was saved (temporary files removed)", file=sys.stderr)
+        print(f"llmprune: stopped by {name}; temporary files removed{_resumable(args)}", file=sys.stderr)
         return 128 + int(getattr(signal, name, signal.SIGINT))
     finally:
         for sig, handler in previous.items():
