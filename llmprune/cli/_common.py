@@ -30,10 +30,13 @@ def add_calibration_arguments(p: argparse.ArgumentParser, n_samples: int, needed
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default 0)")
 
 
-def add_config_arguments(p: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+def add_config_arguments(p: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),
+                         registered: dict[str, dict[str, str]] | None = None) -> None:
     """One ``--field-name`` option per field of the dataclass ``cls``, with the help text kept beside the field
     (its ``metadata["help"]``), its type and choices from the annotation, and no default of its own: an option
-    left out keeps the field's default (:func:`config_from_args`)."""
+    left out keeps the field's default (:func:`config_from_args`). ``registered``: for a field whose values are
+    registered names (field -> {name: description}, from a registry the config's own layer cannot import), the
+    choices, and each one's description appended to the help."""
     import dataclasses
     import typing
 
@@ -44,11 +47,13 @@ def add_config_arguments(p: argparse.ArgumentParser, cls: type, skip: tuple[str,
         flag = "--" + f.name.replace("_", "-")
         default = f.default
         shown = f"default {default}" if default is not None else "default: the method's own"
-        help_text = f"{f.metadata.get('help', '')} ({shown})".replace("%", "%%")
+        names = (registered or {}).get(f.name)
+        described = ": " + "; ".join(f"{n}: {d}" for n, d in names.items()) if names else ""
+        help_text = f"{f.metadata.get('help', '')}{described} ({shown})".replace("%", "%%")
         if isinstance(default, bool):
             p.add_argument(flag, dest=f.name, action="store_true", default=None, help=help_text)
             continue
-        choices = [c for c in _literal_choices(hints[f.name]) if c is not None]
+        choices = list(names) if names else [c for c in _literal_choices(hints[f.name]) if c is not None]
         if choices:
             p.add_argument(flag, dest=f.name, choices=choices, default=None, help=help_text)
         else:

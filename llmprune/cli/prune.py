@@ -23,10 +23,14 @@ __all__ = ["add_arguments", "run"]
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..core.config import PruneConfig
+    from ..structured.criteria import available_criteria, available_unit_criteria, get_criterion, get_unit_criterion
 
     p.add_argument("model", help="local model folder, Hugging Face Hub id, or a .gguf file (or a folder holding one; "
                                  "dequantised to float32, saved as plain safetensors)")
-    add_config_arguments(p, PruneConfig)  # every PruneConfig field, its help beside the field
+    methods = {n: get_criterion(n).description for n in available_criteria()}
+    hidden = {n: get_unit_criterion("hidden", n).description for n in available_unit_criteria("hidden")}
+    # every PruneConfig field, its help beside the field; registered names' choices and lines from their registry
+    add_config_arguments(p, PruneConfig, registered={"method": methods, "hidden_method": hidden})
     add_calibration_text_argument(p, needed_by="needed by obs (the default), wanda, flap, --reconstruct and --layers")
     p.add_argument("--iterative-steps", type=int, default=1,
                    help="reach the target in K steps, recalibrating on the current model each time (default 1)")

@@ -23,18 +23,23 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..sparsity import ALLOCATIONS, SparsityConfig, available_sparsity_methods, get_sparsity_method
+    from ..sparsity import (SparsityConfig, available_activation_methods, available_sparsity_allocations,
+                            available_sparsity_methods, get_activation_method, get_sparsity_allocation,
+                            get_sparsity_method)
 
-    methods = [get_sparsity_method(m) for m in available_sparsity_methods()]  # the help text is each one's own
+    # choices and help come from the registries: each method's and allocation's own line
+    methods = [get_sparsity_method(m) for m in available_sparsity_methods()]
+    allocations = [get_sparsity_allocation(a) for a in available_sparsity_allocations()]
+    activation = [get_activation_method(a) for a in available_activation_methods()]
     with_data = ", ".join(m.name for m in methods if m.needs_calibration)
     default = SparsityConfig.method
     p.add_argument("model", help="local model folder, Hugging Face Hub id, or a .gguf file (or a folder holding one)")
     p.add_argument("--method", default=default, choices=[m.name for m in methods],
                    help="; ".join(f"{m.name}: {m.description}" for m in methods)
                    + f" (default {default}; {with_data} need --calib)")
-    p.add_argument("--allocation", default="uniform", choices=ALLOCATIONS,
-                   help="uniform: every layer at --sparsity; owl: per-block sparsity from the block's activation "
-                        "outliers (within +-0.08, exact mean; unstructured only)")
+    p.add_argument("--allocation", default=SparsityConfig.allocation, choices=[a.name for a in allocations],
+                   help="; ".join(f"{a.name}: {a.description}" for a in allocations)
+                   + f" (default {SparsityConfig.allocation})")
     p.add_argument("--sparsity", type=float, default=0.5,
                    help="fraction of weights zeroed in every target layer (default 0.5; 0 with only activation sparsity)")
     p.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M such as 2:4 (sparsity 1-N/M)")
@@ -43,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--activation-sparsity", type=float, default=0.0, metavar="R",
                    help="also calibrate TEAL thresholds zeroing a fraction R of each target layer's inputs; they are "
                         "stored in the recipe (llmprune.sparsity.read_activation_thresholds)")
+    p.add_argument("--activation-method", default="teal", choices=[a.name for a in activation],
+                   help="how --activation-sparsity thresholds are calibrated: "
+                        + "; ".join(f"{a.name}: {a.description}" for a in activation) + " (default teal)")
     add_calibration_arguments(p, n_samples=128, needed_by=f"needed by {with_data} and --activation-sparsity")
     add_output_arguments(p)
     add_ppl_arguments(p)
@@ -58,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from ..eval.efficiency import size_on_disk
     from ..checkpoint.io import load_model, save_pruned
     from ..structured.pipeline import count_parameters
-    from ..sparsity import (SparsityConfig, apply_activation_sparsity, calibrate_activation_thresholds,
+    from ..sparsity import (SparsityConfig, apply_activation_sparsity, get_activation_method,
                             measure_activation_sparsity, sparsify)
     from ..sparsity._common import DEFAULT_TARGETS
     from .table import block_parameters
@@ -115,9 +123,9 @@ def run(args: argparse.Namespace) -> int:
                                            dtype=args.dtype).to_dict()}
     handle = None
     if act > 0:
-        thresholds = calibrate_activation_thresholds(model, tokenizer, calibration, sparsity=act, targets=targets,
-                                                     n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed,
-                                                     progress=progress, device=device)
+        calibrate = get_activation_method(args.activation_method).calibrate
+        thresholds = calibrate(model, tokenizer, calibration, sparsity=act, targets=targets, n_samples=args.n_samples,
+                               seq_len=args.seq_len, seed=args.seed, progress=progress, device=device)
         # measured on windows other than the calibration ones (another seed)
         achieved = measure_activation_sparsity(model, thresholds, calibration, tokenizer,
                                                n_samples=min(args.n_samples, 16), seq_len=args.seq_len,
@@ -162,7 +170,7 @@ def _run_streaming(args: argparse.Namespace, cfg, calibration, out: Path) -> int
     act = args.activation_sparsity
     title = f"{cfg.method}{pattern} weight sparsity {cfg.sparsity:g}" + (f", activation sparsity {act:g}" if act else "")
     result, rows = run_streamed(args, sparsify_streaming, cfg, calibration, out, recipe, title,
-                                activation_sparsity=act)
+                                activation_sparsity=act, activation_method=args.activation_method)
     rows.insert(2, ("weight sparsity (targets)", "0.000", f"{result.report['overall_sparsity']:.3f}", ""))
     if act:  # not measured on other windows here (that needs whole-model forwards): the calibrated target
         rows.insert(3, ("activation sparsity (calibrated target)", "", f"{act:.3f}", ""))

@@ -101,9 +101,11 @@ class PruneConfig(_JsonMixin):
             embeddings, every norm, every projection reading or writing the residual stream and the LM head
             (Minitron's width axis; :mod:`llmprune.structured.hidden`). Applied before heads / FFN neurons,
             which are then chosen on the narrower model.
-        hidden_method: how channels are chosen: ``minitron`` (mean |activation| after every norm, summed
-            over norms) or ``rms`` (greedy: the channels whose removal changes the normalised outputs least,
-            RMS rescaling included, with each norm's weight corrected in closed form for its new RMS).
+        hidden_method: how channels are chosen: a registered hidden-channel criterion
+            (``llmprune.structured.criteria.available_unit_criteria("hidden")``, checked by
+            :func:`llmprune.structured.select.resolve_config`): ``minitron`` (mean |activation| after every norm,
+            summed over norms) or ``rms`` (greedy: the channels whose removal changes the normalised outputs
+            least, RMS rescaling included, with each norm's weight corrected in closed form for its new RMS).
         params: fraction of *all* parameters (embeddings included) to remove; the split among ``hidden``,
             ``heads`` and ``ffn`` is chosen among a few candidates by calibration loss
             (:mod:`llmprune.structured.budget`). Excludes giving those three.
@@ -116,10 +118,8 @@ class PruneConfig(_JsonMixin):
         "help": "fraction of experts removed from every mixture-of-experts layer (routing mass with calibration "
                 "data, else weight norm); --ffn then prunes neurons inside each expert"})
     method: str = field(default="obs", metadata={
-        "help": "how heads and neurons are chosen: obs (default: greedy structured optimal brain surgeon with the "
-                "optimal refit of o_proj / down_proj, weighed by the output Fisher) or a per-unit score (wanda, flap, "
-                "magnitude, magnitude_l1, taylor, single-unit); quality and time: BENCHMARKS.md "
-                "#structured-pruning-quality"})
+        "help": "how heads and neurons are chosen (a registered method; quality and time: BENCHMARKS.md "
+                "#structured-pruning-quality)"})
     allocation: Literal["uniform", "global", "error", "block_influence", "fisher"] | None = field(default=None, metadata={
         "help": "per-layer widths; default: the method's own (fisher for obs: each kind's total goes where the "
                 "estimated loss increase is lowest; uniform for the scores: same widths everywhere, a standard "
@@ -157,9 +157,8 @@ class PruneConfig(_JsonMixin):
     hidden: float = field(default=0.0, metadata={
         "help": "fraction of hidden (embedding) channels removed everywhere: embeddings, norms, every projection "
                 "of the residual stream, the LM head (Minitron); before --heads / --ffn"})
-    hidden_method: Literal["minitron", "rms"] = field(default="minitron", metadata={
-        "help": "how hidden channels are chosen: minitron (mean |activation| after every norm) or rms (greedy on "
-                "the normalised outputs, each norm's weight corrected for its new RMS)"})
+    hidden_method: str = field(default="minitron", metadata={
+        "help": "how hidden channels are chosen (a registered hidden-channel criterion)"})
     params: float = field(default=0.0, metadata={
         "help": "fraction of ALL parameters (embeddings included) to remove, split among --hidden, --heads and "
                 "--ffn by the calibration loss of a few candidates (give it alone)"})
@@ -176,12 +175,13 @@ class PruneConfig(_JsonMixin):
             raise ValueError(f"layers={self.layers!r} must be a non-negative number of blocks to remove")
         choices = {"allocation": (None, "uniform", "global", "error", "block_influence", "fisher"),
                    "attention_unit": ("auto", "group", "query"), "rounding": ("error", "down", "up", "nearest"),
-                   "fisher_labels": ("data", "model"),
-                   "hidden_method": ("minitron", "rms")}
+                   "fisher_labels": ("data", "model")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}; choose one of "
                                  f"{', '.join(a for a in allowed if a is not None)}")
+        if not isinstance(self.hidden_method, str) or not self.hidden_method:
+            raise ValueError(f"hidden_method={self.hidden_method!r} must name a hidden-channel criterion")
         if self.multiple_of < 1:
             raise ValueError("multiple_of must be >= 1")
         if not 0.0 < self.min_keep <= 1.0:

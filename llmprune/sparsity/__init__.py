@@ -17,11 +17,14 @@ from .activation import (
     measure_activation_sparsity,
     read_activation_thresholds,
 )
-from .api import ALLOCATIONS, SparsityConfig, SparsityReport, sparsify, weight_sparsity
+from .api import SparsityConfig, SparsityReport, sparsify, weight_sparsity
 from .cholesky import inverse_hessian_cholesky
 from .masks import mask_sparsity, nm_mask, num_pruned, parse_pattern, unstructured_mask
 from .owl import outlier_ratio, owl_ratios
-from .registry import SparsityMethod, available_sparsity_methods, get_sparsity_method, register_sparsity_method
+from .registry import (ActivationSparsityMethod, SparsityAllocation, SparsityMethod, available_activation_methods,
+                       available_sparsity_allocations, available_sparsity_methods, get_activation_method,
+                       get_sparsity_allocation, get_sparsity_method, register_activation_method,
+                       register_sparsity_allocation, register_sparsity_method)
 
 # the weight-sparsity methods: importing each module registers it (one file and one registration per method)
 from .alps import alps_prune, masked_least_squares
@@ -32,6 +35,8 @@ from .wanda import wanda_mask, wanda_scores
 
 #: the registered weight-sparsity method names, sorted (a snapshot: :func:`available_sparsity_methods` is live)
 METHODS = available_sparsity_methods()
+#: the registered per-layer sparsity allocations (``uniform`` in :mod:`.api`, ``owl`` in :mod:`.owl`), sorted
+ALLOCATIONS = available_sparsity_allocations()
 
 __all__ = [
     "SparsityConfig",
@@ -44,6 +49,14 @@ __all__ = [
     "register_sparsity_method",
     "get_sparsity_method",
     "available_sparsity_methods",
+    "SparsityAllocation",
+    "register_sparsity_allocation",
+    "get_sparsity_allocation",
+    "available_sparsity_allocations",
+    "ActivationSparsityMethod",
+    "register_activation_method",
+    "get_activation_method",
+    "available_activation_methods",
     "alps_prune",
     "masked_least_squares",
     "ria_scores",

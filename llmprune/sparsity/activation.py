@@ -18,6 +18,9 @@ batch's paused forward would not fit in memory (``staged``), each stage takes on
 calibration batches instead, cut short once the stage's projections have seen their input. The last layer's
 forwards stop once its last threshold is known.
 
+Registered as the ``teal`` activation-sparsity method (:func:`~llmprune.sparsity.registry.register_activation_method`):
+it reads histograms of each target's inputs, sequentially, and streams (:func:`llmprune.streaming.sparsify_streaming`).
+
 The thresholds are ``{full module name: float}`` (``model.layers.0.mlp.down_proj``), the format of
 ``llmprune.runtime.KernelConfig(thresholds=...)`` whose ``ActSparseLinear`` keeps ``|x| > t``.
 :func:`apply_activation_sparsity` is the plain-PyTorch reference (forward pre-hooks).
@@ -46,6 +49,7 @@ from ..calibration.calibrate import CalibrationError, as_batches
 from ..calibration.engine import LayerStep, layer_by_layer, run_layer
 from ._common import DEFAULT_TARGETS, layer_targets
 from ._staged import paused_bytes, run_staged
+from .registry import register_activation_method
 from .thresholds import AbsHistogram
 
 __all__ = [
@@ -260,6 +264,11 @@ def calibrate_activation_thresholds(
         # the last layer's outputs feed nothing: its inputs stand in for them (nothing is computed)
         step.outputs = outs if need_outputs else hidden
     return result
+
+
+register_activation_method(
+    "teal", "TEAL: one |x| threshold per target layer zeroing that fraction of its inputs (Liu et al. 2024)",
+    calibrate=calibrate_activation_thresholds, needs="input_histograms", sequential=True, streams=True)
 
 
 def _use_staged(staged: bool | None, layer: nn.Module, hidden: Sequence[torch.Tensor], device: torch.device,

@@ -36,13 +36,19 @@ from ..calibration.calibrate import as_batches, check_calibration_fits
 from ..calibration.hessian import HessianAccumulator
 from ._common import DEFAULT_TARGETS, layer_targets
 from .masks import check_nm, parse_pattern
-from .owl import DEFAULT_SPREAD, DEFAULT_THRESHOLD, outlier_ratio, owl_ratios
-from .registry import available_sparsity_methods, get_sparsity_method
+from .owl import DEFAULT_SPREAD, DEFAULT_THRESHOLD
+from .registry import (available_sparsity_allocations, available_sparsity_methods, get_sparsity_allocation,
+                       get_sparsity_method, register_sparsity_allocation)
 
-__all__ = ["SparsityConfig", "SparsityReport", "sparsify", "ALLOCATIONS", "weight_sparsity"]
+__all__ = ["SparsityConfig", "SparsityReport", "sparsify", "weight_sparsity"]
 
-#: per-layer sparsity rules (``SparsityConfig.allocation``)
-ALLOCATIONS = ("uniform", "owl")
+
+def _uniform_ratios(model, adapter, targets, batches, config, device) -> list[float]:
+    """Every decoder layer at ``config.sparsity``."""
+    return [config.sparsity] * len(targets)
+
+
+register_sparsity_allocation("uniform", "every layer at --sparsity", needs="weights", layer_ratios=_uniform_ratios)
 
 
 @dataclass
@@ -66,9 +72,10 @@ class SparsityConfig:
             ``layer``. SparseGPT always selects adaptively per column block.
         blocksize, percdamp: SparseGPT column block width and Hessian dampening (fraction of mean diag;
             ALPS uses the same dampening).
-        allocation: ``uniform`` (every layer at ``sparsity``) or ``owl`` (per-block sparsity from the
-            block's outlier ratio, within ``±spread``, parameter-weighted mean exactly ``sparsity``;
-            unstructured only; Yin et al. 2024).
+        allocation: a registered per-layer rule (:func:`~llmprune.sparsity.registry.available_sparsity_allocations`):
+            ``uniform`` (every layer at ``sparsity``) or ``owl`` (per-block sparsity from the block's outlier
+            ratio, within ``±spread``, parameter-weighted mean exactly ``sparsity``; unstructured only; Yin et
+            al. 2024).
         spread, outlier_threshold: OWL's λ and M.
     """
 
@@ -84,7 +91,7 @@ class SparsityConfig:
     per: Literal["row", "layer"] = "row"
     blocksize: int = 128
     percdamp: float = 0.01
-    allocation: Literal["uniform", "owl"] = "uniform"
+    allocation: str = "uniform"
     spread: float = DEFAULT_SPREAD
     outlier_threshold: float = DEFAULT_THRESHOLD
 
@@ -116,11 +123,12 @@ class SparsityConfig:
             raise ValueError(f"per={self.per!r}; choose 'row' or 'layer'")
         if not 0.0 <= float(self.percdamp) < 1.0:
             raise ValueError(f"percdamp={self.percdamp!r} must be in [0, 1)")
-        if self.allocation not in ALLOCATIONS:
-            raise ValueError(f"allocation={self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
-        if self.allocation == "owl" and nm is not None:
-            raise ValueError("allocation 'owl' varies the sparsity per layer, which an N:M pattern fixes; "
-                             "use pattern='unstructured'")
+        if self.allocation not in available_sparsity_allocations():
+            raise ValueError(f"allocation={self.allocation!r}; choose one of "
+                             f"{', '.join(available_sparsity_allocations())}")
+        if nm is not None and not get_sparsity_allocation(self.allocation).nm:
+            raise ValueError(f"allocation {self.allocation!r} varies the sparsity per layer, which an N:M pattern "
+                             "fixes; use pattern='unstructured'")
         if not 0.0 <= float(self.spread) <= 0.5 or not float(self.outlier_threshold) > 0:
             raise ValueError("spread must be in [0, 0.5] and outlier_threshold > 0")
 
@@ -130,7 +138,8 @@ class SparsityConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        return (get_sparsity_method(self.method).needs_calibration or self.allocation == "owl") and self.sparsity > 0
+        return (get_sparsity_method(self.method).needs_calibration
+                or get_sparsity_allocation(self.allocation).needs_calibration) and self.sparsity > 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -249,8 +258,9 @@ def sparsify(
                                    "text or token-id batches> (and tokenizer= for text)")
 
     if config.sparsity > 0:
-        layer_sparsity = _owl_sparsity(model, adapter, targets, batches, config, device) \
-            if config.allocation == "owl" else [config.sparsity] * len(layers)
+        allocation = get_sparsity_allocation(config.allocation)
+        layer_sparsity = allocation.layer_ratios(model, adapter, targets,
+                                                 batches if allocation.needs_calibration else None, config, device)
         if not get_sparsity_method(config.method).needs_calibration:  # weights only: layer order irrelevant
             for group, s in zip(progress_bar(targets, desc=f"{config.method} pruning", disable=not progress),
                                 layer_sparsity):
@@ -270,22 +280,6 @@ def sparsify(
     report.overall_sparsity = report.pruned_weights / max(report.total_weights, 1)
     report.seconds = time.perf_counter() - t0
     return report
-
-
-def _owl_sparsity(model, adapter, targets, batches, config, device) -> list[float]:
-    """OWL: per-block sparsity from the blocks' outlier ratios on the dense model's activations."""
-    from ..calibration.calibrate import layerwise_statistics
-
-    mods = {id(layer): [m for _, m in group] for layer, group in zip(adapter.decoder_layers(model), targets)}
-    stats = layerwise_statistics(model, adapter, batches, modules_of=lambda layer: mods[id(layer)],
-                                 device=device, progress=False)
-    ratios, sizes = [], []
-    for group, st in zip(targets, stats):
-        ws = [weight_matrix(m) for _, m in group]
-        ratios.append(outlier_ratio(ws, [st.inputs[m].norm for _, m in group], config.outlier_threshold)
-                      if group else 0.0)
-        sizes.append(sum(w.numel() for w in ws))
-    return owl_ratios(ratios, config.sparsity, sizes, config.spread)
 
 
 @torch.no_grad()  # as layerwise_statistics: a layer's autograd graph would keep its weights and activations alive

@@ -68,9 +68,13 @@ def prune_streaming(source: str | os.PathLike | nn.Module, config: PruneConfig, 
         raise StreamingError(f"method {config.method!r} takes its own pass through the whole model; it cannot be "
                              "streamed layer by layer (use the default obs, or wanda / flap / magnitude, or prune in "
                              "memory)")
-    if config.layers or config.experts:
+    from ..structured.criteria import get_unit_criterion
+
+    # the other unit kinds' criteria declare whether they stream (none does yet)
+    asked = [kind for kind, n in (("layers", config.layers), ("experts", config.experts)) if n]
+    if not all(get_unit_criterion(kind).streams for kind in asked):
         raise StreamingError("layer and expert removal are not streamed yet; prune in memory")
-    if config.hidden or config.params:
+    if (config.hidden or config.params) and not get_unit_criterion("hidden", config.hidden_method).streams:
         raise StreamingError("hidden-dimension pruning (--hidden, --params) is not streamed: its channels are chosen "
                              "on every layer's norms at once and cut in every layer; prune in memory")
     model, ck, prefixes = build_skeleton(source, dtype)

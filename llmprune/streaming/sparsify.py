@@ -23,29 +23,34 @@ def sparsify_streaming(source: str | os.PathLike | nn.Module, config: Any, out: 
                        tokenizer: Any = None, calibration: Any = None, device: str | torch.device | None = None,
                        dtype: torch.dtype | str | None = None, resume: bool = False, overwrite: bool = False,
                        max_memory: int | None = None, progress: bool = True,
-                       extra: dict[str, Any] | None = None, activation_sparsity: float = 0.0) -> StreamResult:
+                       extra: dict[str, Any] | None = None, activation_sparsity: float = 0.0,
+                       activation_method: str = "teal") -> StreamResult:
     """Weight sparsity (:func:`llmprune.sparsity.sparsify`) of ``source`` (a checkpoint folder or a loaded,
     possibly dispatched model, as in :func:`prune_streaming`) into ``out``, one layer at a time; the same
-    tensors as in memory. OWL allocation is not streamed (it needs every layer's outliers first).
+    tensors as in memory. An allocation or method registered with ``streams=False`` is refused (OWL: it needs every
+    layer's outliers first).
 
-    ``activation_sparsity`` > 0: a second streamed pass over the sparsified layers calibrates TEAL thresholds
-    (:func:`llmprune.sparsity.calibrate_activation_thresholds` on the same calibration windows and targets:
-    the thresholds of the in-memory sparsified model), stored with the output as ``sparsify --activation-sparsity``
-    stores them and returned in ``report["activation_sparsity"]``."""
+    ``activation_sparsity`` > 0: a second streamed pass over the sparsified layers calibrates the thresholds of the
+    registered ``activation_method`` (``teal``: :func:`llmprune.sparsity.calibrate_activation_thresholds` on the
+    same calibration windows and targets: the thresholds of the in-memory sparsified model), stored with the output
+    as ``sparsify --activation-sparsity`` stores them and returned in ``report["activation_sparsity"]``."""
     import time
 
     from ..sparsity._common import layer_targets
     from ..sparsity.api import SparsityConfig, _prune_module, _sequential
-    from ..sparsity.registry import get_sparsity_method
+    from ..sparsity.registry import get_activation_method, get_sparsity_allocation, get_sparsity_method
 
     t0 = time.perf_counter()
     config = SparsityConfig.from_dict(config) if isinstance(config, dict) else config
     config.validate()
-    if config.allocation != "uniform":
+    if not get_sparsity_allocation(config.allocation).streams:
         raise StreamingError(f"allocation {config.allocation!r} is not streamed yet; use uniform or sparsify in memory")
     method = get_sparsity_method(config.method)
     if not method.streams:
         raise StreamingError(f"method {config.method!r} is not streamed; sparsify in memory")
+    act_method = get_activation_method(activation_method)
+    if activation_sparsity and not act_method.streams:
+        raise StreamingError(f"activation-sparsity method {activation_method!r} is not streamed; sparsify in memory")
     model, ck, prefixes = build_skeleton(source, dtype)
     device = device if device is not None else ck.execution_device
     adapter = get_adapter(model)
@@ -65,6 +70,7 @@ def sparsify_streaming(source: str | os.PathLike | nn.Module, config: Any, out: 
     settings: dict[str, Any] = {"sparsify": config.to_dict()}
     if activation_sparsity > 0:
         settings["activation_sparsity"] = float(activation_sparsity)
+        settings["activation_method"] = act_method.name
     part = PartialOutput(out, _fingerprint(ck, settings, batches, dt), resume, overwrite)
     _announce(ck, len(layers), max_memory, batches, model, progress)
     report = part.state.setdefault("report", {})
@@ -93,7 +99,7 @@ def sparsify_streaming(source: str | os.PathLike | nn.Module, config: Any, out: 
     act_extra = {}
     if activation_sparsity > 0:
         thresholds = _activation_pass(model, ck, prefixes, part, dt, max_memory, batches, float(activation_sparsity),
-                                      config.targets, device, progress)
+                                      config.targets, device, progress, act_method.calibrate)
         summary["activation_sparsity"] = act_extra["activation_sparsity"] = {
             "target": float(activation_sparsity), "thresholds": thresholds}
     params = _count(model)
@@ -106,15 +112,12 @@ def sparsify_streaming(source: str | os.PathLike | nn.Module, config: Any, out: 
 
 def _activation_pass(model: nn.Module, ck: Checkpoint | ModelSource, prefixes: dict[int, str], part: PartialOutput,
                      dtype: torch.dtype, max_memory: int | None, batches: list[torch.Tensor], sparsity: float,
-                     targets: list[str], device: Any, progress: bool) -> dict[str, float]:
-    """TEAL thresholds of the layers the weight pass wrote, read back one at a time (resumable: finished
-    layers' thresholds are kept in the run's state)."""
-    from ..sparsity.activation import calibrate_activation_thresholds
-
+                     targets: list[str], device: Any, progress: bool, calibrate: Any) -> dict[str, float]:
+    """Activation-sparsity thresholds (``calibrate``: the registered method's) of the layers the weight pass wrote,
+    read back one at a time (resumable: finished layers' thresholds are kept in the run's state)."""
     saved = part.state.setdefault("activation", {}).setdefault("thresholds", {})
     io = LayerStream(model, ck, prefixes, part, "activation", False, dtype, _spill_bytes(max_memory), read_output=True)
     if io.start < len(io.layers):
-        calibrate_activation_thresholds(model, calibration=batches, sparsity=sparsity, targets=targets,
-                                        progress=progress, device=device, max_memory=max_memory, layer_io=io,
-                                        on_layer=lambda i, th: saved.update(th))
+        calibrate(model, calibration=batches, sparsity=sparsity, targets=targets, progress=progress, device=device,
+                  max_memory=max_memory, layer_io=io, on_layer=lambda i, th: saved.update(th))
     return dict(saved)

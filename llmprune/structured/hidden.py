@@ -8,7 +8,9 @@ it (o, down), and column ``c`` of the LM head (tied or not). The adapter lists t
 
 The pruned model is *not* the original with channels masked: an RMSNorm over ``d'`` channels divides by the
 RMS of those ``d'`` channels. With the channels' energy mostly kept, the new RMS is about ``sqrt(d/d')`` times
-the old one, so every normalised output shrinks by that factor. Two criteria:
+the old one, so every normalised output shrinks by that factor. Two criteria, each registered once here as a
+``hidden`` criterion (:func:`~llmprune.structured.criteria.units.register_unit_criterion`; ``PruneConfig.hidden_method``
+names one), both needing calibration, neither streamed:
 
 - ``minitron``: mean ``|y|`` of each channel after every norm, summed over norms (Minitron, Muralidharan et
   al. 2024); the norms' weights stay as they were.
@@ -39,6 +41,7 @@ from ..calibration.calibrate import CalibrationError
 from ..calibration.norms import NormStats, norm_statistics
 from ..core.config import PruneConfig
 from ..core.config import RatioError
+from .criteria.units import get_unit_criterion, register_unit_criterion
 from .select import keep_after_removing
 
 __all__ = ["hidden_to_remove", "hidden_norms", "minitron_scores", "rms_greedy", "choose_hidden", "prune_hidden",
@@ -111,23 +114,38 @@ def rms_greedy(x2: Sequence[torch.Tensor], y2: Sequence[torch.Tensor], eps: Sequ
     return (~removed).nonzero().reshape(-1).tolist(), alphas
 
 
+def _minitron(stats: Sequence[NormStats], n_remove: int) -> tuple[list[int], None]:
+    return keep_after_removing(minitron_scores(stats), n_remove), None
+
+
+def _rms(stats: Sequence[NormStats], n_remove: int) -> tuple[list[int], list[float]]:
+    samples = [s.samples() for s in stats]
+    return rms_greedy([x for x, _ in samples], [y for _, y in samples], [s.eps for s in stats], n_remove)
+
+
+register_unit_criterion("hidden", "minitron", "mean |activation| after every norm, summed over norms (Minitron)",
+                        _minitron, calibration="required", needs=("norm_outputs",), streams=False)
+register_unit_criterion("hidden", "rms", "greedy on the normalised outputs' error, each norm's weight corrected in "
+                        "closed form for its new RMS", _rms, calibration="required",
+                        needs=("norm_outputs", "norm_samples"), streams=False)
+
+
 def choose_hidden(model: nn.Module, adapter: ArchAdapter, config: PruneConfig, batches: Sequence[torch.Tensor] | None,
                   progress: bool = True) -> tuple[list[int], dict[str, float] | None]:
-    """Kept hidden channels for ``config.hidden`` by ``config.hidden_method``, and (``rms``) each norm's output
-    scale by module name."""
-    if batches is None:
+    """Kept hidden channels for ``config.hidden`` by the registered criterion ``config.hidden_method``, and (a
+    criterion that rescales the norms, ``rms``) each norm's output scale by module name."""
+    criterion = get_unit_criterion("hidden", config.hidden_method)
+    if batches is None and criterion.needs_calibration:
         raise CalibrationError("pruning the hidden dimension scores channels on activations: pass calibration="
                                "<text file> (CLI: --calib FILE)")
     d = int(model.config.hidden_size)
     n_remove = hidden_to_remove(config.hidden, d)
     norms = hidden_norms(adapter, model)
-    rms = config.hidden_method == "rms"
-    stats = norm_statistics(model, norms, batches, sample_tokens=RMS_SAMPLE_TOKENS if rms else 0, seed=config.seed,
-                            progress=progress)
-    if not rms:
-        return keep_after_removing(minitron_scores(stats), n_remove), None
-    samples = [s.samples() for s in stats]
-    kept, alphas = rms_greedy([x for x, _ in samples], [y for _, y in samples], [s.eps for s in stats], n_remove)
+    sample_tokens = RMS_SAMPLE_TOKENS if "norm_samples" in criterion.needs else 0
+    stats = norm_statistics(model, norms, batches, sample_tokens=sample_tokens, seed=config.seed, progress=progress)
+    kept, alphas = criterion.fn(stats, n_remove)
+    if alphas is None:
+        return kept, None
     names = {id(m): n for n, m in model.named_modules()}
     return kept, {names[id(norm)]: a for norm, a in zip(norms, alphas)}
 

@@ -28,7 +28,7 @@ from ..arch import get_adapter
 from ..calibration.calibrate import CalibrationError, as_batches, check_calibration_fits, layerwise_statistics
 from .compensate import add_deltas, compensation_deltas, enable_biases, zero_deltas
 from ..core.config import LayerPlan, PruneConfig, PrunePlan
-from .criteria import get_criterion
+from .criteria import get_criterion, get_unit_criterion
 from ..checkpoint.dispatched import check_not_dispatched
 from .score import LayerScores, score_layer, score_layers
 from .select import check_ratios, plan_pruning, resolve_config
@@ -107,8 +107,10 @@ def prune(
     prunes_units = config.heads > 0 or config.ffn > 0
     if criterion.run is not None and prunes_units and (config.layers or config.experts):
         return _layers_then_units(model, adapter, config, criterion, tokenizer, calibration, device, progress)
+    layers, experts = get_unit_criterion("layers"), get_unit_criterion("experts")  # their own criteria
     needs_data = ((criterion.needs_calibration or config.bias_compensation or config.reconstruct
-                   or config.allocation in ("error", "block_influence")) and prunes_units) or config.layers > 0
+                   or config.allocation in ("error", "block_influence")) and prunes_units) \
+        or (config.layers > 0 and layers.needs_calibration) or (config.experts > 0 and experts.needs_calibration)
     if calibration is not None:  # before any tokenizing: windows within the context, states within memory
         check_calibration_fits(model.config, config.n_samples, config.seq_len, context=False)
     batches = as_batches(calibration, tokenizer, config.n_samples, config.seq_len, config.seed, config.batch_size)
@@ -127,8 +129,9 @@ def prune(
         plan = criterion.run(model, adapter, config, batches, device, progress)
         model.train(was_training)
         return PruneResult(model, plan, config, params_before, count_parameters(model), [])
-    # Expert removal uses routing statistics whenever calibration data is given (weight norms otherwise).
-    use_data = needs_data or (config.experts > 0 and batches is not None)
+    # A criterion with optional calibration (expert removal: routing mass) reads it whenever it is given.
+    use_data = needs_data or (batches is not None and ((config.experts > 0 and experts.uses_calibration)
+                                                       or (config.layers > 0 and layers.uses_calibration)))
     reconstruct = config.reconstruct and prunes_units
     # A first, dense pass decides the counts unless reconstruction alone (uniform counts) needs none.
     first_pass = criterion.prepare is not None or not (

@@ -19,6 +19,7 @@ from ..arch.base import ExpertsSpec
 from ..calibration.calibrate import LayerStats
 from ..core.config import PruneConfig
 from .criteria.base import get_criterion
+from .criteria.units import get_unit_criterion
 
 __all__ = ["LayerScores", "score_layers", "score_layer", "expert_scores"]
 
@@ -66,17 +67,6 @@ def score_layer(adapter: ArchAdapter, layer: nn.Module, cfg: PruneConfig, stats:
 
 
 def expert_scores(moe: ExpertsSpec, stats: LayerStats | None) -> torch.Tensor:
-    """Importance of each expert (higher = more important).
-
-    With calibration statistics: the *routing mass*, i.e. the sum over calibration tokens of the routing
-    weight the router gave the expert when it was among the top-k, divided by the number of tokens
-    (= selection frequency x mean routing weight when selected). Without: the L2 norm of the expert's
-    weights (all of its batched parameters).
-    """
-    if stats is not None and "router_mass" in stats.extra:
-        return stats.extra["router_mass"].double() / max(int(stats.extra.get("router_tokens", 1)), 1)
-    total = torch.zeros(moe.num_experts, dtype=torch.float64)
-    for p in moe.params:
-        w = getattr(p.module, p.name).detach()
-        total += w.double().pow(2).sum(dim=(1, 2)).cpu()
-    return total.sqrt()
+    """Importance of each expert (higher = more important) by the registered ``experts`` criterion (routing mass
+    with calibration statistics, weight norm without: :mod:`.criteria.routing_mass`)."""
+    return get_unit_criterion("experts").fn(moe, stats)

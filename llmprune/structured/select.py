@@ -165,11 +165,15 @@ def resolve_config(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig) -> 
     """``cfg`` itself, or a copy with the choices left to the model and the method made concrete:
     ``attention_unit="auto"`` (:func:`resolve_attention_unit`, from the first attention layer of ``model``) and
     ``allocation=None`` (the method's own default); called once per model before any work, so results and saved
-    recipes name what ran. Refuses an allocation the method does not support."""
+    recipes name what ran. Refuses an allocation the method does not support, and an unknown ``hidden_method``
+    (the registered hidden-channel criteria: :mod:`.criteria.units`)."""
     import dataclasses
 
-    from .criteria.base import get_criterion  # the registry alone: the methods import this module
+    # the registries alone, at call time (the methods import this module; importing them registers every method)
+    from .criteria.base import get_criterion
+    from .criteria.units import get_unit_criterion
 
+    get_unit_criterion("hidden", cfg.hidden_method)
     method = get_criterion(cfg.method)
     if cfg.allocation is None:
         cfg = dataclasses.replace(cfg, allocation=method.default_allocation)
@@ -356,9 +360,10 @@ def plan_pruning(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig, score
     """Turn scores into kept indices (GQA-consistent); ``counts`` (one per layer) override the
     allocation's own (uniform or global) counts."""
     removed_layers: list[int] = []
-    if cfg.layers:
-        bi = torch.tensor([s.block_influence for s in scores], dtype=torch.float64)
-        removed_layers = sorted(torch.sort(bi, stable=True).indices[: cfg.layers].tolist())
+    if cfg.layers:  # the registered layer criterion (Block Influence: :mod:`.criteria.block_influence`)
+        from .criteria.units import get_unit_criterion
+
+        removed_layers = get_unit_criterion("layers").fn([s.block_influence for s in scores], cfg.layers)
     counts = counts if counts is not None else removal_counts(cfg, scores)
     plans = [plan_layer(s, cfg, c) for s, c in zip(scores, counts)]
     _plan_experts(cfg, scores, plans)

@@ -1,6 +1,14 @@
-"""Importance criteria, one file each, registered by name (pure functions of weights and statistics)."""
+"""Importance criteria, one file each, registered by name (pure functions of weights and statistics).
+
+Heads and neurons: :class:`~.base.Criterion` (``PruneConfig.method``). Hidden channels, layers and experts:
+:class:`~.units.UnitCriterion`, one registry per kind (:mod:`.units`); the hidden-channel criteria register in
+:mod:`llmprune.structured.hidden`, imported here so that every criterion is known once this package is.
+"""
 
 from .base import Criterion, available_criteria, get_criterion, register_criterion
-from . import fluctuation, magnitude, obs, single_unit, taylor, wanda  # noqa: F401  (registration)
+from .units import UnitCriterion, available_unit_criteria, get_unit_criterion, register_unit_criterion
+from . import block_influence, fluctuation, magnitude, obs, routing_mass, single_unit, taylor, wanda  # noqa: F401
+from .. import hidden  # noqa: F401,E402  (registration of the hidden-channel criteria)
 
-__all__ = ["Criterion", "available_criteria", "get_criterion", "register_criterion"]
+__all__ = ["Criterion", "available_criteria", "get_criterion", "register_criterion", "UnitCriterion",
+           "available_unit_criteria", "get_unit_criterion", "register_unit_criterion"]
