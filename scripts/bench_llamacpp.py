@@ -114,7 +114,7 @@ def main() -> None:
     ap.add_argument("--ppl-seq-len", type=int, default=512)
     ap.add_argument("--ppl-max-tokens", type=int, default=20000)
     ap.add_argument("--ppl-threads", type=int, default=2)
-    ap.add_argument("--ppl-only-first-gguf", action="store_true", help="llama.cpp PPL of each model's first file only")
+    ap.add_argument("--ppl-models", default=None, help="comma-separated NAMEs whose PPL is measured (default: all)")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--pp", type=int, default=512)
     ap.add_argument("--tg", type=int, default=128)
@@ -132,17 +132,19 @@ def main() -> None:
         folder, files = rest.split(":", 1)
         models.append((name, folder, files.split(",")))
     result: dict = {"machine": cpu_name(), "cpus": os.cpu_count(), "args": vars(args), "models": {}}
+    ppl_models = set(args.ppl_models.split(",")) if args.ppl_models else {m[0] for m in models}
     for name, folder, files in models:
         t0 = time.perf_counter()
-        ppl_tf, ids = transformers_ppl(folder, text, args.ppl_seq_len, args.ppl_max_tokens)
-        plan = windows(len(ids), args.ppl_seq_len)
-        entry = {"folder": folder, "ppl_transformers": ppl_tf, "files": {}}
-        for i, f in enumerate(files):
+        entry: dict = {"folder": folder, "files": {}}
+        if name in ppl_models:
+            entry["ppl_transformers"], ids = transformers_ppl(folder, text, args.ppl_seq_len, args.ppl_max_tokens)
+            plan = windows(len(ids), args.ppl_seq_len)
+        for f in files:
             nbytes, kinds = weight_bytes_per_token(f)
             fe = {"size_bytes": os.path.getsize(f), "weight_bytes_per_token": nbytes, "attn_q_type": kinds}
-            if i == 0 or not args.ppl_only_first_gguf:
+            if name in ppl_models:
                 fe["ppl_llamacpp"] = llamacpp_ppl(f, ids, plan, args.ppl_threads)
-                fe["ppl_rel_diff"] = fe["ppl_llamacpp"] / ppl_tf - 1
+                fe["ppl_rel_diff"] = fe["ppl_llamacpp"] / entry["ppl_transformers"] - 1
             entry["files"][f] = fe
         entry["ppl_seconds"] = time.perf_counter() - t0
         result["models"][name] = entry
