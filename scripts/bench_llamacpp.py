@@ -107,14 +107,55 @@ def speed(paths: list[str], threads: list[int], pp: int, tg: int, rounds: int) -
             for (p, t), d in times.items()}
 
 
+def markdown(result: dict) -> str:
+    """Tables for BENCHMARKS.md: perplexity (transformers vs llama.cpp) and, per file, size and speed with the
+    speedup over the first model's file of the same type, against the ideal (weight bytes read per token)."""
+    lines = ["| model | file | transformers PPL | llama.cpp PPL | difference |", "|---|---|---|---|---|"]
+    for name, m in result["models"].items():
+        for f, fe in m["files"].items():
+            if "ppl_llamacpp" in fe:
+                lines.append(f"| {name} | {Path(f).name} | {m['ppl_transformers']:.3f} | {fe['ppl_llamacpp']:.3f} | "
+                             f"{100 * fe['ppl_rel_diff']:+.3f}% |")
+    speed = result.get("speed") or {}
+    threads = sorted({int(k.rsplit("|", 1)[1]) for k in speed})
+    head = "| model | file | type | size (MiB) | weight bytes/token (MiB) |"
+    sep = "|---|---|---|---|---|"
+    for t in threads:
+        head += f" pp512 t/s ({t} thr) | tg128 t/s ({t} thr) | tg speedup / ideal ({t} thr) |"
+        sep += "---|---|---|"
+    lines += ["", head, sep]
+    base: dict[str, tuple[str, dict]] = {}
+    for name, m in result["models"].items():
+        for f, fe in m["files"].items():
+            base.setdefault(fe["attn_q_type"], (f, fe))
+    for name, m in result["models"].items():
+        for f, fe in m["files"].items():
+            bf, bfe = base[fe["attn_q_type"]]
+            ideal = bfe["weight_bytes_per_token"] / fe["weight_bytes_per_token"]
+            row = (f"| {name} | {Path(f).name} | {fe['attn_q_type']} | {fe['size_bytes'] / 2**20:.1f} | "
+                   f"{fe['weight_bytes_per_token'] / 2**20:.1f} |")
+            for t in threads:
+                s_, b_ = speed.get(f"{f}|{t}"), speed.get(f"{bf}|{t}")
+                if s_ is None or b_ is None:
+                    row += " – | – | – |"
+                    continue
+                up = s_["tg"] / b_["tg"]
+                row += f" {s_['pp']:.0f} | {s_['tg']:.1f} | {up:.2f}x / {ideal:.2f}x ({100 * up / ideal:.0f}%) |"
+            lines.append(row)
+    return "\n".join(lines)
+
+
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--table":  # render a results file: --table results.json
+        print(markdown(json.loads(Path(sys.argv[2]).read_text())))
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+", help="NAME=FOLDER:GGUF[,GGUF...] (the first is the baseline)")
     ap.add_argument("--ppl", required=True, help="perplexity text")
     ap.add_argument("--ppl-seq-len", type=int, default=512)
     ap.add_argument("--ppl-max-tokens", type=int, default=20000)
     ap.add_argument("--ppl-threads", type=int, default=2)
-    ap.add_argument("--ppl-only-first-gguf", action="store_true", help="llama.cpp PPL of each model's first file only")
+    ap.add_argument("--ppl-models", default=None, help="comma-separated NAMEs whose PPL is measured (default: all)")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--pp", type=int, default=512)
     ap.add_argument("--tg", type=int, default=128)
@@ -132,17 +173,19 @@ def main() -> None:
         folder, files = rest.split(":", 1)
         models.append((name, folder, files.split(",")))
     result: dict = {"machine": cpu_name(), "cpus": os.cpu_count(), "args": vars(args), "models": {}}
+    ppl_models = set(args.ppl_models.split(",")) if args.ppl_models else {m[0] for m in models}
     for name, folder, files in models:
         t0 = time.perf_counter()
-        ppl_tf, ids = transformers_ppl(folder, text, args.ppl_seq_len, args.ppl_max_tokens)
-        plan = windows(len(ids), args.ppl_seq_len)
-        entry = {"folder": folder, "ppl_transformers": ppl_tf, "files": {}}
-        for i, f in enumerate(files):
+        entry: dict = {"folder": folder, "files": {}}
+        if name in ppl_models:
+            entry["ppl_transformers"], ids = transformers_ppl(folder, text, args.ppl_seq_len, args.ppl_max_tokens)
+            plan = windows(len(ids), args.ppl_seq_len)
+        for f in files:
             nbytes, kinds = weight_bytes_per_token(f)
             fe = {"size_bytes": os.path.getsize(f), "weight_bytes_per_token": nbytes, "attn_q_type": kinds}
-            if i == 0 or not args.ppl_only_first_gguf:
+            if name in ppl_models:
                 fe["ppl_llamacpp"] = llamacpp_ppl(f, ids, plan, args.ppl_threads)
-                fe["ppl_rel_diff"] = fe["ppl_llamacpp"] / ppl_tf - 1
+                fe["ppl_rel_diff"] = fe["ppl_llamacpp"] / entry["ppl_transformers"] - 1
             entry["files"][f] = fe
         entry["ppl_seconds"] = time.perf_counter() - t0
         result["models"][name] = entry

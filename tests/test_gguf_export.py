@@ -402,3 +402,23 @@ def test_push_uploads_gguf_with_card(tmp_path):
     metrics = meta["model-index"][0]["results"][0]["metrics"]
     assert [(m["type"], m["value"]) for m in metrics] == [("perplexity", 24.25), ("perplexity", 20.5)]
     assert (folder / "README.md").read_text() != card  # the local card is left as it was
+
+
+def test_card_update_is_idempotent():
+    """Pushing twice gives one model-index and one llama.cpp section (the later push's)."""
+    import yaml
+
+    from llmprune.checkpoint.hub_card import GGUF_SECTION_TITLE, card_results, update_card
+
+    card = "---\nlibrary_name: transformers\ntags:\n- pruned\n---\n\n# Pruned\n\nText.\n"
+    results = card_results({"ppl_before": 28.8, "ppl_after": 45.4, "ppl_protocol": "wiki.txt, first 20000 tokens"},
+                           {"pruned": {"piqa acc": 0.61, "ppl": 45.0}, "dense": {"piqa acc": 0.66}})
+    once = update_card(card, "me/m", ["m-Q8_0.gguf"], results)
+    twice = update_card(once, "me/m", ["m-F16.gguf"], results)
+    assert twice.count(GGUF_SECTION_TITLE) == 1 and "hf.co/me/m:F16" in twice and "hf.co/me/m:Q8_0" not in twice
+    assert twice.count("model-index:") == 1 and twice.endswith("```\n") and "Text." in twice
+    meta = yaml.safe_load(twice.split("---\n")[1])
+    assert meta["tags"] == ["pruned"]
+    names = [m["name"] for r in meta["model-index"][0]["results"] for m in r["metrics"]]
+    assert names == ["Perplexity", "Perplexity of the model before pruning", "piqa acc", "piqa acc (before pruning)"]
+    assert update_card(card, "me/m") == card  # nothing to add: unchanged
