@@ -8,7 +8,7 @@ from tiny_models import tiny_causal_lm
 
 from llmprune.calibration.calibrate import CalibrationError
 from llmprune.sparsity import apply_activation_sparsity, calibrate_activation_thresholds, measure_activation_sparsity
-from llmprune.sparsity.thresholds import AbsHistogram, Reservoir, threshold_from_sample
+from llmprune.sparsity.thresholds import AbsHistogram, threshold_from_sample
 
 
 def _batches(vocab=128, n=8, seq=16, seed=0):
@@ -21,16 +21,6 @@ def test_threshold_from_sample_is_exact_quantile():
     t = threshold_from_sample(a, 0.25)
     assert 25 < t < 26 and int((a <= t).sum()) == 25 and int((a < t).sum()) == 25
     assert threshold_from_sample(a, 0.0) == 0.0
-
-
-def test_reservoir_is_bounded_and_unbiased():
-    r = Reservoir(5000, seed=0)
-    g = torch.Generator().manual_seed(123)  # not the reservoir's own seed
-    data = torch.rand(200_000, generator=g)
-    for chunk in data.split(7000):
-        r.update(chunk)
-    assert r.values.numel() == 5000 and r.seen == data.numel()
-    assert abs(threshold_from_sample(r.values, 0.4) - 0.4) < 0.03
 
 
 @pytest.mark.parametrize("data", ["normal", "lognormal", "zeros", "bf16"])
@@ -290,27 +280,17 @@ def test_run_staged_error_in_one_forward_unwinds_every_paused_one():
 def test_calibration_runs_on_the_engine_handing_on_the_sparsified_outputs(staged):
     """Each layer hands on its outputs with its thresholds applied; the last layer, computing nothing, its inputs."""
     from llmprune.arch import get_adapter
-    from llmprune.calibration.engine import LayerIO, layer_by_layer
-
-    class Recording(LayerIO):
-        def __init__(self):
-            self.entered, self.left = [], {}
-
-        def enter(self, i, layer):
-            self.entered.append(i)
-
-        def leave(self, i, layer, hidden):
-            self.left[i] = [h.clone() for h in hidden]
-            return hidden
+    from llmprune.calibration.engine import layer_by_layer
+    from recording_io import RecordingIO
 
     model = tiny_causal_lm("llama")
     batches = list(torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0)).split(2))
-    io = Recording()
+    io = RecordingIO()
     th = calibrate_activation_thresholds(model, calibration=batches, sparsity=0.5, staged=staged, progress=False,
                                          layer_io=io)
     n = len(get_adapter(model).decoder_layers(model))
     assert io.entered == [0] + list(range(n))
-    expected = Recording()
+    expected = RecordingIO()
     with apply_activation_sparsity(model, th):
         for _ in layer_by_layer(model, get_adapter(model), batches, layer_io=expected, progress=False):
             pass

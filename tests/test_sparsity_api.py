@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from recording_io import RecordingIO
 from tiny_models import tiny_causal_lm
 
 from llmprune.arch import get_adapter
 from llmprune.calibration.calibrate import CalibrationError
-from llmprune.calibration.engine import LayerIO, layer_by_layer
+from llmprune.calibration.engine import layer_by_layer
 from llmprune.sparsity import SparsityConfig, num_pruned, sparsify
 from llmprune.sparsity._common import layer_targets
 from llmprune.sparsity.api import _sequential
@@ -154,22 +155,8 @@ def test_ref_model_end_to_end_generation(ref_model, shared_dir):
     assert "\"method\": \"wanda\"" in report.to_json()
 
 
-class _RecordingIO(LayerIO):
-    """Which layers a pass enters, and the hidden states each layer hands on."""
-
-    def __init__(self):
-        self.entered, self.left = [], {}
-
-    def enter(self, i, layer):
-        self.entered.append(i)
-
-    def leave(self, i, layer, hidden):
-        self.left[i] = [h.clone() for h in hidden]
-        return hidden
-
-
 def _handed_on(model, batches):
-    io = _RecordingIO()
+    io = RecordingIO()
     for _ in layer_by_layer(model, get_adapter(model), batches, layer_io=io, progress=False):
         pass
     return io.left
@@ -181,7 +168,7 @@ def test_pruning_runs_on_the_engine_feeding_pruned_or_dense_outputs_on(sequentia
     gathered before pruning, i.e. the dense model's."""
     model, dense, batches = tiny_causal_lm("llama"), tiny_causal_lm("llama"), _batches()
     cfg = SparsityConfig(method="wanda", sequential=sequential, targets=["*.mlp.*"])
-    io = _RecordingIO()
+    io = RecordingIO()
     targets = layer_targets(model, get_adapter(model).decoder_layers(model), cfg.targets)
     _sequential(model, get_adapter(model), targets, batches, cfg, False, None, [0.5] * len(targets), layer_io=io)
     assert io.entered == [0] + list(range(len(targets)))  # layer 0 once more for the capture pass

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import fnmatch
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
+import torch
 from torch import nn
+
+from ..calibration.calibrate import CalibrationError
 
 
 #: every linear layer inside the decoder blocks (lm_head and embeddings are never targets)
@@ -39,3 +42,12 @@ def layer_targets(model: nn.Module, layers: Sequence[nn.Module], patterns: Seque
     return out
 
 
+@torch.no_grad()
+def prune_by_input_norm(mask: Callable[..., torch.Tensor], weight: torch.Tensor, stats: Any, sparsity: float,
+                        config: Any) -> None:
+    """The registered ``prune`` of a mask from weights and input norms (wanda, ria): zero the weights ``mask``
+    drops, in place (``stats``: ``InputStats``)."""
+    if stats.count == 0:
+        raise CalibrationError(f"no calibration inputs reached the layer with weight {list(weight.shape)}")
+    keep = mask(weight, stats.norm, sparsity, nm=config.nm, per=config.per)
+    weight.mul_(keep.to(weight.device, weight.dtype))

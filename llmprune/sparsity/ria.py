@@ -16,10 +16,12 @@ Example::
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
-from ..calibration.calibrate import CalibrationError
 from .masks import nm_mask, unstructured_mask
+from ._common import prune_by_input_norm
 from .registry import register_sparsity_method
 
 __all__ = ["ria_scores", "ria_mask"]
@@ -41,14 +43,5 @@ def ria_mask(weight: torch.Tensor, input_norm: torch.Tensor, sparsity: float, nm
     return nm_mask(scores, *nm) if nm is not None else unstructured_mask(scores, sparsity, per=per)
 
 
-@torch.no_grad()
-def _prune(weight: torch.Tensor, stats, sparsity: float, config) -> None:
-    """The registered ``prune``: zero the lowest-scoring weights of ``weight`` in place (``stats``: ``InputStats``)."""
-    if stats.count == 0:
-        raise CalibrationError(f"no calibration inputs reached the layer with weight {list(weight.shape)}")
-    keep = ria_mask(weight, stats.norm, sparsity, nm=config.nm, per=config.per)
-    weight.mul_(keep.to(weight.device, weight.dtype))
-
-
 register_sparsity_method("ria", "relative importance |W| over its row and column sums, times ||X||^0.5",
-                         needs="norms", prune=_prune)
+                         needs="norms", prune=partial(prune_by_input_norm, ria_mask))

@@ -4,8 +4,8 @@
   the float32 bit pattern), fixed memory, every value counted; :meth:`AbsHistogram.threshold` interpolates within
   the quantile's bin (within 0.1% of the exact order statistics at the default 10 bits). What
   :func:`llmprune.sparsity.calibrate_activation_thresholds` uses.
-- :class:`Reservoir` and :func:`threshold_from_sample`: a uniform sample of the stream and the exact quantile of
-  a set of values (the former estimate, kept for callers and as the reference).
+- :func:`threshold_from_sample`: the exact quantile of a set of values (the reference the histogram is tested
+  against).
 
 Example::
 
@@ -22,7 +22,7 @@ import torch
 
 from ..calibration.calibrate import CalibrationError
 
-__all__ = ["AbsHistogram", "Reservoir", "threshold_from_sample"]
+__all__ = ["AbsHistogram", "threshold_from_sample"]
 
 #: histogram resolution: ``2**_HIST_BITS`` bins per octave, i.e. bins 0.1% wide relative to their values
 _HIST_BITS = 10
@@ -105,38 +105,6 @@ class AbsHistogram:
 def _bits_to_float(bits: int) -> float:
     """The float32 whose bit pattern is the non-negative integer ``bits`` (< 2**31)."""
     return struct.unpack("<f", struct.pack("<I", bits))[0]
-
-
-class Reservoir:
-    """Uniform random sample (without replacement) of at most ``capacity`` values of a stream.
-
-    The calibration's former quantile estimate (now :class:`AbsHistogram`); kept for callers.
-    """
-
-    def __init__(self, capacity: int, seed: int = 0):
-        if capacity < 1:
-            raise ValueError("capacity must be >= 1")
-        self.capacity = capacity
-        self.gen = torch.Generator().manual_seed(seed)
-        self.values = torch.empty(0)
-        self.keys = torch.empty(0)
-        self.seen = 0
-
-    def update(self, values: torch.Tensor) -> None:
-        v = values.detach().reshape(-1).float().cpu()
-        self.seen += v.numel()
-        keys = torch.rand(v.numel(), generator=self.gen)
-        if self.values.numel() + v.numel() <= self.capacity:
-            self.values = torch.cat([self.values, v])
-            self.keys = torch.cat([self.keys, keys])
-            return
-        if v.numel() > self.capacity:  # pre-select within the chunk to keep the concat small
-            keys, idx = torch.topk(keys, self.capacity, largest=False)
-            v = v[idx]
-        allk = torch.cat([self.keys, keys])
-        allv = torch.cat([self.values, v])
-        self.keys, idx = torch.topk(allk, self.capacity, largest=False)
-        self.values = allv[idx]
 
 
 def threshold_from_sample(abs_values: torch.Tensor, sparsity: float) -> float:

@@ -7,10 +7,12 @@ group of ``m`` inputs for N:M), and no weight update is made.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
-from ..calibration.calibrate import CalibrationError
 from .masks import nm_mask, unstructured_mask
+from ._common import prune_by_input_norm
 from .registry import register_sparsity_method
 
 __all__ = ["wanda_scores", "wanda_mask"]
@@ -36,13 +38,4 @@ def wanda_mask(weight: torch.Tensor, input_norm: torch.Tensor, sparsity: float,
     return nm_mask(scores, *nm) if nm is not None else unstructured_mask(scores, sparsity, per=per)
 
 
-@torch.no_grad()
-def _prune(weight: torch.Tensor, stats, sparsity: float, config) -> None:
-    """The registered ``prune``: zero the lowest-scoring weights of ``weight`` in place (``stats``: ``InputStats``)."""
-    if stats.count == 0:
-        raise CalibrationError(f"no calibration inputs reached the layer with weight {list(weight.shape)}")
-    keep = wanda_mask(weight, stats.norm, sparsity, nm=config.nm, per=config.per)
-    weight.mul_(keep.to(weight.device, weight.dtype))
-
-
-register_sparsity_method("wanda", "|W| * ||X||", needs="norms", prune=_prune)
+register_sparsity_method("wanda", "|W| * ||X||", needs="norms", prune=partial(prune_by_input_norm, wanda_mask))
