@@ -325,7 +325,7 @@ def test_cli_streams_when_the_model_does_not_fit_and_output_reloads_fresh(tmp_pa
     result = prune(model, cfg, tokenizer=tok, calibration=calib, progress=False)
     save_pruned(model, tmp_path / "mem", tokenizer=tok, config=cfg, plan=result.plan)
     base = [sys.executable, "-m", "llmprune", "prune", str(ref_model_path), "--heads", "0.25", "--ffn", "0.25",
-            "--calib", calib, "--n-samples", "4", "--seq-len", "64", "--reconstruct"]
+            "--method", "wanda", "--calib", calib, "--n-samples", "4", "--seq-len", "64", "--reconstruct"]
     auto = subprocess.run(base + ["--out", str(tmp_path / "str"), "--max-memory", "20MB"], env=env,
                           capture_output=True, text=True)
     assert auto.returncode == 0, auto.stderr[-2000:]
