@@ -122,9 +122,10 @@ def output_fisher(model: nn.Module, adapter: ArchAdapter, batches: list[torch.Te
             io.release(0, layers[0])
         # 1. forward, keeping each layer's inputs
         start = st.get("forward_next", 0)
-        hidden = captured.hidden if start == 0 else store.get(f"in-{start}") if start < n else []
+        if start == 0:
+            store.put("in-0", captured.hidden)
+        hidden = store.get(f"in-{start}") if start < n else []
         for i in range(start, n):
-            store.put(f"in-{i}", hidden)
             io.enter(i, layers[i])
             layer = layers[i].to(dev)
             with torch.no_grad():
