@@ -4,8 +4,7 @@
   the float32 bit pattern), fixed memory, every value counted; :meth:`AbsHistogram.threshold` interpolates within
   the quantile's bin (within 0.1% of the exact order statistics at the default 10 bits). What
   :func:`llmprune.sparsity.calibrate_activation_thresholds` uses.
-- :func:`threshold_from_sample`: the exact quantile of a set of values (the reference the histogram is tested
-  against).
+  Tested against the exact order statistics of every value (``tests/teal_reference.py``).
 
 Example::
 
@@ -22,7 +21,7 @@ import torch
 
 from ..calibration.calibrate import CalibrationError
 
-__all__ = ["AbsHistogram", "threshold_from_sample"]
+__all__ = ["AbsHistogram"]
 
 #: histogram resolution: ``2**_HIST_BITS`` bins per octave, i.e. bins 0.1% wide relative to their values
 _HIST_BITS = 10
@@ -75,7 +74,7 @@ class AbsHistogram:
         self.seen = int(seen.item())
 
     def threshold(self, sparsity: float) -> float:
-        """:func:`threshold_from_sample` of every value counted: the midpoint of the ``k``-th and
+        """The exact quantile of every value counted: the midpoint of the ``k``-th and
         ``k+1``-th smallest (``k = round(sparsity * seen)``), each located to its bin and interpolated."""
         if not 0.0 <= sparsity < 1.0:
             raise ValueError(f"sparsity={sparsity!r} must be in [0, 1)")
@@ -105,20 +104,3 @@ class AbsHistogram:
 def _bits_to_float(bits: int) -> float:
     """The float32 whose bit pattern is the non-negative integer ``bits`` (< 2**31)."""
     return struct.unpack("<f", struct.pack("<I", bits))[0]
-
-
-def threshold_from_sample(abs_values: torch.Tensor, sparsity: float) -> float:
-    """Threshold ``t`` such that a fraction ``sparsity`` of ``abs_values`` is ``<= t`` (and ``< t``)."""
-    if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity={sparsity!r} must be in [0, 1)")
-    a = abs_values.reshape(-1).float()
-    n = a.numel()
-    if n == 0:
-        raise CalibrationError("no activation values to calibrate on")
-    k = int(round(sparsity * n))
-    if k <= 0:
-        return 0.0
-    a = torch.sort(a).values
-    if k >= n:
-        return float(a[-1])
-    return float((a[k - 1] + a[k]) / 2)
