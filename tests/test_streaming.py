@@ -361,3 +361,22 @@ def test_cli_streamed_activation_sparsity_matches_in_memory(tmp_path, ref_model_
     _assert_same_output(tmp_path / "mem", tmp_path / "str")
     mem, streamed = read_activation_thresholds(tmp_path / "mem"), read_activation_thresholds(tmp_path / "str")
     assert len(mem) == 6 * 7 and streamed == mem
+
+
+def test_streamed_fisher_pass_keeps_only_each_layers_fisher_on_disk(tmp_path):
+    """The Fisher pass's states (each layer's inputs, the gradients) go once done: the run folder then holds one
+    file per layer, its Fisher, and equal values to the in-memory pass."""
+    from llmprune.arch import get_adapter
+    from llmprune.calibration.fisher import output_fisher
+    from llmprune.streaming.resume import DiskStore, PartialOutput
+
+    model = tiny_causal_lm("llama", num_hidden_layers=3).eval()
+    adapter = get_adapter(model)
+    part = PartialOutput(tmp_path / "out", "fp", resume=False, overwrite=False)
+    on_disk = output_fisher(model, adapter, [IDS[:2], IDS[2:]], labels="data", store=DiskStore(part, 1))
+    files = sorted(p.name for p in part.dir.glob("hidden-fisher-*.bin"))
+    assert len(files) == 3 and set(part.state["fisher"]["files"]) == {"fisher-0", "fisher-1", "fisher-2"}
+    in_memory = output_fisher(model, adapter, [IDS[:2], IDS[2:]], labels="data")
+    for i in range(3):
+        for m, f in in_memory[i].items():
+            torch.testing.assert_close(on_disk[i][m], f, rtol=0, atol=0)

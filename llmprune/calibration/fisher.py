@@ -160,6 +160,7 @@ def output_fisher(model: nn.Module, adapter: ArchAdapter, batches: list[torch.Te
             store.commit()
         store.drop("in-0")
         store.drop("grad")
+        store.commit()  # a streamed run's folder: the states' files go once the state no longer names them
     finally:
         for p, r in requires.items():
             p.requires_grad_(r)
