@@ -188,9 +188,12 @@ def _layers_then_units(model: nn.Module, adapter: Any, config: PruneConfig, crit
     selects inside the sequential pass (``obs``) prunes heads and neurons of what is left. One plan, in the
     original layer numbering."""
     params_before = count_parameters(model)
-    first = prune(model, dataclasses.replace(config, heads=0.0, ffn=0.0), tokenizer, calibration, device, progress)
+    # the calibration text is tokenized once, and both stages draw the same windows from it
+    batches = as_batches(calibration, tokenizer, config.n_samples, config.seq_len, config.seed, config.batch_size)
+    first = prune(model, dataclasses.replace(config, heads=0.0, ffn=0.0), calibration=batches, device=device,
+                  progress=progress)
     units = dataclasses.replace(config, layers=0, experts=0.0)
-    second = prune(model, units, tokenizer, calibration, device, progress)
+    second = prune(model, units, calibration=batches, device=device, progress=progress)
     plan = first.plan
     for j, i in enumerate(plan.kept_layers):
         lp, inner = plan.layers[i], second.plan.layers[j]
