@@ -95,10 +95,15 @@ def test_fisher_diagonal_is_the_diagonal_of_the_full_fisher():
     torch.testing.assert_close(full[1][o], g.t() @ g / batches[0].numel())
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen3", "gemma2", "gpt2", "falcon", "opt"])
-def test_layerwise_fisher_equals_the_whole_model_backward(model_type):
+@pytest.mark.parametrize("model_type,head_rows", [("llama", 256), ("qwen3", 256), ("gemma2", 256), ("gpt2", 256),
+                                                   ("falcon", 256), ("opt", 256), ("llama", 5), ("gemma2", 4)])
+def test_layerwise_fisher_equals_the_whole_model_backward(model_type, head_rows, monkeypatch):
     """The pass runs one layer at a time (forward keeping inputs, backward recomputing each layer); the reference
-    is one backward through the whole model with every output projection's output gradient retained."""
+    is one backward through the whole model with every output projection's output gradient retained. A small
+    ``_HEAD_ROWS`` takes the LM head a few positions at a time, as a long window at a large vocabulary is."""
+    import llmprune.calibration.fisher as fisher_mod
+
+    monkeypatch.setattr(fisher_mod, "_HEAD_ROWS", head_rows)
     model = tiny_causal_lm(model_type).eval()
     adapter = get_adapter(model)
     ids = torch.randint(0, 128, (3, 12), generator=torch.Generator().manual_seed(1))
@@ -121,7 +126,8 @@ def test_layerwise_fisher_equals_the_whole_model_backward(model_type):
         assert set(fisher[i]) == {s.output.module for s in (adapter.attention(layer), adapter.ffn(layer))}
         for m, f in fisher[i].items():
             g = outs[m].grad.reshape(-1, outs[m].shape[-1]).double()
-            torch.testing.assert_close(f, g.t() @ g / ids.numel(), rtol=1e-4, atol=1e-9)
+            ref = g.t() @ g / ids.numel()  # float32 gradients: the head's chunks round their matmuls apart
+            torch.testing.assert_close(f, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
 
 
 def _exact_true_fisher(model, module, ids):

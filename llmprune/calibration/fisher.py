@@ -168,41 +168,58 @@ def output_fisher(model: nn.Module, adapter: ArchAdapter, batches: list[torch.Te
     return LayerFisher(model, adapter, store, st["tokens"])
 
 
+#: positions whose logits exist at once in the head pass (and rows per draw of the model's own labels): the
+#: logits, their softmax and its gradient are ``[positions, vocab]`` each, so a whole window at a 262k vocabulary
+#: would be several GB
+_HEAD_ROWS = 256
+
+
 def _head_gradients(model: nn.Module, adapter: ArchAdapter, windows: list[torch.Tensor], last: list[torch.Tensor],
                     returns_tuple: bool, labels: str, seed: int) -> tuple[list[torch.Tensor] | None, int]:
     """``∂L/∂h`` of the summed next-token loss for each window's last hidden states ``h``. The model itself
     computes the logits (its final norm, LM head and any soft-capping): its first decoder layer returns ``h``
-    and the others pass it on, so no family's head is written again here."""
+    and the others pass it on, so no family's head is written again here. Everything after the decoder layers
+    acts on each position alone, so the window is taken ``_HEAD_ROWS`` positions at a time."""
     layers = adapter.decoder_layers(model)
     gen = torch.Generator().manual_seed(int(seed))
     vocab = model.get_input_embeddings().num_embeddings
+    fed: list[torch.Tensor] = []
+
+    def first(*args: Any, **kwargs: Any) -> Any:
+        return (fed[0],) if returns_tuple else fed[0]
+
+    def through(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return (hidden_states,) if returns_tuple else hidden_states
+
     grads, tokens = [], 0
-    for w, window in enumerate(windows):
-        h = last[w].detach().clone().requires_grad_(True)
-
-        def first(*args: Any, h: torch.Tensor = h, **kwargs: Any) -> Any:
-            return (h,) if returns_tuple else h
-
-        def through(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            return (hidden_states,) if returns_tuple else hidden_states
-
-        for k, layer in enumerate(layers):
-            layer.forward = first if k == 0 else through
-        try:
-            with torch.enable_grad():
-                out = model(window.to(h.device), **_forward_kwargs(model))
-        finally:
-            for layer in layers:
-                del layer.forward
-        logits = getattr(out, "logits", None)
-        if logits is None or logits.shape[-1] != vocab:
-            return None, 0
-        with torch.enable_grad():
-            flat = logits[:, :-1].flatten(0, 1).float()
-            target = _sample_next_tokens(flat.detach(), gen) if labels == "model" else window[:, 1:].flatten().to(flat.device)
-            loss = F.cross_entropy(flat, target, reduction="sum")
-            grads.append(torch.autograd.grad(loss, h)[0])
-        tokens += window.numel()
+    for k, layer in enumerate(layers):
+        layer.forward = first if k == 0 else through
+    try:
+        for w, window in enumerate(windows):
+            h_all = last[w].detach()
+            grad = torch.empty_like(h_all)
+            length = window.shape[1]
+            for a in range(0, length - 1, _HEAD_ROWS):
+                e = min(a + _HEAD_ROWS, length)  # the last chunk runs the final position too, as a whole window
+                b = min(e, length - 1)           # would: positions a .. b-1 are scored
+                h = h_all[:, a:e].clone().requires_grad_(True)
+                fed[:] = [h]
+                with torch.enable_grad():
+                    out = model(window[:, a:e].to(h.device), **_forward_kwargs(model))
+                    logits = getattr(out, "logits", None)
+                    if logits is None or logits.shape[-1] != vocab:
+                        return None, 0
+                    flat = logits[:, :b - a].flatten(0, 1).float()
+                    target = (_sample_next_tokens(flat.detach(), gen) if labels == "model"
+                              else window[:, a + 1:b + 1].flatten().to(flat.device))
+                    loss = F.cross_entropy(flat, target, reduction="sum")
+                    grad[:, a:e] = torch.autograd.grad(loss, h)[0]
+                del out, logits, flat, loss
+            grads.append(grad)
+            tokens += window.numel()
+    finally:
+        for layer in layers:
+            del layer.forward
     return grads, tokens
 
 
@@ -241,7 +258,7 @@ def _layer_backward(adapter: ArchAdapter, layer: nn.Module, inputs: list[torch.T
     return back, acc
 
 
-def _sample_next_tokens(logits: torch.Tensor, gen: torch.Generator, rows: int = 256) -> torch.Tensor:
+def _sample_next_tokens(logits: torch.Tensor, gen: torch.Generator, rows: int = _HEAD_ROWS) -> torch.Tensor:
     """One token per row of ``logits`` drawn from its softmax with the CPU generator ``gen`` (the same draw on
     every device), a few rows at a time: a whole window's probabilities would be another ``[tokens, vocab]``."""
     out = [torch.multinomial(torch.softmax(chunk.float(), dim=-1).cpu(), 1, generator=gen).reshape(-1)

@@ -43,10 +43,12 @@ _DT = torch.float64
 
 
 def _damped_inverse(gram: torch.Tensor, percdamp: float) -> torch.Tensor:
-    g = gram.to(_DT)
+    g = gram.to(_DT, copy=True)  # one private float64 copy, damped in place and freed before the inverse
     mean = float(torch.diagonal(g).mean()) if g.numel() else 0.0
     lam = percdamp * mean if mean > 0 else max(percdamp, 1e-8)
-    return torch.cholesky_inverse(damped_cholesky(g, lam, who="obs"))
+    chol = damped_cholesky(g, lam, who="obs", overwrite=True)
+    del g
+    return torch.cholesky_inverse(chol)
 
 
 def _fisher_times(fisher: torch.Tensor | None, w: torch.Tensor) -> torch.Tensor:
@@ -88,9 +90,9 @@ def greedy_column_removal(weight: torch.Tensor, gram: torch.Tensor, n_remove: in
             total += joint * frac
             order.append(j)
             cost.append(total)
-        fw -= fw[:, idx] @ update
-        w -= w[:, idx] @ update
-        ginv -= ginv[:, idx] @ update
+        fw.addmm_(fw[:, idx], update, alpha=-1.0)
+        w.addmm_(w[:, idx], update, alpha=-1.0)
+        ginv.addmm_(ginv[:, idx], update, alpha=-1.0)
         alive[idx] = False
         ginv[idx, idx] = 1.0  # removed: keeps the diagonal finite, masked by ``alive``
     return order, torch.tensor(cost, dtype=_DT)
@@ -126,9 +128,9 @@ def greedy_block_removal(weight: torch.Tensor, gram: torch.Tensor, blocks: Seque
         g_bb = ginv.index_select(0, cols).index_select(1, cols)
         cost.append(cost[-1] + float(torch.trace(torch.linalg.solve(g_bb, w[:, cols].t() @ fw[:, cols]))))
         update = torch.linalg.solve(g_bb, ginv.index_select(0, cols))
-        fw -= fw[:, cols] @ update
-        w -= w[:, cols] @ update
-        ginv -= ginv[:, cols] @ update
+        fw.addmm_(fw[:, cols], update, alpha=-1.0)
+        w.addmm_(w[:, cols], update, alpha=-1.0)
+        ginv.addmm_(ginv[:, cols], update, alpha=-1.0)
         ginv[cols, cols] = 1.0
         alive -= set(pick)
         steps.append(pick)
@@ -158,7 +160,10 @@ def _neuron_columns(ffn, stats) -> tuple[torch.Tensor, torch.Tensor]:
     cols = ffn.output.indices(torch.arange(ffn.num_neurons))
     w = weight_matrix(module).detach()[:, cols.to(weight_matrix(module).device)]
     g = stats.grams[module].hessian()
-    return w, g.index_select(0, cols.to(g.device)).index_select(1, cols.to(g.device))
+    cols = cols.to(g.device)
+    if torch.equal(cols, torch.arange(g.shape[0], device=g.device)):  # the usual layout: no [n, n] copy
+        return w, g
+    return w, g[cols.unsqueeze(1), cols]
 
 
 def obs_layer_scores(adapter, layer: nn.Module, cfg, stats, counts, fisher: dict | None = None):

@@ -40,14 +40,24 @@ def _damping(diag: torch.Tensor, percdamp: float) -> float:
     return percdamp * mean if mean > 0 else percdamp
 
 
-def damped_cholesky(gram: torch.Tensor, lam: float, who: str = "reconstruction") -> torch.Tensor:
+def damped_cholesky(gram: torch.Tensor, lam: float, who: str = "reconstruction", overwrite: bool = False
+                    ) -> torch.Tensor:
     """Lower Cholesky factor of ``gram + λI``, raising λ tenfold (from 1e-8 when it is 0) up to 5 times until the
-    damped matrix is positive definite; a :class:`RuntimeError` naming ``who`` when it never is."""
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    damped matrix is positive definite; a :class:`RuntimeError` naming ``who`` when it never is.
+
+    λ is added to the diagonal of one private copy (``overwrite``: of ``gram`` itself, which the caller then no
+    longer needs), never through an identity matrix: at a 70B model's FFN width each ``[n, n]`` float64 matrix
+    is several GB, and the peak of a streamed run is this solve's working set."""
+    a = gram if overwrite else gram.clone()
+    diag = a.diagonal()
+    added = 0.0
     for _ in range(6):
-        chol, info = torch.linalg.cholesky_ex(gram + lam * eye)
+        diag.add_(lam - added)
+        added = lam
+        chol, info = torch.linalg.cholesky_ex(a)
         if int(info) == 0:
             return chol
+        del chol
         lam = lam * 10 if lam > 0 else 1e-8
     raise RuntimeError(f"{who}: the calibration Gram matrix is not positive definite even after damping; "
                        "use more calibration samples or a larger percdamp")
@@ -79,11 +89,11 @@ def refit_columns(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor |
     w = weight.detach().to(dev, _SOLVE_DTYPE)
     if r.numel() == 0:
         return weight.detach()[:, k.to(weight.device)].clone()
-    g = gram.to(_SOLVE_DTYPE)
-    g_kk = g.index_select(0, k).index_select(1, k)
+    # blocks of the Gram cast one by one: no float64 copy of the whole [in, in] matrix
+    g_kk = gram[k.unsqueeze(1), k].to(_SOLVE_DTYPE)
     lam = _damping(torch.diagonal(g_kk), percdamp)
-    rhs = w.index_select(1, r) @ g.index_select(0, r).index_select(1, k)  # W_R G_RK  [out, |K|]
-    chol = damped_cholesky(g_kk, lam)
+    rhs = w.index_select(1, r) @ gram[r.unsqueeze(1), k].to(_SOLVE_DTYPE)  # W_R G_RK  [out, |K|]
+    chol = damped_cholesky(g_kk, lam, overwrite=True)
     delta = torch.cholesky_solve(rhs.t(), chol).t()  # (G_KK + λI)^-1 is symmetric
     new = w.index_select(1, k) + delta
     return new.to(weight.device, weight.dtype)
