@@ -205,17 +205,21 @@ def read_calibration(args: argparse.Namespace) -> str | None:
     return read_calibration_text(args.calib)
 
 
-def ppl_function(args: argparse.Namespace, tokenizer: Any, progress: bool) -> Callable[[Any], float | None]:
-    """``model -> perplexity`` on ``--ppl`` (``None`` without it); the text is read once, up front."""
+def ppl_function(args: argparse.Namespace, tokenizer: Any, progress: bool,
+                 full: bool = False) -> Callable[..., Any]:
+    """``model[, tokenizer] -> perplexity`` on ``--ppl`` (``None`` without it); the text is read once, up front.
+    ``full``: the whole :class:`~llmprune.eval.perplexity.PerplexityResult` (bits per byte too); a tokenizer given
+    to the function (a vocabulary-pruned model's) replaces ``tokenizer``."""
     if not args.ppl:
-        return lambda model: None
+        return lambda model, tok=None: None
     from ..eval.perplexity import load_text, perplexity
 
     text = load_text(args.ppl)
 
-    def ppl(model: Any) -> float:
-        return perplexity(model, tokenizer, text, seq_len=args.ppl_seq_len, max_tokens=args.ppl_max_tokens,
-                          progress=progress, drop_last=not args.ppl_keep_tail).ppl
+    def ppl(model: Any, tok: Any = None) -> Any:
+        result = perplexity(model, tok if tok is not None else tokenizer, text, seq_len=args.ppl_seq_len,
+                            max_tokens=args.ppl_max_tokens, progress=progress, drop_last=not args.ppl_keep_tail)
+        return result if full else result.ppl
 
     return ppl
 
