@@ -325,6 +325,19 @@ def test_head_bias_config_ids_and_plan_replay(tmp_path, ref_tok):
         assert torch.equal(a, b), name
 
 
+def test_vocab_with_other_kinds_and_per_layer_widths(tmp_path, ref_tok, domain_text):
+    """Vocabulary last, after FFN neurons with per-layer widths (an llmprune_llama config, whose folder
+    AutoTokenizer resolves without the model type's class): one plan, and a save that reloads with the same ids."""
+    model, tok = tiny_saved("qwen2-untied", ref_tok, tmp_path / "src")
+    result = prune(model, PruneConfig(vocab=0.5, ffn=0.3, method="magnitude", allocation="global"), tokenizer=tok,
+                   calibration=domain_text, progress=False)
+    assert model.config.model_type == "llmprune_qwen2" and result.plan.kept_tokens is not None
+    assert any(lp.kept_neurons for lp in result.plan.layers)
+    assert result.config.vocab == 0.5 and result.config.ffn == 0.3 and len(result.tokenizer) == model.config.vocab_size
+    out = result.save(tmp_path / "pruned")
+    assert read_plan(out).kept_tokens == result.plan.kept_tokens
+
+
 def test_streaming_and_iterative_refuse_vocab(tmp_path, ref_model_path):
     from llmprune.streaming import prune_streaming
     from llmprune.streaming.source import StreamingError

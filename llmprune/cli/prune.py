@@ -161,11 +161,13 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         result = prune(model, cfg, tokenizer=tokenizer, calibration=calibration, device=device, progress=progress)
         seconds = time.perf_counter() - t0
-    new_tokenizer = getattr(result, "tokenizer", None) or tokenizer  # --vocab: the rewritten one from here on
+    # --vocab: the rewritten tokenizer from here on (perplexity after, the save, --eval)
+    new_tokenizer = tokenizer if getattr(result, "tokenizer", None) is None else result.tokenizer
     ppl_after = ppl_of(model, new_tokenizer)
     after = {"params": result.params_after, "block": block_parameters(model), "ppl": ppl_after and ppl_after.ppl,
              "bpb": ppl_after and ppl_after.bits_per_byte}
-    if args.iterative_steps <= 1 and calibration is not None:
+    units = cfg.heads or cfg.ffn or cfg.layers or cfg.experts or cfg.hidden or cfg.params
+    if args.iterative_steps <= 1 and calibration is not None and units:  # --vocab alone only counts tokens
         after["extra_rows"] = [("calibration tokens/s (through pruning)",
                                 f"{cfg.n_samples * cfg.seq_len / max(seconds, 1e-9):,.0f}")]
     if not main:
@@ -183,7 +185,8 @@ def run(args: argparse.Namespace) -> int:
                                      iterative_steps=args.iterative_steps, recover_between=args.recover_steps,
                                      data=args.data, teacher=args.teacher).to_dict()})
     after["size"] = size_on_disk(out)
-    print(f"\nllmprune: {done.method}, {done.allocation} allocation, {done.attention_unit} attention units -> {out}")
+    print(f"\nllmprune: {done.method}, {done.allocation} allocation, {done.attention_unit} attention units -> {out}"
+          if units else f"\nllmprune: vocabulary pruned -> {out}")
     rows = unit_fraction_rows(done, widths_before, layer_widths(model), result.plan)
     print(format_table(rows + width_rows(cfg, done, hidden_before, int(model.config.hidden_size), before["params"],
                                          after["params"], vocab_before,
