@@ -117,7 +117,8 @@ def frequency_tokens(counts: torch.Tensor, vocab: TokenizerVocab, n_keep: int) -
     if len(kept) > n_keep:
         raise RatioError(f"{len(kept)} tokens must stay (special and added tokens, the byte alphabet and the merges "
                          f"building them) but only {n_keep} rows would be kept: remove less of the vocabulary")
-    order = sorted(vocab.ids, key=lambda i: (-int(counts[i]), i))
+    count = counts.tolist()
+    order = sorted(vocab.ids, key=lambda i: (-count[i], i))
     for t in order:
         if len(kept) >= n_keep:
             break
