@@ -15,6 +15,17 @@ windows of ``seq_len`` tokens:
 
 PPL = exp(mean NLL over all scored tokens), with the loss computed in float32.
 
+Bits per byte = total NLL (nats) of the scored tokens / (ln 2 x the UTF-8 bytes of the text those tokens cover), so
+that two tokenizers on the same text are compared per byte of text rather than per token. Every byte of the
+evaluated text belongs to exactly one token, read from the tokenizer's offsets: token ``i`` covers the bytes after
+the end of the tokens before it, up to the end of its own span. So a space whose offsets a token trims belongs to
+that token, a character split over several byte-level tokens belongs to the first of them, and the special tokens
+the tokenizer adds (BOS) cover no bytes. The evaluated text is the text up to the end of the last token kept (all
+of it unless ``max_tokens`` cuts it). With sliding windows (``stride``) every token but the first is scored, so
+the bytes counted are the evaluated text's (less the first token's, none when it is BOS) whatever the window
+length and stride; with non-overlapping windows each window's first token is context only and its bytes are not
+counted. Without offsets (a slow tokenizer) bits per byte is ``None``.
+
 Example:
     >>> from llmprune.eval.perplexity import load_text, perplexity
     >>> text = load_text("../shared/data/wikitext2-raw-test.txt")     # doctest: +SKIP
@@ -29,6 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -36,7 +48,8 @@ from llmprune.calibration.text import DATASET_ALIASES, load_text as _load_text
 
 from ._checks import check_compatible, check_ids, max_positions, model_device
 
-__all__ = ["DATASET_ALIASES", "PerplexityResult", "load_text", "perplexity", "tokenize_text", "windows"]
+__all__ = ["DATASET_ALIASES", "PerplexityResult", "load_text", "perplexity", "tokenize_text", "token_bytes",
+           "windows"]
 
 #: Default window length when the model's context is longer (or unknown).
 DEFAULT_MAX_SEQ_LEN = 2048
@@ -48,7 +61,9 @@ class PerplexityResult:
 
     ``nll`` is the mean negative log-likelihood per scored token (nats), ``n_tokens`` the
     number of scored (predicted) tokens, ``n_input_tokens`` the tokens the windows were cut
-    from, ``stride`` the window step (``seq_len`` for non-overlapping windows).
+    from, ``stride`` the window step (``seq_len`` for non-overlapping windows), ``n_bytes`` the
+    UTF-8 bytes of text the scored tokens cover and ``bits_per_byte`` their total NLL in bits per
+    such byte (both ``None`` without tokenizer offsets; see the module docstring).
     """
 
     ppl: float
@@ -58,6 +73,8 @@ class PerplexityResult:
     n_windows: int
     stride: int
     n_input_tokens: int
+    bits_per_byte: float | None = None
+    n_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form. Example: ``json.dumps(result.to_dict())``."""
@@ -96,6 +113,34 @@ def tokenize_text(tokenizer: Any, text: str, max_tokens: int | None = None) -> t
     if max_tokens is not None:
         ids = ids[:max_tokens]
     return ids
+
+
+def token_bytes(tokenizer: Any, text: str, max_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token ids of ``text`` (as :func:`tokenize_text`) and the UTF-8 bytes of text each token covers (the
+    partition of the module docstring), or ``None`` for the bytes when the tokenizer gives no offsets.
+
+    Example:
+        >>> ids, nbytes = token_bytes(tok, "Hello world")  # doctest: +SKIP
+        >>> int(nbytes.sum()) == len("Hello world".encode())  # doctest: +SKIP
+        True
+    """
+    try:
+        enc = tokenizer(text, add_special_tokens=True, verbose=False, return_offsets_mapping=True)
+    except (NotImplementedError, ValueError, TypeError):  # slow tokenizers have no offsets
+        return tokenize_text(tokenizer, text, max_tokens), None
+    if not text or not text.strip():
+        raise ValueError("Perplexity text is empty; nothing to score.")
+    if max_tokens is not None and max_tokens < 2:
+        raise ValueError(f"max_tokens must be at least 2, got {max_tokens}.")
+    ids = torch.tensor(enc["input_ids"], dtype=torch.long)
+    offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+    if max_tokens is not None:
+        ids, offsets = ids[:max_tokens], offsets[:max_tokens]
+    codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    width = 1 + (codes >= 0x80).astype(np.int64) + (codes >= 0x800) + (codes >= 0x10000)  # UTF-8 bytes per char
+    prefix = np.concatenate([[0], np.cumsum(width)])
+    covered = np.maximum.accumulate(prefix[np.clip(offsets[:, 1], 0, len(codes))]) if len(offsets) else offsets[:, 1]
+    return ids, torch.from_numpy(np.diff(np.concatenate([[0], covered])))
 
 
 def default_seq_len(model: torch.nn.Module) -> int:
@@ -184,7 +229,7 @@ def perplexity(
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
     check_compatible(model, tokenizer)
     seq_len = _resolve_seq_len(model, seq_len)
-    ids = tokenize_text(tokenizer, text, max_tokens)
+    ids, nbytes = token_bytes(tokenizer, text, max_tokens)
     check_ids(model, ids)
     if ids.numel() < seq_len:
         raise ValueError(
@@ -221,6 +266,7 @@ def perplexity(
         bar.close()
         model.train(was_training)
     nll = total_nll / total_tokens
+    n_bytes = None if nbytes is None else int(sum(int(nbytes[first:end].sum()) for _, end, first in plan))
     return PerplexityResult(
         ppl=math.exp(nll),
         nll=nll,
@@ -229,6 +275,8 @@ def perplexity(
         n_windows=len(plan),
         stride=seq_len if stride is None else stride,
         n_input_tokens=int(ids.numel()),
+        bits_per_byte=total_nll / (math.log(2) * n_bytes) if n_bytes else None,
+        n_bytes=n_bytes,
     )
 
 

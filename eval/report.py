@@ -42,6 +42,8 @@ def flatten_metrics(result: dict[str, Any]) -> dict[str, float]:
     ppl = result.get("perplexity")
     if isinstance(ppl, dict):
         rows["ppl"] = ppl["ppl"]
+        if ppl.get("bits_per_byte") is not None:  # per byte of text: fair across tokenizers (perplexity module)
+            rows["bits per byte"] = ppl["bits_per_byte"]
     for task, metrics in (result.get("tasks") or {}).items():
         for key in ("acc", "acc_norm"):
             if metrics.get(key) is not None:

@@ -31,7 +31,8 @@ def test_unit_criteria_are_registered_once_with_needs_and_streams():
     expected = {"hidden": {"minitron": ("required", ("norm_outputs",)),
                            "rms": ("required", ("norm_outputs", "norm_samples"))},
                 "layers": {"block_influence": ("required", ("block_influence",))},
-                "experts": {"routing_mass": ("optional", ("router_mass", "weights"))}}
+                "experts": {"routing_mass": ("optional", ("router_mass", "weights"))},
+                "vocab": {"frequency": ("required", ("token_counts",))}}
     for kind, names in expected.items():
         assert available_unit_criteria(kind) == sorted(names)
         for name, (calibration, needs) in names.items():
@@ -41,6 +42,7 @@ def test_unit_criteria_are_registered_once_with_needs_and_streams():
     assert get_unit_criterion("layers").name == "block_influence" and get_unit_criterion("layers").needs_calibration
     experts = get_unit_criterion("experts")
     assert experts.name == "routing_mass" and experts.uses_calibration and not experts.needs_calibration
+    assert get_unit_criterion("vocab").name == "frequency"
     # the hidden criterion is named by the config: no default of the registry's own
     with pytest.raises(ValueError, match="no default; available: minitron, rms"):
         get_unit_criterion("hidden")

@@ -238,6 +238,8 @@ def public_recipe(entries: dict[str, Any]) -> dict[str, Any]:
     for key in _TEXT_KEYS:
         if key in out:
             out[key] = public_name(out[key], keep_relative=True)
+    if isinstance(out.get("prune"), dict) and out["prune"].get("vocab_text"):  # a run's PruneConfig names a text
+        out["prune"] = {**out["prune"], "vocab_text": public_name(out["prune"]["vocab_text"], keep_relative=True)}
     if isinstance(out.get("run"), dict):
         out["run"] = public_recipe(out["run"])
         out["run"]["output"] = None
@@ -326,16 +328,23 @@ def save_pruned(
 
     Before the folder is renamed into place it is reloaded and checked against ``model``
     (:func:`llmprune.checkpoint.verify.verify_saved_model`): with ``verify=True`` (default) outputs on a short batch
-    must match; ``verify=False`` still checks every key and shape on the meta device. A failed check raises
+    must match; ``verify=False`` still checks every key and shape on the meta device. When ``plan`` pruned the
+    vocabulary, ``tokenizer`` (the rewritten one) must fit the model and reload with the same ids
+    (:func:`~llmprune.checkpoint.verify.verify_saved_tokenizer`). A failed check raises
     :class:`~llmprune.checkpoint.verify.VerificationError` and leaves nothing behind.
     """
     from .verify import verify_saved_model
 
+    from .verify import verify_saved_tokenizer
+
+    vocab_pruned = plan is not None and plan.kept_tokens is not None
     with atomic_directory(out_dir, overwrite, sources=[source]) as tmp:
         model.save_pretrained(tmp)
         verify_saved_model(model, tmp, full=verify)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+            if vocab_pruned:  # a rewritten tokenizer: it must fit the model and reload with the same ids
+                verify_saved_tokenizer(model, tokenizer, tmp)
         write_metadata(tmp, model, config=config, plan=plan, source=source, extra=extra)
     return Path(out_dir)
 
@@ -350,18 +359,22 @@ def write_metadata(folder: str | os.PathLike, model: nn.Module, config: PruneCon
     drop_custom_code(tmp)
     source = public_name(source)
     extra = public_recipe(dict(extra or {}))
+    settings = config.to_dict() if config else None
+    if settings and settings.get("vocab_text"):  # a data file: named like --calib, never by an absolute path
+        settings["vocab_text"] = public_name(settings["vocab_text"], keep_relative=True)
     recipe = {
         "llmprune_recipe_version": RECIPE_VERSION,
         "llmprune_version": __version__,
         "source_model": source,
-        "config": config.to_dict() if config else None,
+        "config": settings,
         **extra,
     }
     (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2, sort_keys=True))
     if plan is not None:
         (tmp / PLAN_FILE).write_text(plan.to_json())
     needs_llmprune = str(getattr(model.config, "model_type", "")).startswith("llmprune_")
-    (tmp / "README.md").write_text(_model_card(source, config, extra, needs_llmprune))
+    card_config = PruneConfig.from_dict(settings) if settings else None
+    (tmp / "README.md").write_text(_model_card(source, card_config, extra, needs_llmprune))
 
 
 def read_recipe(path: str | os.PathLike) -> dict[str, Any]:

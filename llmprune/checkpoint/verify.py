@@ -32,7 +32,8 @@ from torch import nn
 #: against), and loading on the meta device fails outright ("Unsupported device type 'meta'").
 LOAD_KWARGS: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": False, "use_kernels": False}
 
-__all__ = ["VerificationError", "verify_saved_model", "auto_class_for", "sample_input_ids", "compare_outputs"]
+__all__ = ["VerificationError", "verify_saved_model", "verify_saved_tokenizer", "auto_class_for", "sample_input_ids",
+           "compare_outputs"]
 
 #: Auto classes tried, most specific first, to find the one that rebuilds ``type(model)``
 _AUTO_NAMES = ("AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModelForSequenceClassification",
@@ -167,3 +168,32 @@ def verify_saved_model(
     finally:
         model.train(was_training)
         del reloaded
+
+
+def verify_saved_tokenizer(model: nn.Module, tokenizer: Any, folder: str | os.PathLike,
+                           texts: tuple[str, ...] | None = None) -> None:
+    """Check a rewritten (vocabulary-pruned) tokenizer saved in ``folder``: it fits ``model``'s embedding, reloads with
+    ``AutoTokenizer`` (no remote code) and gives the in-memory tokenizer's ids on ``texts`` (default: several
+    scripts, code and emoji); raises :class:`VerificationError` if not.
+
+    Example::
+
+        tokenizer.save_pretrained(tmp)
+        verify_saved_tokenizer(model, tokenizer, tmp)
+    """
+    from transformers import AutoTokenizer
+
+    from .tokenizer_prune import ROUND_TRIP_TEXTS
+
+    rows = int(model.get_input_embeddings().weight.shape[0])
+    if len(tokenizer) > rows:
+        raise VerificationError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {rows}: save "
+                                "the tokenizer that belongs to the pruned model (the prune result's tokenizer)")
+    reloaded = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    for text in texts or ROUND_TRIP_TEXTS:
+        want, got = tokenizer(text)["input_ids"], reloaded(text)["input_ids"]
+        if list(want) != list(got):
+            raise VerificationError(f"the saved tokenizer in {folder} reloads with other token ids than the "
+                                    "in-memory one")
+        if got and max(got) >= rows:
+            raise VerificationError(f"the saved tokenizer emits token id {max(got)}, outside the model's {rows} rows")

@@ -33,10 +33,11 @@ def add_calibration_arguments(p: argparse.ArgumentParser, n_samples: int, needed
 def add_config_arguments(p: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),
                          registered: dict[str, dict[str, str]] | None = None) -> None:
     """One ``--field-name`` option per field of the dataclass ``cls``, with the help text kept beside the field
-    (its ``metadata["help"]``), its type and choices from the annotation, and no default of its own: an option
-    left out keeps the field's default (:func:`config_from_args`). ``registered``: for a field whose values are
-    registered names (field -> {name: description}, from a registry the config's own layer cannot import), the
-    choices, and each one's description appended to the help."""
+    (its ``metadata["help"]``; ``metadata["default_help"]`` words a ``None`` default), its type and choices from
+    the annotation, and no default of its own: an option left out keeps the field's default
+    (:func:`config_from_args`). ``registered``: for a field whose values are registered names (field -> {name:
+    description}, from a registry the config's own layer cannot import), the choices, and each one's description
+    appended to the help."""
     import dataclasses
     import typing
 
@@ -46,7 +47,8 @@ def add_config_arguments(p: argparse.ArgumentParser, cls: type, skip: tuple[str,
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default
-        shown = f"default {default}" if default is not None else "default: the method's own"
+        shown = ("default: " + f.metadata["default_help"] if "default_help" in f.metadata
+                 else f"default {default}" if default is not None else "default: the method's own")
         names = (registered or {}).get(f.name)
         described = ": " + "; ".join(f"{n}: {d}" for n, d in names.items()) if names else ""
         help_text = f"{f.metadata.get('help', '')}{described} ({shown})".replace("%", "%%")
@@ -57,7 +59,8 @@ def add_config_arguments(p: argparse.ArgumentParser, cls: type, skip: tuple[str,
         if choices:
             p.add_argument(flag, dest=f.name, choices=choices, default=None, help=help_text)
         else:
-            p.add_argument(flag, dest=f.name, type=type(default), default=None, help=help_text)
+            p.add_argument(flag, dest=f.name, type=str if default is None else type(default), default=None,
+                           help=help_text)
 
 
 def _literal_choices(hint: Any) -> list[Any]:
@@ -166,7 +169,7 @@ def configure_output(args: argparse.Namespace) -> None:
 def input_paths(args: argparse.Namespace) -> list[str]:
     """Every file or folder the command reads (model, teacher, tokenizer, texts): none may be the output or
     under it, so ``--overwrite`` can never delete an input."""
-    names = ("model", "teacher", "tokenizer", "calib", "data", "ppl", "recipe")
+    names = ("model", "teacher", "tokenizer", "calib", "data", "ppl", "recipe", "vocab_text")
     return [v for v in (getattr(args, n, None) for n in names) if isinstance(v, str) and v]
 
 
@@ -202,17 +205,21 @@ def read_calibration(args: argparse.Namespace) -> str | None:
     return read_calibration_text(args.calib)
 
 
-def ppl_function(args: argparse.Namespace, tokenizer: Any, progress: bool) -> Callable[[Any], float | None]:
-    """``model -> perplexity`` on ``--ppl`` (``None`` without it); the text is read once, up front."""
+def ppl_function(args: argparse.Namespace, tokenizer: Any, progress: bool,
+                 full: bool = False) -> Callable[..., Any]:
+    """``model[, tokenizer] -> perplexity`` on ``--ppl`` (``None`` without it); the text is read once, up front.
+    ``full``: the whole :class:`~llmprune.eval.perplexity.PerplexityResult` (bits per byte too); a tokenizer given
+    to the function (a vocabulary-pruned model's) replaces ``tokenizer``."""
     if not args.ppl:
-        return lambda model: None
+        return lambda model, tok=None: None
     from ..eval.perplexity import load_text, perplexity
 
     text = load_text(args.ppl)
 
-    def ppl(model: Any) -> float:
-        return perplexity(model, tokenizer, text, seq_len=args.ppl_seq_len, max_tokens=args.ppl_max_tokens,
-                          progress=progress, drop_last=not args.ppl_keep_tail).ppl
+    def ppl(model: Any, tok: Any = None) -> Any:
+        result = perplexity(model, tok if tok is not None else tokenizer, text, seq_len=args.ppl_seq_len,
+                            max_tokens=args.ppl_max_tokens, progress=progress, drop_last=not args.ppl_keep_tail)
+        return result if full else result.ppl
 
     return ppl
 

@@ -31,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     hidden = {n: get_unit_criterion("hidden", n).description for n in available_unit_criteria("hidden")}
     # every PruneConfig field, its help beside the field; registered names' choices and lines from their registry
     add_config_arguments(p, PruneConfig, registered={"method": methods, "hidden_method": hidden})
-    add_calibration_text_argument(p, needed_by="needed by obs (the default), wanda, flap, --reconstruct and --layers")
+    add_calibration_text_argument(p, needed_by="needed by obs (the default), wanda, flap, --reconstruct and --layers; "
+                                                "--vocab counts its tokens unless --vocab-text is given")
     p.add_argument("--iterative-steps", type=int, default=1,
                    help="reach the target in K steps, recalibrating on the current model each time (default 1)")
     p.add_argument("--recover-steps", type=int, default=0,
@@ -53,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_export_arguments(p, standalone=False)
 
 
-@subcommand("prune", "prune heads, FFN neurons, layers or experts and save the smaller model", add_arguments)
+@subcommand("prune", "prune heads, FFN neurons, layers, experts or vocabulary and save the smaller model", add_arguments)
 def run(args: argparse.Namespace) -> int:
     import torch
     from ..eval.efficiency import size_on_disk
@@ -81,6 +82,13 @@ def run(args: argparse.Namespace) -> int:
 
         check_output_path(str(out) + "-eval", sources=input_paths(args), overwrite=args.overwrite, flag="--eval report")
     calibration = read_calibration(args)
+    if cfg.vocab and not args.streaming:  # the text whose tokens are counted: there, before any work
+        if cfg.vocab_text:
+            read_calibration_text(cfg.vocab_text)  # a missing file or dataset fails here, not after the model loads
+        elif calibration is None:
+            from ..calibration.calibrate import CalibrationError
+
+            raise CalibrationError("--vocab counts tokens in a text: pass --calib FILE or --vocab-text FILE")
     if wants_streaming(args):
         if args.export:
             from transformers import AutoConfig
@@ -99,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
         return rc
     if args.iterative_steps > 1 and (cfg.hidden or cfg.params):
         raise ValueError("--iterative-steps does not take --hidden / --params yet: prune the hidden size in one step")
+    if args.iterative_steps > 1 and cfg.vocab:
+        raise ValueError("--iterative-steps does not take --vocab yet: prune the vocabulary in one step")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
     if args.export:  # a family llama.cpp cannot run, or no llama-cpp-python for the check: fail before any work
@@ -119,11 +129,14 @@ def run(args: argparse.Namespace) -> int:
     check_ratios(model, get_adapter(model), cfg)  # before perplexity or any other work
     main = is_main_process()  # under accelerate launch: every process calibrates, the main one evaluates and saves
     progress = not args.quiet and main
-    ppl_of = ppl_function(args, tokenizer, progress) if main else (lambda m: None)
+    ppl_of = ppl_function(args, tokenizer, progress, full=True) if main else (lambda m, tok=None: None)
 
     src = Path(args.model)
-    before = {"params": count_parameters(model), "block": block_parameters(model), "ppl": ppl_of(model),
+    ppl_before = ppl_of(model)
+    before = {"params": count_parameters(model), "block": block_parameters(model),
+              "ppl": ppl_before and ppl_before.ppl, "bpb": ppl_before and ppl_before.bits_per_byte,
               "size": size_on_disk(src) if src.is_dir() else None}
+    vocab_before = int(model.get_input_embeddings().weight.shape[0])
     hidden_before = int(model.config.hidden_size)
     widths_before = layer_widths(model)
     if args.iterative_steps > 1:
@@ -148,17 +161,22 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         result = prune(model, cfg, tokenizer=tokenizer, calibration=calibration, device=device, progress=progress)
         seconds = time.perf_counter() - t0
-    after = {"params": result.params_after, "block": block_parameters(model), "ppl": ppl_of(model)}
-    if args.iterative_steps <= 1 and calibration is not None:
+    # --vocab: the rewritten tokenizer from here on (perplexity after, the save, --eval)
+    new_tokenizer = tokenizer if getattr(result, "tokenizer", None) is None else result.tokenizer
+    ppl_after = ppl_of(model, new_tokenizer)
+    after = {"params": result.params_after, "block": block_parameters(model), "ppl": ppl_after and ppl_after.ppl,
+             "bpb": ppl_after and ppl_after.bits_per_byte}
+    units = cfg.heads or cfg.ffn or cfg.layers or cfg.experts or cfg.hidden or cfg.params
+    if args.iterative_steps <= 1 and calibration is not None and units:  # --vocab alone only counts tokens
         after["extra_rows"] = [("calibration tokens/s (through pruning)",
                                 f"{cfg.n_samples * cfg.seq_len / max(seconds, 1e-9):,.0f}")]
     if not main:
         wait_for_everyone()
         return 0
-    ppl_extra = ({"ppl_before": before["ppl"], "ppl_after": after["ppl"], "ppl_protocol": ppl_protocol(args)}
-                 if args.ppl else {})
+    ppl_extra = ({"ppl_before": before["ppl"], "ppl_after": after["ppl"], "bpb_before": before["bpb"],
+                  "bpb_after": after["bpb"], "ppl_protocol": ppl_protocol(args)} if args.ppl else {})
     done = result.config if args.iterative_steps <= 1 else cfg  # --params: the split it chose
-    save_pruned(model, out, tokenizer=tokenizer, config=done, plan=result.plan, source=str(args.model),
+    save_pruned(model, out, tokenizer=new_tokenizer, config=done, plan=result.plan, source=str(args.model),
                 overwrite=args.overwrite, verify=not args.no_verify,
                 extra={"params_before": before["params"], "params_after": after["params"],
                        "calibration": args.calib, **ppl_extra,
@@ -167,10 +185,12 @@ def run(args: argparse.Namespace) -> int:
                                      iterative_steps=args.iterative_steps, recover_between=args.recover_steps,
                                      data=args.data, teacher=args.teacher).to_dict()})
     after["size"] = size_on_disk(out)
-    print(f"\nllmprune: {done.method}, {done.allocation} allocation, {done.attention_unit} attention units -> {out}")
+    print(f"\nllmprune: {done.method}, {done.allocation} allocation, {done.attention_unit} attention units -> {out}"
+          if units else f"\nllmprune: vocabulary pruned -> {out}")
     rows = unit_fraction_rows(done, widths_before, layer_widths(model), result.plan)
     print(format_table(rows + width_rows(cfg, done, hidden_before, int(model.config.hidden_size), before["params"],
-                                         after["params"])))
+                                         after["params"], vocab_before,
+                                         int(model.get_input_embeddings().weight.shape[0]))))
     if result.budget:
         print()
         print(format_table(budget_rows(result.budget)))
@@ -183,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
         original, _ = load_model(args.model, dtype=args.dtype, device=device, with_tokenizer=False)
         tasks = [t for t in args.eval_tasks.split(",") if t]
         evaluate({"dense": (original, tokenizer, str(src) if src.is_dir() else None),
-                  "pruned": (model, tokenizer, str(out))},
+                  "pruned": (model, new_tokenizer, str(out))},
                  ppl=args.ppl, seq_len=args.ppl_seq_len, max_tokens=args.ppl_max_tokens, tasks=tasks,
                  limit=args.eval_limit, out_dir=str(out) + "-eval", drop_last=not args.ppl_keep_tail,
                  progress=progress, verbose=args.verbose, overwrite=args.overwrite)

@@ -58,10 +58,14 @@ def unit_fraction_rows(config: Any, widths_before: list[dict[str, int]], widths_
 
 
 def width_rows(requested: Any, done: Any, hidden_before: int, hidden_after: int, params_before: int,
-               params_after: int) -> list[tuple[str, ...]]:
-    """Rows for the hidden channels (when pruned) and all parameters (``--params``) under the unit table's
-    header: ``requested`` is what the user asked, ``done`` the resolved config (``--params`` chose ``hidden``)."""
+               params_after: int, vocab_before: int = 0, vocab_after: int = 0) -> list[tuple[str, ...]]:
+    """Rows for the hidden channels (when pruned), the vocabulary (``--vocab``) and all parameters (``--params``)
+    under the unit table's header: ``requested`` is what the user asked, ``done`` the resolved config (``--params``
+    chose ``hidden``)."""
     rows: list[tuple[str, ...]] = []
+    if getattr(requested, "vocab", 0) and vocab_before:
+        rows.append(("vocabulary rows", f"{requested.vocab:.3f}", f"{1 - vocab_after / vocab_before:.3f}",
+                     f"{vocab_after:,} / {vocab_before:,}"))
     if done.hidden or hidden_after != hidden_before:
         asked = f"{requested.hidden:.3f}" if requested.hidden else f"({done.hidden:.3f})"
         rows.append(("hidden channels", asked, f"{1 - hidden_after / hidden_before:.3f}",
@@ -85,7 +89,8 @@ def budget_rows(budget: dict[str, Any]) -> list[tuple[str, ...]]:
 
 def before_after_rows(before: dict[str, Any], after: dict[str, Any], ppl_label: str | None = None
                       ) -> list[tuple[str, ...]]:
-    """The before/after table: parameters, decoder-block parameters, size on disk, perplexity (when given)."""
+    """The before/after table: parameters, decoder-block parameters, size on disk, perplexity and bits per byte
+    (when given)."""
     rows = [("", "before", "after", "change"),
             ("parameters", f"{before['params']:,}", f"{after['params']:,}", relative_change(before["params"], after["params"])),
             ("decoder-block parameters", f"{before['block']:,}", f"{after['block']:,}",
@@ -100,6 +105,10 @@ def before_after_rows(before: dict[str, Any], after: dict[str, Any], ppl_label: 
                      relative_change(before["size"], after["size"])))
     if ppl_label and before.get("ppl") is not None:
         rows.append((ppl_label, f"{before['ppl']:.2f}", f"{after['ppl']:.2f}", relative_change(before["ppl"], after["ppl"])))
+    if ppl_label and before.get("bpb") is not None and after.get("bpb") is not None:
+        # per byte of text: comparable when the tokenizer changed (--vocab), where per-token perplexity is not
+        rows.append(("bits per byte (same text)", f"{before['bpb']:.4f}", f"{after['bpb']:.4f}",
+                     relative_change(before["bpb"], after["bpb"])))
     for label, value in after.get("extra_rows", []):
         rows.append((label, "", value, ""))
     return rows

@@ -109,6 +109,11 @@ class PruneConfig(_JsonMixin):
         params: fraction of *all* parameters (embeddings included) to remove; the split among ``hidden``,
             ``heads`` and ``ffn`` is chosen among a few candidates by calibration loss
             (:mod:`llmprune.structured.budget`). Excludes giving those three.
+        vocab: fraction of the vocabulary rows (embedding and LM head) removed, in [0, 1): the tokens
+            ``vocab_text`` uses least go, and the tokenizer is rewritten so any text still tokenizes (byte-level
+            or byte-fallback BPE; :mod:`llmprune.structured.vocab`). Runs after the other kinds.
+        vocab_text: a text file or dataset name whose token counts choose the kept vocabulary; ``None``
+            (default): the calibration text.
     """
 
     heads: float = field(default=0.0, metadata={"help": "fraction of attention (query) heads removed, in [0, 1)"})
@@ -162,12 +167,18 @@ class PruneConfig(_JsonMixin):
     params: float = field(default=0.0, metadata={
         "help": "fraction of ALL parameters (embeddings included) to remove, split among --hidden, --heads and "
                 "--ffn by the calibration loss of a few candidates (give it alone)"})
+    vocab: float = field(default=0.0, metadata={
+        "help": "fraction of vocabulary rows (embedding and LM head) removed: the tokens the calibration text (or "
+                "--vocab-text) uses least go; the tokenizer is rewritten and still tokenizes any text"})
+    vocab_text: str | None = field(default=None, metadata={
+        "help": "text file or dataset name whose token counts choose the kept vocabulary",
+        "default_help": "the calibration text"})
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        for name in ("heads", "ffn", "experts", "hidden", "params"):
+        for name in ("heads", "ffn", "experts", "hidden", "params", "vocab"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
                 raise ValueError(f"{name}={value!r} is out of range: it is the fraction removed and must be in [0, 1)")
@@ -193,9 +204,11 @@ class PruneConfig(_JsonMixin):
             raise ValueError(f"percdamp={self.percdamp!r} must be in [0, 1)")
         if not 0.0 <= self.spread <= 0.5:
             raise ValueError(f"spread={self.spread!r} must be in [0, 0.5]")
-        if self.params > 0 and (self.hidden or self.heads or self.ffn or self.layers or self.experts):
+        if self.params > 0 and (self.hidden or self.heads or self.ffn or self.layers or self.experts or self.vocab):
             raise ValueError("params chooses hidden / heads / ffn itself: give params alone (no hidden, heads, ffn, "
-                             "layers or experts)")
+                             "layers, experts or vocab)")
+        if self.vocab_text is not None and (not isinstance(self.vocab_text, str) or not self.vocab_text.strip()):
+            raise ValueError(f"vocab_text={self.vocab_text!r} must name a text file or dataset")
 
 
 @dataclass
@@ -220,12 +233,15 @@ class PrunePlan(_JsonMixin):
     #: plans; and the closed-form scale of each norm's output (module name -> factor, ``rms`` method)
     kept_hidden: list[int] | None = None
     hidden_norm_scales: dict[str, float] | None = None
+    #: vocabulary rows kept (original token ids, ascending; ``None``: vocabulary untouched), applied last
+    kept_tokens: list[int] | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PrunePlan":
         return cls(layers=[LayerPlan.from_dict(x) for x in data.get("layers", [])],
                    removed_layers=list(data.get("removed_layers", [])),
-                   kept_hidden=data.get("kept_hidden"), hidden_norm_scales=data.get("hidden_norm_scales"))
+                   kept_hidden=data.get("kept_hidden"), hidden_norm_scales=data.get("hidden_norm_scales"),
+                   kept_tokens=data.get("kept_tokens"))
 
     @property
     def kept_layers(self) -> list[int]:

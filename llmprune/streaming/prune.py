@@ -54,7 +54,7 @@ def prune_streaming(source: str | os.PathLike | nn.Module, config: PruneConfig, 
     The same settings as :func:`llmprune.prune` (the default ``obs`` with its ``fisher`` allocation, ``error`` /
     ``block_influence`` / ``global`` allocations,
     ``reconstruct``, bias compensation) give the same tensors. Not streamed (clear error): criteria with
-    their own gradient pass (``taylor``, ``single-unit``), layer removal and MoE experts.
+    their own gradient pass (``taylor``, ``single-unit``), layer removal, MoE experts and vocabulary pruning.
     """
     import time
 
@@ -74,6 +74,9 @@ def prune_streaming(source: str | os.PathLike | nn.Module, config: PruneConfig, 
     asked = [kind for kind, n in (("layers", config.layers), ("experts", config.experts)) if n]
     if not all(get_unit_criterion(kind).streams for kind in asked):
         raise StreamingError("layer and expert removal are not streamed yet; prune in memory")
+    if config.vocab and not get_unit_criterion("vocab").streams:
+        raise StreamingError("vocabulary pruning (--vocab) is not streamed yet: the embedding and LM head are cut and "
+                             "the tokenizer rewritten in memory; prune in memory")
     if (config.hidden or config.params) and not get_unit_criterion("hidden", config.hidden_method).streams:
         raise StreamingError("hidden-dimension pruning (--hidden, --params) is not streamed: its channels are chosen "
                              "on every layer's norms at once and cut in every layer; prune in memory")

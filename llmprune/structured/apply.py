@@ -18,7 +18,8 @@ def apply_plan(model: nn.Module, plan: PrunePlan, adapter: ArchAdapter | None = 
     """Apply ``plan`` in place and update ``model.config``; returns ``model``.
 
     Hidden channels (``plan.kept_hidden``) go first, then layers are pruned (indices refer to the original
-    layers), then removed. If all layers end up
+    layers), then removed, then vocabulary rows (``plan.kept_tokens``; the tokenizer is not rewritten here:
+    :func:`llmprune.checkpoint.tokenizer_prune.prune_tokenizer`). If all layers end up
     with the same widths the config stays standard; otherwise it becomes llmprune's per-layer config
     (see :mod:`llmprune.checkpoint.perlayer`).
     """
@@ -36,4 +37,8 @@ def apply_plan(model: nn.Module, plan: PrunePlan, adapter: ArchAdapter | None = 
                 prune_layer(adapter, layers[i], layer_plan)
         remove_layers(model, adapter, plan.removed_layers)
     set_config_widths(model, adapter)
+    if plan.kept_tokens is not None:  # rows of the embedding and LM head: independent of the rest
+        from .vocab import prune_vocab
+
+        prune_vocab(model, plan.kept_tokens)
     return model

@@ -50,17 +50,20 @@ class PruneResult:
     scores: list[LayerScores] = field(default_factory=list, repr=False)
     #: ``params``: the candidate splits measured and the one chosen (:func:`llmprune.structured.budget.choose_split`)
     budget: dict[str, Any] | None = None
+    #: ``vocab``: the rewritten tokenizer that belongs to the pruned model (the original no longer fits it)
+    tokenizer: Any = None
 
     def save(self, out_dir: str | os.PathLike, tokenizer: Any = None, source: str | None = None,
              overwrite: bool = False) -> Any:
-        """Save the pruned model with its recipe and plan (see :func:`llmprune.checkpoint.io.save_pruned`)."""
+        """Save the pruned model with its recipe and plan (see :func:`llmprune.checkpoint.io.save_pruned`), and
+        its tokenizer: :attr:`tokenizer` when the vocabulary was pruned, else ``tokenizer``."""
         from ..checkpoint.io import save_pruned
 
         extra: dict[str, Any] = {"params_before": self.params_before, "params_after": self.params_after}
         if self.budget:
             extra["params_budget"] = self.budget
-        return save_pruned(self.model, out_dir, tokenizer=tokenizer, config=self.config, plan=self.plan,
-                           source=source, overwrite=overwrite, extra=extra)
+        return save_pruned(self.model, out_dir, tokenizer=self.tokenizer if self.tokenizer is not None else tokenizer,
+                           config=self.config, plan=self.plan, source=source, overwrite=overwrite, extra=extra)
 
 
 _PREPARED_FIELDS = ("grad_rows", "grad_cols", "label_sums", "label_counts", "readout")
@@ -95,10 +98,15 @@ def prune(
     A model dispatched with accelerate (offloaded weights, several devices) is refused with a
     :class:`~llmprune.checkpoint.dispatched.DispatchedModelError` naming :func:`llmprune.streaming.prune_streaming`,
     which prunes it one layer at a time into a checkpoint folder.
+
+    With ``config.vocab`` the vocabulary is pruned last (:mod:`.vocab`) and ``result.tokenizer`` is the rewritten
+    tokenizer, the one to use (and save) with the pruned model.
     """
     config.validate()
     check_not_dispatched(model, "prune")
     adapter = get_adapter(model)
+    if config.vocab > 0:
+        return _prune_then_vocab(model, adapter, config, tokenizer, calibration, device, progress)
     if config.hidden > 0 or config.params > 0:
         return _prune_width(model, adapter, config, tokenizer, calibration, device, progress)
     criterion = get_criterion(config.method)
@@ -199,6 +207,33 @@ def _layers_then_units(model: nn.Module, adapter: Any, config: PruneConfig, crit
         lp, inner = plan.layers[i], second.plan.layers[j]
         lp.kept_heads, lp.kept_kv_heads, lp.kept_neurons = inner.kept_heads, inner.kept_kv_heads, inner.kept_neurons
     return PruneResult(model, plan, config, params_before, count_parameters(model))
+
+
+def _prune_then_vocab(model: nn.Module, adapter: Any, config: PruneConfig, tokenizer: Any, calibration: Any,
+                      device: Any, progress: bool) -> PruneResult:
+    """``vocab``: the kept tokens and the rewritten tokenizer are chosen first (a refusal changes nothing), the other
+    kinds are pruned with the original tokenizer, then the embedding and LM-head rows are cut."""
+    from .vocab import choose_vocab, prune_vocab, vocab_source
+
+    rest = dataclasses.replace(config, vocab=0.0, vocab_text=None)
+    if isinstance(calibration, (str, os.PathLike)) and not config.vocab_text:
+        calibration = vocab_source(config, calibration)  # read once, for the counts and the other kinds
+    selection = choose_vocab(model, config, tokenizer, calibration)
+    params_before = count_parameters(model)
+    if rest.heads or rest.ffn or rest.layers or rest.experts or rest.hidden or rest.params:
+        inner = prune(model, rest, tokenizer=tokenizer, calibration=calibration, device=device, progress=progress)
+        plan, done, scores, budget = inner.plan, inner.config, inner.scores, inner.budget
+    else:
+        plan = PrunePlan(layers=[LayerPlan() for _ in adapter.decoder_layers(model)])
+        done, scores, budget = rest, [], None
+    prune_vocab(model, selection.kept)
+    plan.kept_tokens = selection.kept
+    if str(model.config.model_type) != selection.model_type:  # per-layer widths: AutoTokenizer may pick another class
+        from ..checkpoint.tokenizer_prune import prune_tokenizer
+
+        selection.tokenizer = prune_tokenizer(tokenizer, selection.kept, model.config)
+    return PruneResult(model, plan, dataclasses.replace(done, vocab=config.vocab, vocab_text=config.vocab_text),
+                       params_before, count_parameters(model), scores, budget, tokenizer=selection.tokenizer)
 
 
 def _prune_width(model: nn.Module, adapter: Any, config: PruneConfig, tokenizer: Any, calibration: Any, device: Any,

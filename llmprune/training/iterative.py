@@ -63,6 +63,9 @@ def prune_iteratively(
         raise ValueError(f"iterative steps={steps!r} must be >= 1")
     if steps > 1 and (config.hidden or config.params):
         raise ValueError("iterative pruning does not take hidden / params yet: prune the hidden size in one step")
+    if steps > 1 and config.vocab:
+        raise ValueError("iterative pruning does not take vocab yet (every step would need the rewritten tokenizer): "
+                         "prune the vocabulary in one step")
     if steps > 1 and recovery is not None and data is None:
         from ..calibration.calibrate import CalibrationError
 

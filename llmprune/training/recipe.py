@@ -252,7 +252,9 @@ def run_recipe(recipe: Recipe, out: str | os.PathLike | None = None, overwrite: 
                                       tokenizer=tokenizer, calibration=calibration, teacher=teacher,
                                       progress=progress).model
         else:
-            plan = prune(model, recipe.prune, tokenizer=tokenizer, calibration=calibration, progress=progress).plan
+            pruned = prune(model, recipe.prune, tokenizer=tokenizer, calibration=calibration, progress=progress)
+            plan, tokenizer = pruned.plan, pruned.tokenizer if pruned.tokenizer is not None else tokenizer
+            ppl_of = _ppl_function(recipe.ppl, tokenizer, progress)  # vocab: the rewritten tokenizer from here on
     if recipe.sparsify is not None:
         sparsify(model, recipe.sparsify, tokenizer=tokenizer, calibration=calibration, progress=progress)
     history = None

@@ -8,11 +8,13 @@ other kinds have criteria of their own, each registered here once, in the module
 - ``layers`` (``PruneConfig.layers``): ``block_influence`` (:mod:`.block_influence`);
   ``fn(block_influence per layer, n_remove) -> removed layers``;
 - ``experts`` (``PruneConfig.experts``): ``routing_mass`` (:mod:`.routing_mass`);
-  ``fn(experts_spec, layer_stats or None) -> one score per expert`` (higher = more important).
+  ``fn(experts_spec, layer_stats or None) -> one score per expert`` (higher = more important);
+- ``vocab`` (``PruneConfig.vocab``): ``frequency`` (:mod:`llmprune.structured.vocab`);
+  ``fn(token counts, tokenizer vocabulary, n_keep) -> kept token ids``.
 
 Each declares what it needs: ``calibration`` (``required``, ``optional``: used when given, or ``none``) and
 ``needs``, the statistics it reads (:data:`NEEDS`), and whether a streamed run (one layer in memory) can run it.
-A kind with no config field (layers, experts) runs its ``default`` criterion.
+A kind with no config field naming its criterion (layers, experts, vocab) runs its ``default`` one.
 
 Example::
 
@@ -27,7 +29,7 @@ from typing import Callable, Literal, get_args
 
 __all__ = ["UnitCriterion", "NEEDS", "register_unit_criterion", "get_unit_criterion", "available_unit_criteria"]
 
-UnitKind = Literal["hidden", "layers", "experts"]
+UnitKind = Literal["hidden", "layers", "experts", "vocab"]
 Calibration = Literal["required", "optional", "none"]
 
 #: the statistics a unit criterion may read (its ``needs``), gathered before ``fn`` runs
@@ -37,6 +39,7 @@ NEEDS = {
     "norm_samples": "every hidden norm's squared inputs and outputs on sampled calibration tokens",
     "block_influence": "each decoder layer's Block Influence, 1 - cos(input, output), on calibration tokens",
     "router_mass": "each expert's routing weight summed over the calibration tokens",
+    "token_counts": "how often each token id occurs in the domain text (PruneConfig.vocab_text or the calibration)",
 }
 
 
@@ -45,7 +48,7 @@ class UnitCriterion:
     """One criterion of a whole-unit kind, registered once.
 
     Attributes:
-        kind: ``hidden``, ``layers`` or ``experts``.
+        kind: ``hidden``, ``layers``, ``experts`` or ``vocab``.
         name: its name (``PruneConfig.hidden_method`` for hidden channels).
         description: one line for the command-line help.
         fn: the criterion (signature per kind: see the module docstring).
@@ -80,7 +83,7 @@ _UNIT_CRITERIA: dict[str, dict[str, UnitCriterion]] = {kind: {} for kind in get_
 
 def register_unit_criterion(kind: UnitKind, name: str, description: str, fn: Callable, calibration: Calibration,
                             needs: tuple[str, ...], streams: bool = False, default: bool = False) -> UnitCriterion:
-    """Register a hidden-channel, layer or expert criterion (one call, in the module of its maths); returns it."""
+    """Register a hidden-channel, layer, expert or vocabulary criterion (one call, in the module of its maths); returns it."""
     if kind not in _UNIT_CRITERIA:
         raise ValueError(f"unit kind {kind!r}; choose one of {', '.join(_UNIT_CRITERIA)}")
     if not isinstance(name, str) or not name:
