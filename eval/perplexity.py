@@ -2,7 +2,10 @@
 
 The text is tokenised once (with the tokenizer's special tokens, i.e. a leading BOS for
 Llama-style tokenizers), optionally cut to the first ``max_tokens`` tokens, and split into
-windows of ``seq_len`` tokens:
+windows of ``seq_len`` tokens. When the tokenizer starts every text with a BOS token, every
+window after the first is given it too, in front of its ``seq_len`` tokens, as context only
+(``bos_every_window``): the scored tokens do not change, and a model that expects a BOS first
+(Gemma) is scored as it runs rather than on windows it never saw in training:
 
 * non-overlapping (``stride`` is ``None`` or equal to ``seq_len``, the papers' protocol):
   ``n_tokens // seq_len`` full windows, the tail is dropped, and every window scores its
@@ -44,6 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from llmprune.calibration.calibrate import leading_bos
 from llmprune.calibration.text import DATASET_ALIASES, load_text as _load_text
 
 from ._checks import check_compatible, check_ids, max_positions, model_device
@@ -53,6 +57,8 @@ __all__ = ["DATASET_ALIASES", "PerplexityResult", "load_text", "perplexity", "to
 
 #: Default window length when the model's context is longer (or unknown).
 DEFAULT_MAX_SEQ_LEN = 2048
+#: At most this many bytes of float32 logits at once: fewer windows per batch at large vocabularies.
+_LOGITS_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -148,16 +154,18 @@ def default_seq_len(model: torch.nn.Module) -> int:
     return _resolve_seq_len(model, None)
 
 
-def _resolve_seq_len(model: torch.nn.Module, seq_len: int | None) -> int:
+def _resolve_seq_len(model: torch.nn.Module, seq_len: int | None, extra: int = 0) -> int:
+    """The window length; ``extra`` positions (a prepended BOS) must fit beside it in the model's context."""
     limit = max_positions(model)
     if seq_len is None:
-        return min(limit or DEFAULT_MAX_SEQ_LEN, DEFAULT_MAX_SEQ_LEN)
+        return min((limit or DEFAULT_MAX_SEQ_LEN) - extra, DEFAULT_MAX_SEQ_LEN)
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2, got {seq_len}.")
-    if limit is not None and seq_len > limit:
+    if limit is not None and seq_len + extra > limit:
         raise ValueError(
-            f"seq_len={seq_len} exceeds the model's context length ({limit} positions); "
-            f"use --seq-len {limit} or less."
+            f"seq_len={seq_len} exceeds the model's context length ({limit} positions"
+            + (", one of them the BOS each window starts with" if extra else "") + f"); "
+            f"use --seq-len {limit - extra} or less."
         )
     return seq_len
 
@@ -212,6 +220,7 @@ def perplexity(
     device: str | torch.device | None = None,
     progress: bool = True,
     drop_last: bool = True,
+    bos_every_window: bool = True,
 ) -> PerplexityResult:
     """Perplexity of ``model`` on ``text`` (see the module docstring for the protocol).
 
@@ -219,7 +228,8 @@ def perplexity(
     to the model's device (the model is not moved). ``drop_last=False`` also scores the
     final partial window of non-overlapping windows (as the Hugging Face perplexity guide's
     loop does); the papers drop it (default). Works for fp32/bf16/fp16 models; the
-    loss is always accumulated in float32/float64.
+    loss is always accumulated in float32/float64. ``batch_size`` windows run at once, fewer when
+    their logits would pass 1 GiB (large vocabularies).
 
     Example:
         >>> r = perplexity(model, tok, text, seq_len=256, max_tokens=60_000)  # doctest: +SKIP
@@ -228,7 +238,8 @@ def perplexity(
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
     check_compatible(model, tokenizer)
-    seq_len = _resolve_seq_len(model, seq_len)
+    bos = leading_bos(tokenizer) if bos_every_window else None
+    seq_len = _resolve_seq_len(model, seq_len, extra=0 if bos is None else 1)
     ids, nbytes = token_bytes(tokenizer, text, max_tokens)
     check_ids(model, ids)
     if ids.numel() < seq_len:
@@ -237,6 +248,10 @@ def perplexity(
             "Use a longer text, a smaller --seq-len, or a larger --max-tokens."
         )
     plan = windows(ids.numel(), seq_len, stride, drop_last)
+    # a batch's logits are [batch, seq_len, vocab] in float32: at a 262k vocabulary 8 windows of 512 are 4 GB
+    vocab = int(getattr(model.config, "vocab_size", 0) or 0)
+    if vocab:
+        batch_size = max(1, min(batch_size, _LOGITS_BYTES // ((seq_len + 1) * vocab * 4)))
     dev = torch.device(device) if device is not None else model_device(model)
     was_training = model.training
     model.eval()
@@ -245,14 +260,18 @@ def perplexity(
     bar = _progress(len(plan), progress)
     try:
         for batch in _batches(plan, batch_size):
-            width = max(end - start for start, end, _ in batch)
+            # a window that does not start the text gets the BOS in front (one more position of context)
+            pad = [int(bos is not None and ids[start] != bos) for start, _, _ in batch]
+            width = max(end - start + p for (start, end, _), p in zip(batch, pad))
             inputs = torch.zeros(len(batch), width, dtype=torch.long)
             targets = torch.full((len(batch), width), -100, dtype=torch.long)
-            for row, (start, end, first) in enumerate(batch):
-                inputs[row, : end - start] = ids[start:end]
-                # position p predicts token p+1: target at p is ids[start + p + 1]
-                lo = first - start - 1
-                targets[row, lo : end - start - 1] = ids[first:end]
+            for row, ((start, end, first), p) in enumerate(zip(batch, pad)):
+                if p:
+                    inputs[row, 0] = bos
+                inputs[row, p : p + end - start] = ids[start:end]
+                # position q predicts token q+1: the target at p + (j - start - 1) is ids[j]
+                lo = p + first - start - 1
+                targets[row, lo : p + end - start - 1] = ids[first:end]
             inputs, targets = inputs.to(dev), targets.to(dev)
             logits = model(input_ids=inputs, use_cache=False).logits
             for row in range(len(batch)):  # one row at a time keeps the fp32 copy small

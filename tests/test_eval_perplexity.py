@@ -30,14 +30,18 @@ def wiki_text() -> str:
     return load_text(WIKI)
 
 
-def plain_loop_ppl(model, ids: torch.Tensor, seq_len: int) -> float:
-    """Independent reference: one window at a time, HF-style shifted cross-entropy."""
+def plain_loop_ppl(model, ids: torch.Tensor, seq_len: int, bos: int | None = None) -> float:
+    """Independent reference: one window at a time, HF-style shifted cross-entropy; with ``bos``, every window
+    that does not start the text is read after that token (context only)."""
     nll, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, ids.numel() - seq_len + 1, seq_len):
             x = ids[start : start + seq_len][None]
-            logits = model(x).logits[0, :-1].float()
-            nll += F.cross_entropy(logits, x[0, 1:], reduction="sum").item()
+            lead = int(bos is not None and start > 0)
+            if lead:
+                x = torch.cat([torch.tensor([[bos]]), x], dim=1)
+            logits = model(x).logits[0, lead:-1].float()
+            nll += F.cross_entropy(logits, x[0, lead + 1:], reduction="sum").item()
             count += seq_len - 1
     return math.exp(nll / count)
 
@@ -69,16 +73,42 @@ def test_matches_plain_loop(ref, wiki_text):
     model, tok = ref
     got = perplexity(model, tok, wiki_text, seq_len=128, max_tokens=2000, batch_size=5, progress=False)
     ids = tokenize_text(tok, wiki_text, 2000)
-    want = plain_loop_ppl(model, ids, 128)
+    assert ids[0] == tok.bos_token_id  # the reference tokenizer starts every text with BOS: so does every window
+    want = plain_loop_ppl(model, ids, 128, bos=tok.bos_token_id)
     assert got.n_windows == 2000 // 128 and got.n_tokens == got.n_windows * 127
     assert got.ppl == pytest.approx(want, rel=1e-4)
     assert isinstance(got, PerplexityResult) and got.to_dict()["seq_len"] == 128
+    papers = perplexity(model, tok, wiki_text, seq_len=128, max_tokens=2000, batch_size=5, progress=False,
+                        bos_every_window=False)  # the papers' protocol: the text's one BOS only
+    assert papers.ppl == pytest.approx(plain_loop_ppl(model, ids, 128), rel=1e-4) and papers.ppl != got.ppl
+    assert papers.n_tokens == got.n_tokens
+
+
+def test_windows_get_a_bos_only_from_tokenizers_that_start_texts_with_one():
+    from llmprune.calibration.calibrate import calibration_batches, leading_bos
+
+    class Tok:  # whitespace words; ``bos`` None: adds nothing (SmolLM2, GPT-2, Qwen)
+        def __init__(self, bos):
+            self.bos_token_id = bos
+
+        def __call__(self, text, add_special_tokens=True, **kw):
+            ids = [10 + len(w) for w in text.split()]
+            return {"input_ids": ([self.bos_token_id] if add_special_tokens and self.bos_token_id is not None
+                                  else []) + ids}
+
+    assert leading_bos(Tok(1)) == 1 and leading_bos(Tok(None)) is None
+    text = " ".join("w" * (1 + i % 7) for i in range(400))
+    plain = torch.cat(calibration_batches(Tok(None), text, n_samples=4, seq_len=16, batch_size=2))
+    with_bos = torch.cat(calibration_batches(Tok(1), text, n_samples=4, seq_len=16, batch_size=2))
+    assert plain.shape == with_bos.shape == (4, 16)
+    assert (with_bos[:, 0] == 1).all() and torch.equal(with_bos[:, 1:], plain[:, :-1])  # same windows, BOS first
 
 
 @needs_shared
 def test_sliding_matches_hf_guide_loop(ref, wiki_text):
     model, tok = ref
-    got = perplexity(model, tok, wiki_text, seq_len=128, stride=48, max_tokens=600, progress=False)
+    got = perplexity(model, tok, wiki_text, seq_len=128, stride=48, max_tokens=600, progress=False,
+                     bos_every_window=False)
     want, count = plain_sliding_ppl(model, tokenize_text(tok, wiki_text, 600), 128, 48)
     assert got.n_tokens == count == 599  # every token but the first scored once
     assert got.ppl == pytest.approx(want, rel=1e-4)
@@ -90,7 +120,8 @@ def test_reference_value_first_60k_tokens_seq256(ref, wiki_text):
     with BOS, first 60,000 tokens, 256-token non-overlapping windows; the published value
     also scores the final 96-token partial window (drop_last=False): 287.915."""
     model, tok = ref
-    with_tail = perplexity(model, tok, wiki_text, seq_len=256, max_tokens=60_000, drop_last=False, progress=False)
+    with_tail = perplexity(model, tok, wiki_text, seq_len=256, max_tokens=60_000, drop_last=False, progress=False,
+                           bos_every_window=False)
     assert with_tail.ppl == pytest.approx(287.96, abs=0.05)
     assert with_tail.n_windows == 235 and with_tail.n_input_tokens == 60_000
 

@@ -33,6 +33,7 @@ from .engine import (CapturedInputs, LayerIO, LayerStep, capture_layer_inputs, l
 from .hessian import HessianAccumulator
 
 __all__ = [
+    "leading_bos",
     "CalibrationError",
     "InputStats",
     "LayerStats",
@@ -131,6 +132,27 @@ def _stratified_offsets(span: int, n: int, gen: torch.Generator) -> list[int]:
     return [offsets[(k + shift) % n] for k in _spread_order(n)]
 
 
+def leading_bos(tokenizer: Any) -> int | None:
+    """The id the tokenizer puts before any text it encodes (Llama's and Gemma's ``<bos>``), or ``None`` when it
+    adds none (SmolLM2, GPT-2, Qwen). A model trained so sees that token first in every sequence, and some families
+    (Gemma) depend on it: their first position is an attention sink. Calibration and perplexity windows start with
+    it, as every text the model was trained on did.
+
+    Example::
+
+        leading_bos(AutoTokenizer.from_pretrained("google/gemma-3-270m"))   # 2
+    """
+    try:
+        with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+        plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    except Exception:  # a tokenizer-like object without the keyword: it adds nothing we can see
+        return None
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None or len(with_special) <= len(plain) or with_special[0] != bos or (plain and plain[0] == bos):
+        return None
+    return int(bos)
+
+
 def calibration_batches(
     tokenizer: Any,
     text: str,
@@ -150,7 +172,8 @@ def calibration_batches(
 
     Long texts are not tokenised whole: each window starts at a character offset, a slice of text around
     it is tokenised, and its first token (possibly a cut word) is dropped. The same ``text`` and ``seed``
-    always give the same windows.
+    always give the same windows. When the tokenizer starts every text with a BOS token
+    (:func:`leading_bos`), each window is that token and ``seq_len - 1`` tokens of text.
     """
     if not text or not text.strip():
         raise CalibrationError("calibration text is empty")
@@ -178,6 +201,9 @@ def calibration_batches(
                 raise CalibrationError(f"could not find {seq_len} tokens in {chunk_chars} characters of calibration text")
             rows.append(torch.tensor(ids[:seq_len], dtype=torch.long))
         windows = torch.stack(rows)
+    bos = leading_bos(tokenizer)
+    if bos is not None:  # each window starts as a document does: the same window, its last token making room
+        windows = torch.cat([torch.full((windows.shape[0], 1), bos, dtype=windows.dtype), windows[:, :-1]], dim=1)
     return list(windows.split(batch_size))
 
 
