@@ -440,10 +440,12 @@ def test_bits_per_byte_is_window_independent_and_follows_the_invariant(tmp_path,
     assert got.n_bytes == runs[0].n_bytes and got.n_tokens == runs[0].n_tokens
     nll = 0.0  # the reference: the original's windows, restricted to the kept tokens and renormalised
     new_id = {old: new for new, old in enumerate(kept)}
+    bos = ref_tok.bos_token_id  # windows after the first are read after the BOS the tokenizer starts texts with
     for start, end, first in windows(len(ids), 64, 32):
-        logp = restricted_reference(original, ids[start:end], kept)
+        lead = int(start > 0)
+        logp = restricted_reference(original, [bos] * lead + ids[start:end], kept)
         new = [new_id[i] for i in ids[first:end]]
-        nll -= float(logp[first - start - 1:end - start - 1].gather(1, torch.tensor(new)[:, None]).sum())
+        nll -= float(logp[lead + first - start - 1:lead + end - start - 1].gather(1, torch.tensor(new)[:, None]).sum())
     assert got.bits_per_byte == pytest.approx(nll / (math.log(2) * got.n_bytes), rel=1e-5)
     assert got.bits_per_byte <= runs[0].bits_per_byte + 1e-9  # renormalising over fewer tokens never costs
 
