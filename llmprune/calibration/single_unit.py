@@ -242,8 +242,10 @@ def single_unit_statistics(model: nn.Module, adapter: ArchAdapter, batches: Iter
     rms: list[torch.Tensor] = []
     counts = torch.zeros(K, dtype=torch.float64)
 
-    def record_rms(m: nn.Module, a: tuple) -> None:
-        rms.append(a[0].detach().double().pow(2).mean(-1).sqrt().cpu())  # [batch, seq]
+    eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 0.0)) or 0.0)
+
+    def record_rms(m: nn.Module, a: tuple) -> None:  # the norm's scale at each position (its eps included)
+        rms.append((a[0].detach().double().pow(2).mean(-1) + eps).sqrt().cpu())  # [batch, seq]
 
     per_batch = []
     for ids in batches:
