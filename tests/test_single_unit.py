@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from llmprune import PruneConfig, get_adapter, prune
 from llmprune.structured.criteria import get_criterion
@@ -208,6 +209,28 @@ def test_solo_loss_equals_a_direct_solo_readout_of_each_unit(model_type):
         write = x[:, hd * d : (hd + 1) * d] @ o_proj.weight.double()[:, hd * d : (hd + 1) * d].t()
         assert heads[hd].item() == pytest.approx(reference(write), rel=1e-6, abs=1e-12)
     assert neurons.abs().max() > 0
+
+
+def test_solo_loss_gain_is_exact_for_small_and_large_logits():
+    """The float32 log1p/expm1 form against float64 cross-entropy, per unit, with one unit writing logits far
+    beyond the small-logit range (its chunk takes the logsumexp form)."""
+    from llmprune.calibration.single_unit import solo_loss_gain
+
+    g = torch.Generator().manual_seed(8)
+    T, d, K = 200, 12, 7
+    x = torch.randn(T, d, generator=g, dtype=torch.float64)
+    readout = torch.randn(K, d, generator=g, dtype=torch.float64) * 0.01
+    inv_rms = torch.rand(T, generator=g, dtype=torch.float64) + 0.5
+    labels = torch.randint(0, K, (T,), generator=g)
+    for units in (torch.arange(d).reshape(-1, 1), torch.arange(d).reshape(3, 4)):
+        for scale in (1.0, 1e4):
+            r = readout.clone()
+            r[:, 0] *= scale
+            got = solo_loss_gain(x, labels, r, units, inv_rms)
+            for u, cols in enumerate(units.tolist()):
+                z = (x[:, cols] @ r[:, cols].t()) * inv_rms.reshape(-1, 1)
+                expected = float((math.log(K) - F.cross_entropy(z, labels, reduction="none")).sum())
+                assert got[u].item() == pytest.approx(expected, rel=1e-5, abs=1e-9)
 
 
 def test_refit_residual_is_the_ridge_residual_on_the_other_features():

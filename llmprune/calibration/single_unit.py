@@ -152,13 +152,15 @@ def solo_loss_gain(x: torch.Tensor, labels: torch.Tensor, readout: torch.Tensor,
 
     Returns ``[n]`` (float64): ``Σ_t log K − CE(z_u(t), label_t)`` with the unit's solo logits
     ``z_u(t) = inv_rms_t · readout[:, u] x_u(t)``: positive when the unit alone moves probability to the true
-    labels, 0 for a silent unit, negative when it points away from them.
+    labels, 0 for a silent unit, negative when it points away from them. Computed in float32 as
+    ``z_y − log1p(mean_k expm1(z_k))``, which keeps full relative precision for the small logits of one unit
+    (a chunk with a logit beyond ±30 goes through ``logsumexp`` instead).
 
     Example::
 
         gain = solo_loss_gain(x, labels, readout, torch.arange(in_features).reshape(-1, 1), inv_rms)
     """
-    x, readout, inv_rms = x.double(), readout.double(), inv_rms.double()
+    x, readout, inv_rms = x.float(), readout.float(), inv_rms.float()
     T, K, n = x.shape[0], readout.shape[0], units.shape[0]
     out = torch.zeros(n, dtype=torch.float64)
     if T == 0:
@@ -166,9 +168,13 @@ def solo_loss_gain(x: torch.Tensor, labels: torch.Tensor, readout: torch.Tensor,
     per = max(1, _CHUNK // (T * K))
     for start in range(0, n, per):
         idx = units[start : start + per]
-        logits = torch.einsum("tcw,kcw->ctk", x[:, idx], readout[:, idx]) * inv_rms.reshape(1, -1, 1)
-        true = logits.gather(2, labels.reshape(1, -1, 1).expand(idx.shape[0], T, 1)).squeeze(2)
-        out[start : start + per] = (math.log(K) - (torch.logsumexp(logits, 2) - true)).sum(1)
+        z = torch.einsum("tcw,kcw->ctk", x[:, idx], readout[:, idx]) * inv_rms.reshape(1, -1, 1)
+        true = z.gather(2, labels.reshape(1, -1, 1).expand(idx.shape[0], T, 1)).squeeze(2)
+        if float(z.abs().max()) <= 30:
+            log_mean_exp = torch.log1p(torch.expm1(z).mean(2))
+        else:
+            log_mean_exp = torch.logsumexp(z.double(), 2) - math.log(K)
+        out[start : start + per] = (true.double() - log_mean_exp.double()).sum(1)
     return out
 
 
