@@ -223,7 +223,6 @@ def single_unit_statistics(model: nn.Module, adapter: ArchAdapter, batches: Iter
     batches = list(batches)
     layers = adapter.decoder_layers(model)
     stats = stats if stats is not None else [LayerStats() for _ in layers]
-    device = next(model.parameters()).device
     targets = torch.cat([b[:, 1:].reshape(-1) for b in batches])
     labels = torch.bincount(targets).argsort(descending=True)[:top_k]
     K = labels.numel()
@@ -247,7 +246,6 @@ def single_unit_statistics(model: nn.Module, adapter: ArchAdapter, batches: Iter
     norm = _final_norm(model)
     rms: list[torch.Tensor] = []
     counts = torch.zeros(K, dtype=torch.float64)
-
     eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 0.0)) or 0.0)
 
     def record_rms(m: nn.Module, a: tuple) -> None:  # the norm's scale at each position (its eps included)
