@@ -11,13 +11,14 @@ come from the text before that tail, the same windows for every row. Also the sh
 removed and the pruning time.
 
 Resumable per row: ``OUT/results.json`` keeps every finished row (keyed by its label) and a rerun skips them;
-``OUT/results.md`` is rewritten from it after each row. A results.json measured under another protocol is
-refused (use another ``--out``).
+``OUT/results.md`` is rewritten from it after each row. Two processes may fill the same folder with different
+``--only`` rows (each row is merged in under a lock). A results.json measured under another protocol is refused
+(use another ``--out``).
 
     python scripts/bench_single_unit.py                                   # SmolLM2-135M (scripts/real_model.py)
-    python scripts/bench_single_unit.py --only "ffn25"                    # the FFN-only rows
+    python scripts/bench_single_unit.py --only "dense,ffn25"              # the FFN-only rows
     python scripts/bench_single_unit.py --model ../shared/models/ref-llama-7m --n-samples 4 --seq-len 64 \\
-        --ppl-seq-len 64 --max-tokens 2000 --held-out-windows 4 --out /tmp/su --only "ffn25 magnitude"   # smoke
+        --ppl-seq-len 64 --max-tokens 2000 --held-out-windows 4 --out /tmp/su --only "dense,ffn25 magnitude"   # smoke
 """
 
 from __future__ import annotations
@@ -92,10 +93,32 @@ def held_out_ppl(model, windows, batch: int = 4) -> float:
     return math.exp(total / count)
 
 
-def write_json(path: Path, data: dict) -> None:
+def _write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)  # atomic: a kill leaves the old or the new file
+
+
+def read_results(path: Path, protocol: dict) -> dict:
+    """The rows so far (another process running other ``--only`` rows may have added some)."""
+    data = json.loads(path.read_text()) if path.is_file() else {"protocol": protocol, "rows": {}}
+    if data["protocol"] != protocol:
+        raise SystemExit(f"{path} was measured with {data['protocol']}, not {protocol}: use another --out")
+    return data
+
+
+def add_row(path: Path, protocol: dict, label: str, row: dict) -> dict:
+    """Merge one finished row into ``path`` (and rewrite results.md), under a lock so that processes running
+    other rows into the same folder keep each other's rows."""
+    import fcntl
+
+    with open(path.with_name(".results.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = read_results(path, protocol)
+        data["rows"][label] = row
+        _write(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+        _write(path.with_name("results.md"), report(data))
+    return data
 
 
 def report(data: dict) -> str:
@@ -128,7 +151,8 @@ def main() -> int:
     ap.add_argument("--ppl-seq-len", type=int, default=512, help="perplexity window length (default 512)")
     ap.add_argument("--max-tokens", type=int, default=20000, help="WikiText-2 tokens scored (default 20000)")
     ap.add_argument("--held-out-windows", type=int, default=16, help="held-out windows at the end of --calib")
-    ap.add_argument("--only", default="", help="comma-separated substrings: run only the rows whose label has one")
+    ap.add_argument("--only", default="", help="comma-separated label prefixes: run only the rows whose label starts "
+                                               "with one (e.g. 'dense,ffn25' or 'heads25+ffn25 single-unit')")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", default=str(REPO / "bench" / "single_unit_real"))
     args = ap.parse_args()
@@ -158,12 +182,10 @@ def main() -> int:
                 **{k: getattr(args, k) for k in ("n_samples", "seq_len", "seed", "ppl_seq_len", "max_tokens",
                                                  "held_out_windows")}}
     path = out / "results.json"
-    data = json.loads(path.read_text()) if path.is_file() else {"protocol": protocol, "rows": {}}
-    if data["protocol"] != protocol:
-        raise SystemExit(f"{path} was measured with {data['protocol']}, not {protocol}: use another --out")
+    data = read_results(path, protocol)
     wanted = [s.strip() for s in args.only.split(",") if s.strip()]
     todo = [(label, fields) for label, fields in rows()
-            if label not in data["rows"] and (not wanted or any(w in label for w in wanted))]
+            if label not in data["rows"] and (not wanted or label.startswith(tuple(wanted)))]
     if not todo:
         print(f"nothing to run: every selected row is in {path}")
         return 0
@@ -172,6 +194,8 @@ def main() -> int:
     windows = torch.cat(calibration_batches(tok, calib_text, args.n_samples, args.seq_len, args.seed))
     wikitext = load_text(args.ppl)
     for label, fields in todo:
+        if label in read_results(path, protocol)["rows"]:  # done meanwhile by another process
+            continue
         model, _ = load_model(args.model, dtype=torch.float32)
         model.eval()
         blocks = block_parameters(model)
@@ -186,11 +210,7 @@ def main() -> int:
         row["ppl"] = perplexity(model, tok, wikitext, seq_len=args.ppl_seq_len, max_tokens=args.max_tokens,
                                 progress=False).ppl
         row["held_out_ppl"] = held_out_ppl(model, held)
-        data["rows"][label] = row
-        write_json(path, data)
-        tmp = out / f".results.md.tmp-{os.getpid()}"
-        tmp.write_text(report(data))
-        os.replace(tmp, out / "results.md")
+        add_row(path, protocol, label, row)
         print(f"{label}: PPL {row['ppl']:.2f}, held-out {row['held_out_ppl']:.2f}, "
               f"{row['block_removed']:.1%} of block params, {row['prune_seconds']:.0f} s", flush=True)
         del model
