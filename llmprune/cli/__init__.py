@@ -27,6 +27,7 @@ from . import recover as _recover  # noqa: E402,F401
 from . import run as _run  # noqa: E402,F401
 from . import train as _train  # noqa: E402,F401
 from . import evaluate as _evaluate  # noqa: E402,F401
+from . import analyze as _analyze  # noqa: E402,F401
 from . import export as _export  # noqa: E402,F401
 from . import push as _push  # noqa: E402,F401
 from . import support as _support  # noqa: E402,F401

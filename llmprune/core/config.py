@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-__all__ = ["PruneConfig", "LayerPlan", "PrunePlan", "RatioError", "RECIPE_VERSION"]
+__all__ = ["PruneConfig", "LayerPlan", "PrunePlan", "RatioError", "RECIPE_VERSION", "SingleUnitScore"]
 
 #: bumped whenever the saved recipe's meaning changes
 RECIPE_VERSION = 2
+
+
+#: method ``single-unit``: how a unit's solo performance is scored (:mod:`llmprune.calibration.single_unit`);
+#: the first is the default
+SingleUnitScore = Literal["clusters", "snr", "solo-loss", "solo-loss-refit"]
 
 
 class RatioError(ValueError):
@@ -114,6 +119,11 @@ class PruneConfig(_JsonMixin):
             or byte-fallback BPE; :mod:`llmprune.structured.vocab`). Runs after the other kinds.
         vocab_text: a text file or dataset name whose token counts choose the kept vocabulary; ``None``
             (default): the calibration text.
+        single_unit_score: method ``single-unit`` only: how a unit's solo performance is scored: ``clusters``
+            (default: label-cluster signal weighted by its SNR), ``snr`` (the seed's cluster / noise ratio),
+            ``solo-loss`` (the next-token loss the unit's write alone removes, read through the final norm and
+            LM head) or ``solo-loss-refit`` (the same for what the refit of the layer's other units cannot
+            replace); see :mod:`llmprune.calibration.single_unit`.
     """
 
     heads: float = field(default=0.0, metadata={"help": "fraction of attention (query) heads removed, in [0, 1)"})
@@ -173,6 +183,11 @@ class PruneConfig(_JsonMixin):
     vocab_text: str | None = field(default=None, metadata={
         "help": "text file or dataset name whose token counts choose the kept vocabulary",
         "default_help": "the calibration text"})
+    single_unit_score: SingleUnitScore = field(default=get_args(SingleUnitScore)[0], metadata={
+        "help": "method single-unit only: clusters (label-cluster signal x SNR/(1+SNR)), snr (the seed's "
+                "cluster/noise ratio), solo-loss (the next-token loss the unit's write alone removes through the "
+                "final norm and LM head) or solo-loss-refit (the same for what a refit of the layer's other "
+                "units cannot replace)"})
 
     def __post_init__(self) -> None:
         self.validate()
@@ -186,7 +201,7 @@ class PruneConfig(_JsonMixin):
             raise ValueError(f"layers={self.layers!r} must be a non-negative number of blocks to remove")
         choices = {"allocation": (None, "uniform", "global", "error", "block_influence", "fisher"),
                    "attention_unit": ("auto", "group", "query"), "rounding": ("error", "down", "up", "nearest"),
-                   "fisher_labels": ("data", "model")}
+                   "fisher_labels": ("data", "model"), "single_unit_score": get_args(SingleUnitScore)}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}; choose one of "

@@ -29,6 +29,9 @@ class InputStats:
     label_sums: torch.Tensor | None = None
     label_counts: torch.Tensor | None = None
     readout: torch.Tensor | None = None
+    #: single-unit ``solo-loss`` scores: the mean next-token loss each unit's write alone removes, per labelled
+    #: position [units of this output projection]
+    solo_gain: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)

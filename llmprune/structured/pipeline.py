@@ -66,7 +66,7 @@ class PruneResult:
                            config=self.config, plan=self.plan, source=source, overwrite=overwrite, extra=extra)
 
 
-_PREPARED_FIELDS = ("grad_rows", "grad_cols", "label_sums", "label_counts", "readout")
+_PREPARED_FIELDS = ("grad_rows", "grad_cols", "label_sums", "label_counts", "readout", "solo_gain")
 
 
 def _adopt_gradients(stats: Any, grad_stats: list | None, i: int) -> None:
@@ -157,7 +157,7 @@ def prune(
             layer_stats.grams.clear()
 
         if use_data and criterion.prepare is not None and prunes_units:  # e.g. gradients, before the layer pass
-            stats = criterion.prepare(model, adapter, batches, progress)
+            stats = criterion.prepare(model, adapter, batches, progress, **criterion.options_of(config))
         if use_data:
             grad_stats = stats
 

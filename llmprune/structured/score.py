@@ -48,18 +48,19 @@ def score_layers(
 def score_layer(adapter: ArchAdapter, layer: nn.Module, cfg: PruneConfig, stats: LayerStats | None) -> LayerScores:
     """Unit scores of one layer (used alone by the sequential reconstruction pass)."""
     criterion = get_criterion(cfg.method)
+    opts = criterion.options_of(cfg)
     layer_stats = stats.inputs if stats is not None else None
     attn, ffn = adapter.attention(layer), adapter.ffn(layer)
     s = LayerScores(block_influence=stats.block_influence if stats is not None else None)
     if attn is not None and cfg.heads > 0:
-        s.q_heads = criterion.fn(attn.q_slots, attn.num_heads, layer_stats)
-        s.kv_heads = criterion.fn(attn.kv_slots, attn.num_kv_heads, layer_stats)
+        s.q_heads = criterion.fn(attn.q_slots, attn.num_heads, layer_stats, **opts)
+        s.kv_heads = criterion.fn(attn.kv_slots, attn.num_kv_heads, layer_stats, **opts)
         s.group_size = attn.group_size
     if ffn is not None and cfg.ffn > 0:
-        s.neurons = criterion.fn(ffn.slots, ffn.num_neurons, layer_stats)
+        s.neurons = criterion.fn(ffn.slots, ffn.num_neurons, layer_stats, **opts)
     moe = adapter.experts(layer)
     if moe is not None and cfg.ffn > 0:
-        s.expert_neurons = torch.stack([criterion.fn(moe.neuron_slots(e), moe.num_neurons, layer_stats)
+        s.expert_neurons = torch.stack([criterion.fn(moe.neuron_slots(e), moe.num_neurons, layer_stats, **opts)
                                         for e in range(moe.num_experts)])
     if moe is not None and cfg.experts > 0:
         s.experts = expert_scores(moe, stats)

@@ -12,7 +12,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -22,7 +22,8 @@ from ...calibration.calibrate import InputStats
 
 __all__ = ["Criterion", "register_criterion", "register_method", "SCORE_ALLOCATIONS", "get_criterion", "available_criteria", "slot_weights", "slot_input_feature"]
 
-ScoreFn = Callable[[list[Slot], int, Mapping[nn.Module, InputStats] | None], torch.Tensor]
+#: ``(slots, n_units, stats, **options) -> scores [n_units]``
+ScoreFn = Callable[..., torch.Tensor]
 
 
 #: the allocations a per-unit score supports (a method that selects inside the sequential pass declares its own)
@@ -45,6 +46,8 @@ class Criterion:
             memory) and ``store`` keeps what outlives a layer (the Fisher pass).
         allocations: the allocations it supports; ``default_allocation`` is used when the config names none.
         streams: whether a streamed run (one layer in memory) can run it.
+        options: the :class:`~llmprune.core.config.PruneConfig` fields the method reads beyond the ratios (e.g.
+            ``single_unit_score``): passed by name to ``prepare`` and ``fn`` (:meth:`options_of`).
     """
 
     name: str
@@ -56,6 +59,11 @@ class Criterion:
     allocations: tuple[str, ...] = SCORE_ALLOCATIONS
     default_allocation: str = "uniform"
     streams: bool = True
+    options: tuple[str, ...] = ()
+
+    def options_of(self, config: Any) -> dict[str, Any]:
+        """The keyword arguments ``prepare`` and ``fn`` get from ``config`` (its :attr:`options`)."""
+        return {name: getattr(config, name) for name in self.options}
 
 
 _CRITERIA: dict[str, Criterion] = {}
@@ -73,11 +81,13 @@ def register_method(criterion: Criterion) -> Criterion:
 
 
 def register_criterion(name: str, needs_calibration: bool, description: str,
-                       prepare: Callable | None = None) -> Callable[[ScoreFn], ScoreFn]:
-    """Register a per-unit score function as a method (decorator)."""
+                       prepare: Callable | None = None, options: tuple[str, ...] = ()) -> Callable[[ScoreFn], ScoreFn]:
+    """Register a per-unit score function as a method (decorator); ``options``: the config fields it reads
+    (:attr:`Criterion.options`)."""
     def wrap(fn: ScoreFn) -> ScoreFn:
         # a criterion with its own whole-model pass (gradients) cannot be computed one layer at a time
-        register_method(Criterion(name, fn, needs_calibration, description, prepare, streams=prepare is None))
+        register_method(Criterion(name, fn, needs_calibration, description, prepare, streams=prepare is None,
+                                  options=tuple(options)))
         return fn
 
     return wrap
