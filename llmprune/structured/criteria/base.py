@@ -12,7 +12,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -20,7 +20,7 @@ from torch import nn
 from ...arch.base import Slot, weight_matrix
 from ...calibration.calibrate import InputStats
 
-__all__ = ["Criterion", "register_criterion", "register_method", "SCORE_ALLOCATIONS", "get_criterion", "available_criteria", "slot_weights", "slot_input_feature"]
+__all__ = ["Criterion", "register_criterion", "register_method", "SCORE_ALLOCATIONS", "get_criterion", "available_criteria", "final_refits", "slot_weights", "slot_input_feature"]
 
 ScoreFn = Callable[[list[Slot], int, Mapping[nn.Module, InputStats] | None], torch.Tensor]
 
@@ -45,6 +45,9 @@ class Criterion:
             memory) and ``store`` keeps what outlives a layer (the Fisher pass).
         allocations: the allocations it supports; ``default_allocation`` is used when the config names none.
         streams: whether a streamed run (one layer in memory) can run it.
+        refits: it refits the projections that consume the removed units (least squares) whatever the config
+            says, as ``reconstruct=True`` does for the scores; ``--params`` then measures its candidates with a
+            stand-in that refits too (:func:`final_refits`).
     """
 
     name: str
@@ -56,6 +59,7 @@ class Criterion:
     allocations: tuple[str, ...] = SCORE_ALLOCATIONS
     default_allocation: str = "uniform"
     streams: bool = True
+    refits: bool = False
 
 
 _CRITERIA: dict[str, Criterion] = {}
@@ -91,6 +95,18 @@ def get_criterion(name: str) -> Criterion:
 
 def available_criteria() -> list[str]:
     return sorted(_CRITERIA)
+
+
+def final_refits(config: Any) -> bool:
+    """Whether a run with ``config`` refits what consumes the removed heads / neurons: its method always does
+    (``Criterion.refits``), or ``config.reconstruct`` asks for it.
+
+    Example::
+
+        final_refits(PruneConfig(heads=0.25))                                    # True: obs refits
+        final_refits(PruneConfig(heads=0.25, method="wanda"))                    # False
+    """
+    return bool(get_criterion(config.method).refits or config.reconstruct)
 
 
 def slot_weights(slot: Slot, n_units: int) -> torch.Tensor:
