@@ -69,6 +69,9 @@ def test_split_held_out_is_disjoint_spread_and_whole():
     assert split_held_out(text, len(text) // 4) == (calib, held)  # pure
     assert split_held_out("a\nb\nc\nd\n", 4, pieces=2) == ("a\nc\n", "b\nd\n")
     assert split_held_out(text, 0) == (text, "")
+    paragraphs = "".join(f"paragraph {i} " + "word " * 60 + "\n" for i in range(40))  # lines longer than a piece
+    _, held = split_held_out(paragraphs, 1000)
+    assert 500 <= len(held) <= 1500
 
 
 def test_token_byte_lengths_partition_the_text(tok):

@@ -53,11 +53,29 @@ def _line_start(text: str, at: int, limit: int) -> int:
     return cut + 1 if cut >= 0 else at
 
 
+def _piece_start(text: str, lo: int, hi: int, per: int) -> int:
+    """Where the held-out piece of segment ``[lo, hi)`` starts: ``per`` characters before ``hi``, moved to the
+    nearest line start within ``per / 2`` of it (a line longer than that is cut where it falls)."""
+    at = hi - per
+    if at <= lo:
+        return lo
+    options = []
+    before = text.rfind("\n", lo, at)
+    if before >= 0 or lo == 0 or text[lo - 1] == "\n":
+        options.append(before + 1 if before >= 0 else lo)
+    after = text.find("\n", at, hi - 1)  # not the segment's own last newline: that would hold out nothing
+    if after >= 0:
+        options.append(after + 1)
+    near = [s for s in options if abs(s - at) <= per // 2]
+    return min(near, key=lambda s: abs(s - at)) if near else at
+
+
 def split_held_out(text: str, held_chars: int, pieces: int = 8) -> tuple[str, str]:
-    """Split ``text`` into ``(calibration, held_out)``: ``text`` is cut into ``pieces`` equal segments and the last
-    ``held_chars / pieces`` characters of each (from a line start where there is one) are held out, so a text that
-    concatenates corpora is held out from each in proportion. The two parts are disjoint and together are the
-    whole text (each part's segments joined as they were). Pure: the same text gives the same split.
+    """Split ``text`` into ``(calibration, held_out)``: ``text`` is cut into ``pieces`` equal segments (at line
+    starts where there are some) and about the last ``held_chars / pieces`` characters of each (from the nearest
+    line start) are held out, so a text that concatenates corpora is held out from each in proportion. The two parts
+    are disjoint and together are the whole text (each part's pieces joined as they were). Pure: the same text
+    gives the same split.
 
     Example::
 
@@ -71,7 +89,7 @@ def split_held_out(text: str, held_chars: int, pieces: int = 8) -> tuple[str, st
     bounds = [_line_start(text, k * n // pieces, (k + 1) * n // pieces) if k else 0 for k in range(pieces)] + [n]
     calib, held = [], []
     for lo, hi in zip(bounds, bounds[1:]):
-        start = max(lo, _line_start(text, max(lo, hi - per), hi)) if hi - per > lo else lo
+        start = _piece_start(text, lo, hi, per)
         calib.append(text[lo:start])
         held.append(text[start:hi])
     return "".join(calib), "".join(held)
