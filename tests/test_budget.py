@@ -81,6 +81,18 @@ def test_token_byte_lengths_partition_the_text(tok):
     assert int(nbytes.sum()) == len(text.encode()) and int(nbytes[0]) == 0  # BOS covers nothing
 
 
+def test_text_loss_scores_every_token_once(tok):
+    model, text = tiny_model(tok), domain_text(12, seed=2)
+    ids = torch.tensor([tok(text)["input_ids"]])
+    with torch.no_grad():  # one window holding the whole text: a plain forward
+        plain = float(torch.nn.functional.cross_entropy(model(ids).logits[0, :-1], ids[0, 1:], reduction="sum"))
+    whole = text_loss(model, tok, text, seq_len=ids.shape[1] + 1)
+    assert whole.nll == pytest.approx(plain, rel=1e-5) and whole.n_bytes == len(text.encode())
+    windowed = text_loss(model, tok, text, seq_len=16, batch_size=3)  # BOS + 15 tokens, overlapping by one
+    assert windowed.n_tokens == whole.n_tokens == ids.shape[1] - 1 and windowed.n_bytes == whole.n_bytes
+    assert windowed.nll != pytest.approx(whole.nll, rel=1e-6)  # less context per token
+
+
 def test_loss_per_byte_is_tokenizer_fair(tok):
     """The same distribution behind two tokenizers: the original model, whose LM head gives the removed tokens no
     probability (a bias of -1e4), and its vocabulary-pruned copy with the rewritten tokenizer. On a text using kept

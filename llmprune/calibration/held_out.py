@@ -22,7 +22,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from .calibrate import leading_bos
+
 __all__ = ["token_byte_lengths", "split_held_out", "TextLoss", "text_loss", "chars_per_token"]
+
+#: at most this many bytes of float32 logits at once: fewer windows per batch at large vocabularies
+_LOGITS_BYTES = 1 << 30
 
 
 def token_byte_lengths(text: str, offsets: Sequence[Sequence[int]] | np.ndarray) -> torch.Tensor:
@@ -125,9 +130,11 @@ class TextLoss:
 @torch.no_grad()
 def text_loss(model: nn.Module, tokenizer: Any, text: str, seq_len: int, batch_size: int = 8) -> TextLoss:
     """``model``'s next-token loss on ``text`` tokenized by ``tokenizer`` (its special tokens included, e.g. BOS).
-    Windows of ``seq_len`` tokens overlap by one token, so every token but the first is scored exactly once and
-    the scored bytes are the whole text but the first token's (none when it is BOS). Without tokenizer offsets (a
-    slow tokenizer) every scored token is taken to cover the whole text's bytes evenly.
+    Windows of ``seq_len`` positions overlap by one token, so every token but the first is scored exactly once and
+    the scored bytes are the whole text but the first token's (none when it is BOS). When the tokenizer starts every
+    text with a BOS (:func:`~.calibrate.leading_bos`), every window after the first starts with it too, as context
+    only, as the calibration windows do. Without tokenizer offsets (a slow tokenizer) the scored tokens are taken to
+    cover the whole text. ``batch_size`` windows run at once, fewer when their logits would pass 1 GiB.
 
     Example::
 
@@ -139,21 +146,28 @@ def text_loss(model: nn.Module, tokenizer: Any, text: str, seq_len: int, batch_s
     except (NotImplementedError, ValueError, TypeError, KeyError):  # slow tokenizers have no offsets
         enc, nbytes = tokenizer(text, add_special_tokens=True, verbose=False), None
     ids = torch.as_tensor(enc["input_ids"], dtype=torch.long)
+    bos = leading_bos(tokenizer)
+    span = seq_len - (bos is not None)  # text tokens per window, beside the BOS
     n = ids.numel()
-    if n < 2 or seq_len < 2:
+    if n < 2 or span < 2:
         return TextLoss(0.0, 0, 0)
     device = next(model.parameters()).device
-    starts = list(range(0, n - 1, seq_len - 1))  # window k's first token is window k-1's last
+    vocab = int(getattr(model.config, "vocab_size", 0) or 0)
+    batch_size = max(1, min(batch_size, _LOGITS_BYTES // (seq_len * max(1, vocab) * 4)))
+    starts = list(range(0, n - 1, span - 1))  # window k's first token is window k-1's last
     nll = 0.0
     for i in range(0, len(starts), batch_size):
         group = starts[i:i + batch_size]
-        width = max(min(seq_len, n - s) for s in group)
+        pads = [int(bos is not None and int(ids[s]) != bos) for s in group]
+        width = max(min(span, n - s) + p for s, p in zip(group, pads))
         inputs = torch.zeros(len(group), width, dtype=torch.long)
         targets = torch.full((len(group), width), -100, dtype=torch.long)
-        for row, s in enumerate(group):
-            window = ids[s:s + seq_len]
-            inputs[row, :len(window)] = window
-            targets[row, :len(window) - 1] = window[1:]
+        for row, (s, p) in enumerate(zip(group, pads)):
+            window = ids[s:s + span]
+            if p:
+                inputs[row, 0] = bos
+            inputs[row, p:p + len(window)] = window
+            targets[row, p:p + len(window) - 1] = window[1:]
         logits = model(input_ids=inputs.to(device), use_cache=False).logits
         for row in range(len(group)):  # one row at a time keeps the float32 copy small
             mask = targets[row] != -100
