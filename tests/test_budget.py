@@ -14,7 +14,7 @@ from llmprune import PruneConfig, prune
 from llmprune.arch import get_adapter
 from llmprune.calibration.held_out import split_held_out, text_loss, token_byte_lengths
 from llmprune.cli.table import budget_notes, budget_rows, width_rows
-from llmprune.structured.budget import choose_split, share_grid
+from llmprune.structured.budget import choose_split, parameter_groups, share_grid, split_for
 from llmprune.structured.criteria import base as criteria_base
 from llmprune.structured.criteria.base import Criterion, final_refits
 from llmprune.structured.vocab import prune_vocab
@@ -131,6 +131,21 @@ def test_final_refits_is_declared_by_the_method(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------ choose_split
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_vocab_rows_take_their_share_within_the_vocab_stage_limit(tok, tied):
+    model = tiny_model(tok, tied=tied)
+    adapter, d = get_adapter(model), model.config.hidden_size
+    groups = parameter_groups(model, adapter)
+    assert groups["vocab"] == (1 if tied else 2) * len(tok) * d and groups["rows"] == len(tok)  # tied: counted once
+    cfg = PruneConfig(params=0.05)
+    split = split_for(model, adapter, cfg, 0.0, groups, vocab_share=1.0, max_vocab=0.9)
+    assert split.hidden == split.heads == split.ffn == 0 and split.params == 0
+    assert split.vocab * groups["vocab"] == pytest.approx(0.05 * groups["total"], rel=1e-3)
+    mixed = split_for(model, adapter, cfg, 0.0, groups, vocab_share=1 / 3, max_vocab=0.9)
+    assert mixed.vocab == pytest.approx(split.vocab / 3, abs=1 / len(tok)) and mixed.ffn > 0
+    assert split_for(model, adapter, cfg, 0.0, groups, vocab_share=1.0, max_vocab=split.vocab / 2) is None
 
 
 @pytest.mark.parametrize("method, reconstruct, refit", [("obs", False, True), ("wanda", False, False),

@@ -289,7 +289,8 @@ def choose_split(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig, batch
     skipped: list[dict[str, Any]] = []
     for v_share, h_share, b_share in progress_bar(share_grid(axis is not None, not adapter.hidden_refusal),
                                                   desc="params split", disable=not progress):
-        shares = {"vocab_share": round(v_share, 4), "hidden_share": round(h_share, 4), "blocks_share": round(b_share, 4)}
+        shares = {"vocab_share": round(v_share, 4), "hidden_share": round(h_share, 4),
+                  "blocks_share": round(b_share, 4)}
         split = split_for(model, adapter, cfg, h_share, groups, v_share, axis.max_ratio if axis else 0.0)
         if split is None:
             v = _vocab_ratio(cfg, v_share, groups)
@@ -297,17 +298,19 @@ def choose_split(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig, batch
                             "stage allows" if axis and v > axis.max_ratio else
                             f"no heads / FFN ratio in [0, {MAX_BLOCK_RATIO}] meets the target"})
             continue
-        trial, tok = copy.deepcopy(model), tokenizer
-        proxy = dataclasses.replace(split, vocab=0.0, method=PROXY_METHOD, allocation="uniform", reconstruct=refits,
-                                    bias_compensation=False)
-        if proxy.hidden or proxy.heads or proxy.ffn:
-            prune(trial, proxy, calibration=calib, device=device, progress=False)
-        if split.vocab and axis is not None:
+        kept, tok = None, tokenizer
+        if split.vocab and axis is not None:  # before any pruning: a tokenizer it cannot rewrite skips it
             try:
                 kept, tok = axis.cut(split.vocab)
             except (TokenizerPruneError, RatioError) as err:
                 skipped.append({**shares, "why": f"the tokenizer cannot be rewritten for it: {err}"})
                 continue
+        trial = copy.deepcopy(model)
+        proxy = dataclasses.replace(split, vocab=0.0, method=PROXY_METHOD, allocation="uniform", reconstruct=refits,
+                                    bias_compensation=False)
+        if proxy.hidden or proxy.heads or proxy.ffn:
+            prune(trial, proxy, calibration=calib, device=device, progress=False)
+        if kept is not None:
             prune_vocab(trial, kept)
         was_training = trial.training
         trial.eval()
