@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from llmprune.calibration.calibrate import leading_bos
+from llmprune.calibration.held_out import token_byte_lengths
 from llmprune.calibration.text import DATASET_ALIASES, load_text as _load_text
 
 from ._checks import check_compatible, check_ids, max_positions, model_device
@@ -142,11 +143,7 @@ def token_bytes(tokenizer: Any, text: str, max_tokens: int | None = None) -> tup
     offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
     if max_tokens is not None:
         ids, offsets = ids[:max_tokens], offsets[:max_tokens]
-    codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
-    width = 1 + (codes >= 0x80).astype(np.int64) + (codes >= 0x800) + (codes >= 0x10000)  # UTF-8 bytes per char
-    prefix = np.concatenate([[0], np.cumsum(width)])
-    covered = np.maximum.accumulate(prefix[np.clip(offsets[:, 1], 0, len(codes))]) if len(offsets) else offsets[:, 1]
-    return ids, torch.from_numpy(np.diff(np.concatenate([[0], covered])))
+    return ids, token_byte_lengths(text, offsets)  # shared with --params' held-out loss per byte
 
 
 def default_seq_len(model: torch.nn.Module) -> int:

@@ -38,6 +38,7 @@ __all__ = [
     "InputStats",
     "LayerStats",
     "read_calibration_text",
+    "calibration_text",
     "model_context",
     "calibration_state_bytes",
     "check_calibration_fits",
@@ -207,6 +208,22 @@ def calibration_batches(
     return list(windows.split(batch_size))
 
 
+def calibration_text(calibration: Any) -> str | None:
+    """The text of a calibration given as a text file path, a dataset name or raw text (``str`` containing
+    whitespace and no such file); ``None`` for token ids.
+
+    Example::
+
+        calibration_text("calib.txt")[:20]        # the file's first characters
+    """
+    if not isinstance(calibration, (str, os.PathLike)):
+        return None
+    path = os.fspath(calibration)
+    if os.path.isfile(path) or "\n" not in path and len(path) < 4096 and " " not in path:
+        return read_calibration_text(path)
+    return path
+
+
 def as_batches(calibration: Any, tokenizer: Any, n_samples: int, seq_len: int, seed: int,
                batch_size: int) -> list[torch.Tensor] | None:
     """Calibration given as a text file path, a dataset name (``wikitext2``, ``c4``, ``ptb``), raw text
@@ -217,11 +234,7 @@ def as_batches(calibration: Any, tokenizer: Any, n_samples: int, seq_len: int, s
     if isinstance(calibration, (str, os.PathLike)):
         if tokenizer is None:
             raise CalibrationError("calibration from text needs the model's tokenizer (tokenizer=...)")
-        path = os.fspath(calibration)
-        if os.path.isfile(path) or "\n" not in path and len(path) < 4096 and " " not in path:
-            text = read_calibration_text(path)
-        else:
-            text = path
+        text = calibration_text(calibration)
         rank, size = world()
         if size == 1:
             return calibration_batches(tokenizer, text, n_samples, seq_len, seed, batch_size)

@@ -16,7 +16,7 @@ from ._common import (add_calibration_text_argument, add_config_arguments, add_o
                       is_main_process, ppl_function, ppl_protocol, read_calibration, wait_for_everyone)
 from ._registry import subcommand
 from ._streaming import add_streaming_arguments, local_folder, refuse_with_streaming, run_streamed, wants_streaming
-from .table import before_after_rows, budget_rows, format_table, unit_fraction_rows, width_rows
+from .table import before_after_rows, budget_notes, budget_rows, format_table, unit_fraction_rows, width_rows
 
 __all__ = ["add_arguments", "run"]
 
@@ -194,6 +194,8 @@ def run(args: argparse.Namespace) -> int:
     if result.budget:
         print()
         print(format_table(budget_rows(result.budget)))
+        for line in budget_notes(result.budget):
+            print(line)
     print()
     print(format_table(before_after_rows(before, after, ppl_label=args.ppl and
                                          f"perplexity ({Path(args.ppl).name}, L={args.ppl_seq_len})")))

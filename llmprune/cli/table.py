@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = ["format_table", "relative_change", "block_parameters", "unit_fraction_rows", "width_rows", "budget_rows",
-           "before_after_rows"]
+           "budget_notes", "before_after_rows"]
 
 
 def format_table(rows: list[tuple[str, ...]]) -> str:
@@ -63,8 +63,9 @@ def width_rows(requested: Any, done: Any, hidden_before: int, hidden_after: int,
     under the unit table's header: ``requested`` is what the user asked, ``done`` the resolved config (``--params``
     chose ``hidden``)."""
     rows: list[tuple[str, ...]] = []
-    if getattr(requested, "vocab", 0) and vocab_before:
-        rows.append(("vocabulary rows", f"{requested.vocab:.3f}", f"{1 - vocab_after / vocab_before:.3f}",
+    if (getattr(requested, "vocab", 0) or getattr(done, "vocab", 0)) and vocab_before:
+        asked = f"{requested.vocab:.3f}" if requested.vocab else f"({done.vocab:.3f})"  # (chosen by --params)
+        rows.append(("vocabulary rows", asked, f"{1 - vocab_after / vocab_before:.3f}",
                      f"{vocab_after:,} / {vocab_before:,}"))
     if done.hidden or hidden_after != hidden_before:
         asked = f"{requested.hidden:.3f}" if requested.hidden else f"({done.hidden:.3f})"
@@ -77,14 +78,25 @@ def width_rows(requested: Any, done: Any, hidden_before: int, hidden_after: int,
 
 
 def budget_rows(budget: dict[str, Any]) -> list[tuple[str, ...]]:
-    """The ``--params`` candidates: each split, the parameters its proxy prune removed, its calibration loss."""
-    rows: list[tuple[str, ...]] = [("--params candidate (proxy: " + str(budget.get("proxy")) + ")", "hidden", "heads",
-                                    "ffn", "params removed", "calib loss")]
+    """The ``--params`` candidates: each split's shares of the target (vocabulary / hidden / blocks), its ratios, the
+    parameters its stand-in prune removed and its held-out loss."""
+    proxy = f"{budget.get('proxy')}{' + refit' if budget.get('proxy_refits') else ''}"
+    unit = "loss/byte" if budget.get("loss_unit", "").endswith("text") else "loss/token"
+    rows: list[tuple[str, ...]] = [(f"--params shares v/h/b (stand-in: {proxy})", "vocab", "hidden", "heads", "ffn",
+                                    "params removed", unit)]
     for i, c in enumerate(budget["candidates"]):
         mark = " <- chosen" if i == budget["chosen"] else ""
-        rows.append((f"hidden share {c['hidden_share']:.2f}{mark}", f"{c['hidden']:.3f}", f"{c['heads']:.3f}",
+        shares = f"{c.get('vocab_share', 0):.2f}/{c['hidden_share']:.2f}/{c.get('blocks_share', 1 - c['hidden_share']):.2f}"
+        rows.append((shares + mark, f"{c.get('vocab', 0):.3f}", f"{c['hidden']:.3f}", f"{c['heads']:.3f}",
                      f"{c['ffn']:.3f}", f"{c['removed']:.3f}", f"{c['loss']:.4f}"))
     return rows
+
+
+def budget_notes(budget: dict[str, Any]) -> list[str]:
+    """The ``--params`` splits skipped (and why) and the axes not measured, one line each."""
+    lines = [f"  skipped {c['vocab_share']:.2f}/{c['hidden_share']:.2f}/{c['blocks_share']:.2f}: {c['why']}"
+             for c in budget.get("skipped", [])]
+    return lines + [f"  {note}" for note in budget.get("notes", [])]
 
 
 def before_after_rows(before: dict[str, Any], after: dict[str, Any], ppl_label: str | None = None

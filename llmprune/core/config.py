@@ -111,9 +111,10 @@ class PruneConfig(_JsonMixin):
             :func:`llmprune.structured.select.resolve_config`): ``minitron`` (mean |activation| after every norm,
             summed over norms) or ``rms`` (greedy: the channels whose removal changes the normalised outputs
             least, RMS rescaling included, with each norm's weight corrected in closed form for its new RMS).
-        params: fraction of *all* parameters (embeddings included) to remove; the split among ``hidden``,
-            ``heads`` and ``ffn`` is chosen among a few candidates by calibration loss
-            (:mod:`llmprune.structured.budget`). Excludes giving those three.
+        params: fraction of *all* parameters (embeddings included) to remove; the split among ``vocab`` (with a
+            tokenizer that can be rewritten and calibration text), ``hidden``, ``heads`` and ``ffn`` is chosen among
+            a few candidates by their loss per byte of held-out calibration text (:mod:`llmprune.structured.budget`).
+            Excludes giving those.
         vocab: fraction of the vocabulary rows (embedding and LM head) removed, in [0, 1): the tokens
             ``vocab_text`` uses least go, and the tokenizer is rewritten so any text still tokenizes (byte-level
             or byte-fallback BPE; :mod:`llmprune.structured.vocab`). Runs after the other kinds.
@@ -175,8 +176,8 @@ class PruneConfig(_JsonMixin):
     hidden_method: str = field(default="minitron", metadata={
         "help": "how hidden channels are chosen (a registered hidden-channel criterion)"})
     params: float = field(default=0.0, metadata={
-        "help": "fraction of ALL parameters (embeddings included) to remove, split among --hidden, --heads and "
-                "--ffn by the calibration loss of a few candidates (give it alone)"})
+        "help": "fraction of ALL parameters (embeddings included) to remove, split among --vocab, --hidden, --heads "
+                "and --ffn by the held-out loss of a few candidates (give it alone)"})
     vocab: float = field(default=0.0, metadata={
         "help": "fraction of vocabulary rows (embedding and LM head) removed: the tokens the calibration text (or "
                 "--vocab-text) uses least go; the tokenizer is rewritten and still tokenizes any text"})

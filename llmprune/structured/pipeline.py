@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from ..arch import get_adapter
-from ..calibration.calibrate import CalibrationError, as_batches, check_calibration_fits, layerwise_statistics
+from ..calibration.calibrate import (CalibrationError, as_batches, calibration_text, check_calibration_fits,
+                                     layerwise_statistics)
 from .compensate import add_deltas, compensation_deltas, enable_biases, zero_deltas
 from ..core.config import LayerPlan, PruneConfig, PrunePlan
 from .criteria import get_criterion, get_unit_criterion
@@ -239,14 +240,17 @@ def _prune_then_vocab(model: nn.Module, adapter: Any, config: PruneConfig, token
 def _prune_width(model: nn.Module, adapter: Any, config: PruneConfig, tokenizer: Any, calibration: Any, device: Any,
                  progress: bool) -> PruneResult:
     """``hidden`` / ``params``: (choose the split,) cut the hidden channels, then prune heads, FFN neurons, layers
-    and experts of the narrower model with the run's method (each stage calibrated on the model it cuts)."""
+    and experts of the narrower model with the run's method (each stage calibrated on the model it cuts); a split
+    with vocabulary rows goes through :func:`_prune_then_vocab`, with the split's report."""
     from .budget import choose_split
     from .hidden import choose_hidden, prune_hidden
     from ..checkpoint.perlayer import set_config_widths
 
     get_criterion(config.method)  # unknown method: fail before any work
     check_ratios(model, adapter, resolve_config(model, adapter, config))
-    batches = as_batches(calibration, tokenizer, config.n_samples, config.seq_len, config.seed, config.batch_size)
+    text = calibration_text(calibration) if config.params > 0 else None  # read once: windows, held-out part, vocab
+    batches = as_batches(calibration if text is None else text, tokenizer, config.n_samples, config.seq_len,
+                         config.seed, config.batch_size)
     if batches is None:
         raise CalibrationError(f"{'--params' if config.params else 'hidden-dimension pruning'} needs calibration "
                                "data: pass calibration=<text file> (CLI: --calib FILE)")
@@ -255,7 +259,13 @@ def _prune_width(model: nn.Module, adapter: Any, config: PruneConfig, tokenizer:
     model.eval()
     budget = None
     if config.params > 0:
-        config, budget = choose_split(model, adapter, config, batches, prune, device=device, progress=progress)
+        config, budget = choose_split(model, adapter, config, batches, prune, device=device, progress=progress,
+                                      tokenizer=tokenizer, text=text)
+        if config.vocab > 0:  # the split takes vocabulary rows: that stage prunes the rest, then cuts the rows
+            model.train(was_training)
+            result = _prune_then_vocab(model, adapter, config, tokenizer, text, device, progress)
+            result.budget = budget
+            return result
     kept, scales = None, None
     if config.hidden > 0:
         kept, scales = choose_hidden(model, adapter, config, batches, progress=progress)

@@ -20,7 +20,7 @@ from torch import nn
 from ...arch.base import Slot, weight_matrix
 from ...calibration.calibrate import InputStats
 
-__all__ = ["Criterion", "register_criterion", "register_method", "SCORE_ALLOCATIONS", "get_criterion", "available_criteria", "slot_weights", "slot_input_feature"]
+__all__ = ["Criterion", "register_criterion", "register_method", "SCORE_ALLOCATIONS", "get_criterion", "available_criteria", "final_refits", "slot_weights", "slot_input_feature"]
 
 #: ``(slots, n_units, stats, **options) -> scores [n_units]``
 ScoreFn = Callable[..., torch.Tensor]
@@ -48,6 +48,9 @@ class Criterion:
         streams: whether a streamed run (one layer in memory) can run it.
         options: the :class:`~llmprune.core.config.PruneConfig` fields the method reads beyond the ratios (e.g.
             ``single_unit_score``): passed by name to ``prepare`` and ``fn`` (:meth:`options_of`).
+        refits: it refits the projections that consume the removed units (least squares) whatever the config
+            says, as ``reconstruct=True`` does for the scores; ``--params`` then measures its candidates with a
+            stand-in that refits too (:func:`final_refits`).
     """
 
     name: str
@@ -60,6 +63,7 @@ class Criterion:
     default_allocation: str = "uniform"
     streams: bool = True
     options: tuple[str, ...] = ()
+    refits: bool = False
 
     def options_of(self, config: Any) -> dict[str, Any]:
         """The keyword arguments ``prepare`` and ``fn`` get from ``config`` (its :attr:`options`)."""
@@ -101,6 +105,18 @@ def get_criterion(name: str) -> Criterion:
 
 def available_criteria() -> list[str]:
     return sorted(_CRITERIA)
+
+
+def final_refits(config: Any) -> bool:
+    """Whether a run with ``config`` refits what consumes the removed heads / neurons: its method always does
+    (``Criterion.refits``), or ``config.reconstruct`` asks for it.
+
+    Example::
+
+        final_refits(PruneConfig(heads=0.25))                                    # True: obs refits
+        final_refits(PruneConfig(heads=0.25, method="wanda"))                    # False
+    """
+    return bool(get_criterion(config.method).refits or config.reconstruct)
 
 
 def slot_weights(slot: Slot, n_units: int) -> torch.Tensor:

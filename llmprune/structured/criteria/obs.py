@@ -83,4 +83,4 @@ register_method(Criterion(
     "obs", None, needs_calibration=True,
     description="structured optimal brain surgeon: greedy removal by output error after the optimal refit "
                 "(ZipLM / SlimGPT), Fisher-weighted with allocation fisher; always refits",
-    run=run_obs, allocations=("fisher", "error", "uniform"), default_allocation="fisher"))
+    run=run_obs, allocations=("fisher", "error", "uniform"), default_allocation="fisher", refits=True))
