@@ -41,14 +41,13 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from llmprune.calibration.calibrate import leading_bos
-from llmprune.calibration.held_out import token_byte_lengths
+from llmprune.calibration.held_out import token_byte_lengths, window_nll
 from llmprune.calibration.text import DATASET_ALIASES, load_text as _load_text
 
 from ._checks import check_compatible, check_ids, max_positions, model_device
@@ -58,8 +57,6 @@ __all__ = ["DATASET_ALIASES", "PerplexityResult", "load_text", "perplexity", "to
 
 #: Default window length when the model's context is longer (or unknown).
 DEFAULT_MAX_SEQ_LEN = 2048
-#: At most this many bytes of float32 logits at once: fewer windows per batch at large vocabularies.
-_LOGITS_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -200,11 +197,6 @@ def windows(
     return plan
 
 
-def _batches(plan: list[tuple[int, int, int]], batch_size: int) -> Iterator[list[tuple[int, int, int]]]:
-    for i in range(0, len(plan), batch_size):
-        yield plan[i : i + batch_size]
-
-
 @torch.no_grad()
 def perplexity(
     model: torch.nn.Module,
@@ -245,42 +237,16 @@ def perplexity(
             "Use a longer text, a smaller --seq-len, or a larger --max-tokens."
         )
     plan = windows(ids.numel(), seq_len, stride, drop_last)
-    # a batch's logits are [batch, seq_len, vocab] in float32: at a 262k vocabulary 8 windows of 512 are 4 GB
-    vocab = int(getattr(model.config, "vocab_size", 0) or 0)
-    if vocab:
-        batch_size = max(1, min(batch_size, _LOGITS_BYTES // ((seq_len + 1) * vocab * 4)))
     dev = torch.device(device) if device is not None else model_device(model)
     was_training = model.training
     model.eval()
-    total_nll = 0.0
-    total_tokens = 0
     bar = _progress(len(plan), progress)
     try:
-        for batch in _batches(plan, batch_size):
-            # a window that does not start the text gets the BOS in front (one more position of context)
-            pad = [int(bos is not None and ids[start] != bos) for start, _, _ in batch]
-            width = max(end - start + p for (start, end, _), p in zip(batch, pad))
-            inputs = torch.zeros(len(batch), width, dtype=torch.long)
-            targets = torch.full((len(batch), width), -100, dtype=torch.long)
-            for row, ((start, end, first), p) in enumerate(zip(batch, pad)):
-                if p:
-                    inputs[row, 0] = bos
-                inputs[row, p : p + end - start] = ids[start:end]
-                # position q predicts token q+1: the target at p + (j - start - 1) is ids[j]
-                lo = p + first - start - 1
-                targets[row, lo : p + end - start - 1] = ids[first:end]
-            inputs, targets = inputs.to(dev), targets.to(dev)
-            logits = model(input_ids=inputs, use_cache=False).logits
-            for row in range(len(batch)):  # one row at a time keeps the fp32 copy small
-                mask = targets[row] != -100
-                loss = F.cross_entropy(logits[row][mask].float(), targets[row][mask], reduction="sum")
-                total_nll += float(loss)
-                total_tokens += int(mask.sum())
-            del logits
-            bar.update(len(batch))
+        total_nll = window_nll(model, ids, plan, bos, batch_size, dev, on_batch=bar.update)
     finally:
         bar.close()
         model.train(was_training)
+    total_tokens = sum(end - first for _, end, first in plan)
     nll = total_nll / total_tokens
     n_bytes = None if nbytes is None else int(sum(int(nbytes[first:end].sum()) for _, end, first in plan))
     return PerplexityResult(

@@ -16,7 +16,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from torch import nn
 
 from .calibrate import leading_bos
 
-__all__ = ["token_byte_lengths", "split_held_out", "TextLoss", "text_loss", "chars_per_token"]
+__all__ = ["token_byte_lengths", "split_held_out", "TextLoss", "text_loss", "window_nll", "chars_per_token"]
 
 #: at most this many bytes of float32 logits at once: fewer windows per batch at large vocabularies
 _LOGITS_BYTES = 1 << 30
@@ -128,6 +128,50 @@ class TextLoss:
 
 
 @torch.no_grad()
+def window_nll(model: nn.Module, ids: torch.Tensor, plan: Sequence[tuple[int, int, int]], bos: int | None,
+               batch_size: int = 8, device: Any = None, on_batch: Callable[[int], None] | None = None) -> float:
+    """The summed next-token NLL (nats, float32 losses) of ``ids`` over the windows ``plan``: ``(start, end,
+    first)`` triples whose positions ``first .. end-1`` are predicted from the tokens before them in the window.
+    With ``bos``, a window that does not start with it is read after it, as context only. ``batch_size`` windows run
+    at once, fewer when their float32 logits would pass 1 GiB; ``on_batch(n)`` after each batch of ``n`` windows.
+    Perplexity (``llmprune.eval``) and the held-out loss of ``--params`` score their windows here.
+
+    Example::
+
+        window_nll(model, ids, [(0, 64, 1), (63, 127, 64)], bos=None)    # every token but the first, once
+    """
+    if not plan:
+        return 0.0
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    vocab = int(getattr(model.config, "vocab_size", 0) or 0)
+    if vocab:  # a batch's logits are [batch, width, vocab]: at a 262k vocabulary 8 windows of 512 are 4 GB
+        longest = max(end - start for start, end, _ in plan) + (bos is not None)
+        batch_size = max(1, min(batch_size, _LOGITS_BYTES // (longest * vocab * 4)))
+    total = 0.0
+    for i in range(0, len(plan), batch_size):
+        batch = plan[i:i + batch_size]
+        pad = [int(bos is not None and int(ids[start]) != bos) for start, _, _ in batch]
+        width = max(end - start + p for (start, end, _), p in zip(batch, pad))
+        inputs = torch.zeros(len(batch), width, dtype=torch.long)
+        targets = torch.full((len(batch), width), -100, dtype=torch.long)
+        for row, ((start, end, first), p) in enumerate(zip(batch, pad)):
+            if p:
+                inputs[row, 0] = bos
+            inputs[row, p:p + end - start] = ids[start:end]
+            # position q predicts token q+1: the target at p + (j - start - 1) is ids[j]
+            targets[row, p + first - start - 1:p + end - start - 1] = ids[first:end]
+        logits = model(input_ids=inputs.to(dev), use_cache=False).logits
+        targets = targets.to(logits.device)
+        for row in range(len(batch)):  # one row at a time keeps the float32 copy small
+            mask = targets[row] != -100
+            total += float(nn.functional.cross_entropy(logits[row][mask].float(), targets[row][mask], reduction="sum"))
+        del logits
+        if on_batch is not None:
+            on_batch(len(batch))
+    return total
+
+
+@torch.no_grad()
 def text_loss(model: nn.Module, tokenizer: Any, text: str, seq_len: int, batch_size: int = 8) -> TextLoss:
     """``model``'s next-token loss on ``text`` tokenized by ``tokenizer`` (its special tokens included, e.g. BOS).
     Windows of ``seq_len`` positions overlap by one token, so every token but the first is scored exactly once and
@@ -151,28 +195,8 @@ def text_loss(model: nn.Module, tokenizer: Any, text: str, seq_len: int, batch_s
     n = ids.numel()
     if n < 2 or span < 2:
         return TextLoss(0.0, 0, 0)
-    device = next(model.parameters()).device
-    vocab = int(getattr(model.config, "vocab_size", 0) or 0)
-    batch_size = max(1, min(batch_size, _LOGITS_BYTES // (seq_len * max(1, vocab) * 4)))
-    starts = list(range(0, n - 1, span - 1))  # window k's first token is window k-1's last
-    nll = 0.0
-    for i in range(0, len(starts), batch_size):
-        group = starts[i:i + batch_size]
-        pads = [int(bos is not None and int(ids[s]) != bos) for s in group]
-        width = max(min(span, n - s) + p for s, p in zip(group, pads))
-        inputs = torch.zeros(len(group), width, dtype=torch.long)
-        targets = torch.full((len(group), width), -100, dtype=torch.long)
-        for row, (s, p) in enumerate(zip(group, pads)):
-            window = ids[s:s + span]
-            if p:
-                inputs[row, 0] = bos
-            inputs[row, p:p + len(window)] = window
-            targets[row, p:p + len(window) - 1] = window[1:]
-        logits = model(input_ids=inputs.to(device), use_cache=False).logits
-        for row in range(len(group)):  # one row at a time keeps the float32 copy small
-            mask = targets[row] != -100
-            nll += float(nn.functional.cross_entropy(logits[row][mask.to(logits.device)].float(),
-                                                     targets[row][mask].to(logits.device), reduction="sum"))
-        del logits
+    # window k's first token is window k-1's last: every token but the first is scored once
+    plan = [(s, min(s + span, n), s + 1) for s in range(0, n - 1, span - 1)]
+    nll = window_nll(model, ids, plan, bos, batch_size)
     scored = int(nbytes[1:].sum()) if nbytes is not None else len(text.encode())
     return TextLoss(nll, n - 1, scored)

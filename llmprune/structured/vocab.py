@@ -23,7 +23,6 @@ Example::
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -31,7 +30,7 @@ import torch
 from torch import nn
 
 from ..arch.surgery import slice_module
-from ..calibration.calibrate import CalibrationError, read_calibration_text
+from ..calibration.calibrate import CalibrationError, calibration_text, read_calibration_text
 from ..checkpoint.tokenizer_prune import (TokenizerPruneError, TokenizerVocab, merge_closure, prune_tokenizer,
                                           tokenizer_vocab)
 from ..core.config import PruneConfig, RatioError
@@ -63,12 +62,9 @@ def vocab_source(config: PruneConfig, calibration: Any) -> str | torch.Tensor | 
     if calibration is None:
         raise CalibrationError("vocabulary pruning counts tokens in a text: pass calibration=<text file> or "
                                "PruneConfig(vocab_text=...) (CLI: --calib FILE or --vocab-text FILE)")
-    if isinstance(calibration, (str, os.PathLike)):
-        path = os.fspath(calibration)
-        # as calibration.calibrate.as_batches reads it: a file or dataset name, else the text itself
-        if os.path.isfile(path) or "\n" not in path and len(path) < 4096 and " " not in path:
-            return read_calibration_text(path)
-        return path
+    text = calibration_text(calibration)  # a file or dataset name, else the text itself (as as_batches reads it)
+    if text is not None:
+        return text
     if isinstance(calibration, torch.Tensor):
         return calibration
     return list(calibration)
