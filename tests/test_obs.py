@@ -96,7 +96,8 @@ def test_fisher_diagonal_is_the_diagonal_of_the_full_fisher():
 
 
 @pytest.mark.parametrize("model_type,head_rows", [("llama", 256), ("qwen3", 256), ("gemma2", 256), ("gpt2", 256),
-                                                   ("falcon", 256), ("opt", 256), ("llama", 5), ("gemma2", 4)])
+                                                   ("falcon", 256), ("opt", 256), ("llama", 5), ("gemma2", 4),
+                                                   ("llama", 11)])  # 12-token windows: the last chunk ends before the last position
 def test_layerwise_fisher_equals_the_whole_model_backward(model_type, head_rows, monkeypatch):
     """The pass runs one layer at a time (forward keeping inputs, backward recomputing each layer); the reference
     is one backward through the whole model with every output projection's output gradient retained. A small

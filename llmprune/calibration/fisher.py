@@ -197,7 +197,7 @@ def _head_gradients(model: nn.Module, adapter: ArchAdapter, windows: list[torch.
     try:
         for w, window in enumerate(windows):
             h_all = last[w].detach()
-            grad = torch.empty_like(h_all)
+            grad = torch.zeros_like(h_all)  # the last position predicts nothing: a chunk may end before it
             length = window.shape[1]
             for a in range(0, length - 1, _HEAD_ROWS):
                 e = min(a + _HEAD_ROWS, length)  # the last chunk runs the final position too, as a whole window
